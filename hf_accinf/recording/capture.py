@@ -1,0 +1,158 @@
+"""What the training loop really consumed: row indices carried with the batch, and the head's view of it.
+
+* :class:`RowIndexedDataset` / :class:`RowIndexCollator` carry each row's dataset index through the
+  sampler, the accelerate sharding (padding included) and the collator, so the recorded batch is the
+  one each process actually used, never one re-derived from a sampler.
+* :class:`HeadCapture` hooks the head: its inputs and logits on every training micro-batch, and the
+  gradient that reached the logits, from which the per-row loss weight the Trainer really applied is
+  measured (DESIGN.md section 3, "record the per-row loss weights of each step").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import AccInfError
+
+ROW_INDEX_KEY = "accinf_row_index"
+
+
+class RowIndexedDataset(torch.utils.data.Dataset):
+    """A map-style view of ``dataset`` whose items also carry their row index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        if not isinstance(item, dict):
+            raise AccInfError(
+                f"Training rows must be dicts of model inputs (got {type(item).__name__}); "
+                "use a datasets.Dataset or a torch Dataset returning dicts."
+            )
+        return {**item, ROW_INDEX_KEY: int(index)}
+
+
+class RowIndexCollator:
+    """Wraps the user's collator: row indices are taken out before it runs and put back as a tensor."""
+
+    def __init__(self, collator: Callable):
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [feature.pop(ROW_INDEX_KEY) for feature in features]
+        batch = self.collator(features)
+        batch[ROW_INDEX_KEY] = torch.tensor(rows, dtype=torch.long)
+        return batch
+
+
+@dataclass
+class MicroBatch:
+    rows: torch.Tensor
+    labels: torch.Tensor
+    head_input: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    logits_grad: torch.Tensor | None = None
+
+
+@dataclass
+class HeadCapture:
+    """Forward hook on the head, active only inside training steps."""
+
+    head: nn.Module
+    micro_batches: list[MicroBatch] = field(default_factory=list)
+    active: MicroBatch | None = None
+    handle: Any = None
+
+    def attach(self) -> None:
+        self.handle = self.head.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def begin(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        self.active = MicroBatch(rows=rows.detach().cpu(), labels=labels.detach().cpu())
+
+    def end(self) -> None:
+        batch, self.active = self.active, None
+        if batch is None or batch.head_input is None:
+            raise AccInfError(
+                "The head module was not called during the training step, so its inputs could not be recorded. "
+                "Choose modules that the model's forward uses."
+            )
+        self.micro_batches.append(batch)
+
+    def take(self) -> list[MicroBatch]:
+        batches, self.micro_batches = self.micro_batches, []
+        return batches
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        batch = self.active
+        if batch is None or not torch.is_grad_enabled():
+            return
+        tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+        if len(tensors) != 1 or not isinstance(output, torch.Tensor):
+            raise AccInfError(
+                f"The head {type(module).__name__} must map one tensor to the logits tensor "
+                f"(it got {len(tensors)} tensor inputs). Choose a head module of that kind."
+            )
+        if batch.head_input is not None:
+            raise AccInfError("The head module was called twice in one training step; choose a head used once.")
+        batch.head_input = tensors[0].detach().cpu()
+        batch.logits = output.detach().float().cpu()
+
+        def keep_grad(grad: torch.Tensor) -> None:
+            batch.logits_grad = grad.detach().float().cpu()
+
+        if output.requires_grad:
+            output.register_hook(keep_grad)
+
+
+def target_distribution(labels: torch.Tensor, num_classes: int, label_smoothing: float) -> torch.Tensor:
+    """Rows of the label distribution the cross-entropy is taken against (smoothing as HF's LabelSmoother)."""
+    valid = labels >= 0
+    target = torch.zeros(labels.shape[0], num_classes, dtype=torch.float64)
+    target[valid] = nn.functional.one_hot(labels[valid], num_classes).double()
+    if label_smoothing:
+        target[valid] = (1 - label_smoothing) * target[valid] + label_smoothing / num_classes
+    return target
+
+
+def measure_row_weights(batch: MicroBatch, label_smoothing: float, tolerance: float = 1e-3) -> torch.Tensor:
+    """The loss weight of every row of a micro-batch, read off the gradient that reached the logits.
+
+    The Trainer backpropagates ``sum_i w_i l_i`` with ``dl_i/dz_i = p_i - t_i`` for cross-entropy; every
+    loss scaling the Trainer applies (batch mean, ``num_items_in_batch``, gradient accumulation) is
+    uniform within a micro-batch, so one least-squares scale per micro-batch recovers it. A loss that
+    is not a uniformly weighted cross-entropy is refused here.
+    """
+    if batch.logits_grad is None:
+        raise AccInfError("No gradient reached the head's logits; the head must be trained with the model's loss.")
+    logits = batch.logits.double()
+    grad = batch.logits_grad.double()
+    valid = batch.labels >= 0
+    residual = torch.softmax(logits, dim=-1) - target_distribution(batch.labels, logits.shape[-1], label_smoothing)
+    residual[~valid] = 0
+    denominator = (residual * residual).sum()
+    if denominator == 0:
+        return torch.zeros(len(batch.rows), dtype=torch.float64)
+    scale = (grad * residual).sum() / denominator
+    mismatch = (grad - scale * residual).norm()
+    if mismatch > tolerance * max(grad.norm().item(), 1e-30):
+        raise AccInfError(
+            "The training loss is not a uniformly weighted cross-entropy of the logits (custom compute_loss, "
+            "class weights or a loss the estimators do not model). Train with the model's own "
+            "single-label classification loss."
+        )
+    weights = torch.full((len(batch.rows),), scale.item(), dtype=torch.float64)
+    weights[~valid] = 0
+    return weights

@@ -1,0 +1,106 @@
+"""Writes a run directory: buffered step segments, sparse checkpoints and the manifest (main process only).
+
+Every file is written to a temporary name and renamed into place, and the manifest lists only
+finished files, so an interrupted run leaves a consistent directory that can be resumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..trajectory import schema
+from ..trajectory.schema import Manifest
+
+
+def _stack(records: list[dict], key: str) -> torch.Tensor:
+    return torch.stack([record[key] for record in records])
+
+
+class RunWriter:
+    def __init__(self, run_dir: str | Path, manifest: Manifest):
+        self.run_dir = Path(run_dir)
+        self.manifest = manifest
+        self.pending: list[dict] = []
+
+    def save_manifest(self) -> None:
+        schema.save_manifest(self.run_dir, self.manifest)
+
+    def truncate(self, step: int) -> None:
+        """Forget everything recorded at or after ``step`` (resume from a Trainer checkpoint at ``step``)."""
+        self.pending = [record for record in self.pending if int(record[schema.STEP]) < step]
+        kept = []
+        for start, stop in self.manifest.segments:
+            path = self.run_dir / schema.STEPS_DIR / schema.segment_name(start, stop)
+            if stop <= step:
+                kept.append([start, stop])
+                continue
+            if start < step:
+                tensors = load_file(path)
+                keep_steps = step - start
+                keep_rows = int(tensors[schema.ROW_OFFSETS][keep_steps])
+                row_keys = {schema.ROW_INDEX, schema.ROW_WEIGHT, schema.LABELS, schema.HEAD_INPUT}
+                trimmed = {}
+                for key, value in tensors.items():
+                    if key in row_keys:
+                        trimmed[key] = value[:keep_rows].contiguous()
+                    elif key == schema.ROW_OFFSETS:
+                        trimmed[key] = value[: keep_steps + 1].contiguous()
+                    else:
+                        trimmed[key] = value[:keep_steps].contiguous()
+                self._write_segment(trimmed, start, step)
+                kept.append([start, step])
+            path.unlink(missing_ok=True)
+        self.manifest.segments = kept
+        self.manifest.num_steps = step
+        for checkpoint in [c for c in self.manifest.checkpoints if c > step]:
+            shutil.rmtree(self.run_dir / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(checkpoint))
+        self.manifest.checkpoints = [c for c in self.manifest.checkpoints if c <= step]
+        self.manifest.status = schema.STATUS_RECORDING
+        self.save_manifest()
+
+    def append(self, record: dict) -> None:
+        self.pending.append(record)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        records, self.pending = self.pending, []
+        start = int(records[0][schema.STEP])
+        stop = int(records[-1][schema.STEP]) + 1
+        if stop - start != len(records) or start != self.manifest.num_steps:
+            raise RuntimeError(f"step records are not contiguous: {start}..{stop} after {self.manifest.num_steps}")
+        counts = torch.tensor([len(record[schema.ROW_INDEX]) for record in records])
+        tensors = {
+            schema.ROW_OFFSETS: torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
+            **{key: torch.cat([r[key] for r in records]) for key in (schema.ROW_INDEX, schema.ROW_WEIGHT, schema.LABELS, schema.HEAD_INPUT)},
+        }
+        for key in records[0]:
+            if key not in tensors and key not in (schema.ROW_INDEX, schema.ROW_WEIGHT, schema.LABELS, schema.HEAD_INPUT):
+                tensors[key] = _stack(records, key)
+        self._write_segment(tensors, start, stop)
+        self.manifest.segments.append([start, stop])
+        self.manifest.num_steps = stop
+        self.save_manifest()
+
+    def _write_segment(self, tensors: dict[str, torch.Tensor], start: int, stop: int) -> None:
+        path = self.run_dir / schema.STEPS_DIR / schema.segment_name(start, stop)
+        tensors = {key: value.contiguous() for key, value in tensors.items()}
+        schema.write_atomic(path, lambda tmp: save_file(tensors, tmp))
+
+    def save_checkpoint(self, step: int, state_dict: dict[str, torch.Tensor]) -> None:
+        if step in self.manifest.checkpoints:
+            return
+        path = self.run_dir / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(step) / schema.MODEL_WEIGHTS_NAME
+        tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state_dict.items()}
+        schema.write_atomic(path, lambda tmp: save_file(tensors, tmp))
+        self.manifest.checkpoints = sorted(self.manifest.checkpoints + [step])
+        self.save_manifest()
+
+    def finish(self) -> None:
+        self.flush()
+        self.manifest.status = schema.STATUS_COMPLETE
+        self.save_manifest()

@@ -1,0 +1,184 @@
+"""Reading a run directory: the manifest, the steps as one in-memory :class:`Trajectory`, checkpoints.
+
+Parameters at step ``t`` (:meth:`RunReader.parameters_at`): the head's parameters are logged densely,
+so they are returned exactly as the optimizer saw them before step ``t``. All other parameters are
+linearly interpolated between the two surrounding checkpoints; their error is measured against a
+densely checkpointed run in ``tests/trajectory/test_reader.py`` and documented in docs/RECORDING.md. The
+estimators never use interpolated values: the head inputs of every step are recorded as computed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import AccInfError
+from . import schema
+from .schema import Manifest
+
+
+@dataclass
+class Trajectory:
+    """All recorded steps of a run, as tensors indexed by step (``T`` steps, ``R`` batch rows in all).
+
+    ``row_offsets[t]:row_offsets[t+1]`` are the rows of step ``t`` in ``row_index``, ``row_weight``,
+    ``labels`` and ``head_input``. ``params``, ``grads`` and ``states`` map a head parameter (or
+    ``"<param>.<state key>"``) to a ``(T, *shape)`` tensor holding its value before each step.
+    """
+
+    row_offsets: torch.Tensor
+    row_index: torch.Tensor
+    row_weight: torch.Tensor
+    labels: torch.Tensor
+    head_input: torch.Tensor
+    lr: torch.Tensor
+    clip_coef: torch.Tensor
+    grad_norm: torch.Tensor
+    epoch: torch.Tensor
+    optimizer_step_count: torch.Tensor
+    params: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    states: dict[str, torch.Tensor]
+    loss: torch.Tensor | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def rows_of(self, step: int) -> slice:
+        return slice(int(self.row_offsets[step]), int(self.row_offsets[step + 1]))
+
+    def batch(self, step: int) -> torch.Tensor:
+        return self.row_index[self.rows_of(step)]
+
+    @classmethod
+    def from_segments(cls, segments: list[dict[str, torch.Tensor]]) -> "Trajectory":
+        def cat(key):
+            return torch.cat([segment[key] for segment in segments])
+
+        offsets, base = [torch.zeros(1, dtype=torch.long)], 0
+        for segment in segments:
+            offsets.append(segment[schema.ROW_OFFSETS][1:] + base)
+            base += int(segment[schema.ROW_OFFSETS][-1])
+        prefixed = {
+            prefix: {key[len(prefix) :]: cat(key) for key in segments[0] if key.startswith(prefix)}
+            for prefix in (schema.PARAM_PREFIX, schema.GRAD_PREFIX, schema.STATE_PREFIX)
+        }
+        return cls(
+            row_offsets=torch.cat(offsets),
+            row_index=cat(schema.ROW_INDEX),
+            row_weight=cat(schema.ROW_WEIGHT),
+            labels=cat(schema.LABELS),
+            head_input=cat(schema.HEAD_INPUT),
+            lr=cat(schema.LEARNING_RATE),
+            clip_coef=cat(schema.CLIP_COEF),
+            grad_norm=cat(schema.GRAD_NORM),
+            epoch=cat(schema.EPOCH),
+            optimizer_step_count=cat(schema.OPTIMIZER_STEP_COUNT),
+            params=prefixed[schema.PARAM_PREFIX],
+            grads=prefixed[schema.GRAD_PREFIX],
+            states=prefixed[schema.STATE_PREFIX],
+            loss=cat(schema.LOSS),
+        )
+
+
+class RunReader:
+    """Opens a complete run directory; refuses unknown schemas, unfinished runs and missing files.
+
+    >>> run = RunReader("runs/quickstart/accinf")  # doctest: +SKIP
+    >>> trajectory = run.trajectory()  # doctest: +SKIP
+    >>> trajectory.batch(0)  # dataset rows of the first optimizer step  # doctest: +SKIP
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.manifest: Manifest = schema.load_manifest(self.run_dir)
+        missing = [str(p) for p in self._segment_paths() + [self._checkpoint_path(c) for c in self.manifest.checkpoints] if not p.is_file()]
+        if missing:
+            raise AccInfError(f"The run directory {run_dir} is incomplete; missing files: {missing[:5]}. Record it again.")
+        covered = sum(stop - start for start, stop in self.manifest.segments)
+        if covered != self.manifest.num_steps or self.manifest.num_steps not in self.manifest.checkpoints:
+            raise AccInfError(f"The run directory {run_dir} is inconsistent (steps or final checkpoint missing). Record it again.")
+        self._trajectory: Trajectory | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return self.manifest.num_steps
+
+    def _segment_paths(self) -> list[Path]:
+        return [self.run_dir / schema.STEPS_DIR / schema.segment_name(a, b) for a, b in self.manifest.segments]
+
+    def _checkpoint_path(self, step: int) -> Path:
+        return self.run_dir / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(step) / schema.MODEL_WEIGHTS_NAME
+
+    def trajectory(self) -> Trajectory:
+        if self._trajectory is None:
+            self._trajectory = Trajectory.from_segments([load_file(path) for path in self._segment_paths()])
+        return self._trajectory
+
+    def load_checkpoint(self, step: int) -> dict[str, torch.Tensor]:
+        if step not in self.manifest.checkpoints:
+            raise AccInfError(f"No checkpoint at step {step}; checkpoints: {self.manifest.checkpoints}.")
+        return load_file(self._checkpoint_path(step))
+
+    def head_parameters_at(self, step: int) -> dict[str, torch.Tensor]:
+        """Head parameters before step ``step`` (``step = T``: the trained head), exact."""
+        if step == self.num_steps:
+            final = self.load_checkpoint(step)
+            prefix = self.manifest.head.module + "."
+            return {name: final[prefix + name] for name in self.manifest.head.parameters}
+        trajectory = self.trajectory()
+        return {name: values[step] for name, values in trajectory.params.items()}
+
+    def parameters_at(self, step: int) -> dict[str, torch.Tensor]:
+        """All model parameters before step ``step``: head exact, the rest interpolated between checkpoints."""
+        if not 0 <= step <= self.num_steps:
+            raise AccInfError(f"step must lie in [0, {self.num_steps}], got {step}.")
+        checkpoints = self.manifest.checkpoints
+        below = max(c for c in checkpoints if c <= step)
+        above = min(c for c in checkpoints if c >= step)
+        lower = self.load_checkpoint(below)
+        if above == below:
+            result = dict(lower)
+        else:
+            upper = self.load_checkpoint(above)
+            alpha = (step - below) / (above - below)
+            result = {
+                name: torch.lerp(lower[name], upper[name], alpha) if lower[name].is_floating_point() else lower[name]
+                for name in lower
+            }
+        prefix = self.manifest.head.module + "."
+        for name, value in self.head_parameters_at(step).items():
+            result[prefix + name] = value
+        return result
+
+    def check_dataset(self, dataset) -> None:
+        """Refuse a training dataset other than the recorded one (length, and fingerprint when known)."""
+        recorded = self.manifest.dataset
+        if len(dataset) != recorded["length"]:
+            raise AccInfError(
+                f"The training dataset has {len(dataset)} rows but the run recorded {recorded['length']}. "
+                "Pass the exact dataset the run was trained on (same rows, same order)."
+            )
+        fingerprint = getattr(dataset, "_fingerprint", None)
+        if recorded.get("fingerprint") and fingerprint and fingerprint != recorded["fingerprint"]:
+            raise AccInfError(
+                f"The training dataset's fingerprint {fingerprint} differs from the recorded {recorded['fingerprint']}: "
+                "it is not the dataset the run was trained on. Pass the same datasets.Dataset (same preprocessing)."
+            )
+
+    def build_model(self, step: int | None = None) -> torch.nn.Module:
+        """The recorded model class from its config, with the weights of checkpoint ``step`` (default: final)."""
+        module_name, _, class_name = self.manifest.model_class.rpartition(".")
+        model_class = getattr(importlib.import_module(module_name), class_name)
+        config_class = model_class.config_class
+        config = config_class.from_dict(self.manifest.model_config)
+        model = model_class(config)
+        state = self.load_checkpoint(self.num_steps if step is None else step)
+        model.load_state_dict(state, strict=False)
+        return model.eval()

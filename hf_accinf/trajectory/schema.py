@@ -1,0 +1,167 @@
+"""Run-directory layout and the versioned manifest: the one source of truth of a recorded run.
+
+A run directory holds
+
+    manifest.json                         this schema (JSON, written atomically)
+    steps/steps-<start>-<stop>.safetensors per-step records of steps [start, stop)
+    checkpoints/step-<t>/model.safetensors full model weights before step t (t = T: after training)
+
+The step segments hold, for every optimizer step ``t`` (DESIGN.md sections 1, 3, 4 and 6):
+the global batch as dataset row indices with their per-row loss weights (all micro-batches of all
+processes, repeated rows kept), the labels and the head inputs of those rows as the training forward
+computed them, the learning rate of every parameter group, the pre-clip gradient norm and the clip
+coefficient, and, densely, the head's parameters, clipped gradients and optimizer state before the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import AccInfError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STEPS_DIR = "steps"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_WEIGHTS_NAME = "model.safetensors"
+STATUS_RECORDING = "recording"
+STATUS_COMPLETE = "complete"
+
+# Keys of a step segment.
+STEP = "step"
+EPOCH = "epoch"
+ROW_OFFSETS = "row_offsets"
+ROW_INDEX = "row_index"
+ROW_WEIGHT = "row_weight"
+LABELS = "labels"
+HEAD_INPUT = "head_input"
+LEARNING_RATE = "lr"
+GRAD_NORM = "grad_norm"
+CLIP_COEF = "clip_coef"
+LOSS = "loss"
+OPTIMIZER_STEP_COUNT = "optimizer_step_count"
+PARAM_PREFIX = "param."
+GRAD_PREFIX = "grad."
+STATE_PREFIX = "state."
+
+SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+
+
+def segment_name(start: int, stop: int) -> str:
+    return f"steps-{start:08d}-{stop:08d}.safetensors"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@dataclass
+class ParamGroupSpec:
+    """Hyperparameters of one optimizer parameter group, as the optimizer held them at the start."""
+
+    index: int
+    weight_decay: float
+    initial_lr: float
+    betas: list[float] | None = None
+    eps: float | None = None
+    momentum: float | None = None
+    dampening: float | None = None
+    nesterov: bool | None = None
+    amsgrad: bool | None = None
+    maximize: bool = False
+
+
+@dataclass
+class HeadSpec:
+    """The head module whose inputs are recorded, and the chosen parameters inside it."""
+
+    module: str
+    parameters: dict[str, list[int]]
+    chosen: list[str]
+    input_shape: list[int]
+    input_dtype: str
+    param_groups: dict[str, int]
+
+
+@dataclass
+class Manifest:
+    """Everything an estimator needs to know about a recorded run. Written by the recorder only."""
+
+    model_class: str
+    model_config: dict[str, Any]
+    head: HeadSpec
+    loss: dict[str, Any]
+    optimizer_class: str
+    param_groups: list[ParamGroupSpec]
+    scheduler: dict[str, Any]
+    training: dict[str, Any]
+    dataset: dict[str, Any]
+    libraries: dict[str, str]
+    checkpoint_every: int
+    schema_version: int = SCHEMA_VERSION
+    status: str = STATUS_RECORDING
+    num_steps: int = 0
+    segments: list[list[int]] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        data = dict(data)
+        data["head"] = HeadSpec(**data["head"])
+        data["param_groups"] = [ParamGroupSpec(**group) for group in data["param_groups"]]
+        return cls(**data)
+
+    def group_of(self, param_name: str) -> ParamGroupSpec:
+        return self.param_groups[self.head.param_groups[param_name]]
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` and move the result onto ``path``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_manifest(run_dir: Path, manifest: Manifest) -> None:
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True)
+    write_atomic(Path(run_dir) / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def load_manifest(run_dir: str | os.PathLike) -> Manifest:
+    """Read and validate a manifest; refuse unknown schemas and unfinished runs with a clear message."""
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise AccInfError(
+            f"{run_dir} is not an hf_accinf run directory: it has no {MANIFEST_NAME}. "
+            "Record one with AccInfTrainer (or `hf-accinf train`) and pass its run directory."
+        )
+    data = json.loads(path.read_text())
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise AccInfError(
+            f"{run_dir} was written with run-directory schema {version}, newer than this hf_accinf "
+            f"understands ({SCHEMA_VERSION}). Upgrade hf_accinf (pip install -U hf_accinf)."
+        )
+    manifest = Manifest.from_dict(data)
+    if manifest.status != STATUS_COMPLETE:
+        raise AccInfError(
+            f"{run_dir} is incomplete (status '{manifest.status}', {manifest.num_steps} steps recorded): "
+            "the training run stopped before it finished. Resume it with "
+            "trainer.train(resume_from_checkpoint=...) or record it again."
+        )
+    return manifest

@@ -1,0 +1,84 @@
+"""Training wall time and disk use with and without recording, side by side in one run.
+
+    python scripts/bench_recording.py [--repeats 3] [--epochs 2]
+
+Runs a plain ``transformers.Trainer`` and an ``AccInfTrainer`` (default recording settings) on the
+same model, data and seed, alternating, and prints the median wall time of ``train()`` of each, the
+overhead, and the size of the run directory. The machine is printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+from hf_accinf import AccInfTrainer, RecordingArguments
+from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_vit
+
+
+def small_bert(seed: int) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=512, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def cases():
+    yield "BERT 2x128, 2000 rows x 64 tokens", small_bert, synthetic_text_dataset(2000, length=64, vocab_size=1000)
+    yield "ViT 2x64 on digits, 1797 rows", lambda seed: tiny_vit(seed=seed, hidden_size=64), digits_dataset()
+
+
+def run_once(recorded: bool, make_model, data, epochs: float, work: Path) -> tuple[float, int]:
+    args = TrainingArguments(
+        output_dir=str(work / "out"), num_train_epochs=epochs, per_device_train_batch_size=32, use_cpu=True,
+        report_to=[], save_strategy="no", disable_tqdm=True, logging_strategy="no", seed=0,
+    )
+    model = make_model(0)
+    if recorded:
+        trainer = AccInfTrainer(model=model, args=args, train_dataset=data,
+                                recording=RecordingArguments(run_dir=str(work / "run"), overwrite=True))
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+    start = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - start
+    disk = sum(p.stat().st_size for p in (work / "run").rglob("*") if p.is_file()) if recorded else 0
+    return elapsed, disk
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=float, default=2)
+    options = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print("| case | plain Trainer (s) | AccInfTrainer (s) | overhead | run directory |")
+    print("|---|---|---|---|---|")
+    for name, make_model, data in cases():
+        work = Path(tempfile.mkdtemp(prefix="bench-recording-"))
+        try:
+            run_once(True, make_model, data, 0.1, work)  # warm-up: imports, allocator
+            plain, recorded, disk = [], [], 0
+            for _ in range(options.repeats):
+                plain.append(run_once(False, make_model, data, options.epochs, work)[0])
+                seconds, disk = run_once(True, make_model, data, options.epochs, work)
+                recorded.append(seconds)
+            p, r = statistics.median(plain), statistics.median(recorded)
+            print(f"| {name}, {options.epochs:g} epochs | {p:.2f} | {r:.2f} | {100 * (r - p) / p:+.1f}% | {disk / 2**20:.2f} MiB |")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

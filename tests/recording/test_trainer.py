@@ -1,0 +1,138 @@
+"""The recorder: batches really consumed, weights really applied, resume, and early refusals."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from hf_accinf import AccInfError, AccInfTrainer, RecordingArguments, RunReader
+from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_bert, tiny_vit
+from tests.conftest import record_run
+
+
+def _epochs(trajectory):
+    for epoch in trajectory.epoch.unique().tolist():
+        steps = (trajectory.epoch == epoch).nonzero().flatten()
+        yield torch.cat([trajectory.batch(int(t)) for t in steps])
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+def test_each_epoch_is_a_permutation(tmp_run, kind, drop_last):
+    if kind == "bert":
+        model, data = tiny_bert(), synthetic_text_dataset(num_rows=53)
+    else:
+        model, data = tiny_vit(), digits_dataset(num_rows=53)
+    record_run(model, data, tmp_run, dataloader_drop_last=drop_last, num_train_epochs=3)
+    trajectory = RunReader(tmp_run).trajectory()
+    epochs = list(_epochs(trajectory))
+    assert len(epochs) == 3
+    kept = 53 - 53 % 8 if drop_last else 53
+    for rows in epochs:
+        assert len(rows) == kept and len(set(rows.tolist())) == kept  # no row twice, none outside the dataset
+        assert set(rows.tolist()) <= set(range(53))
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled every epoch
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+def test_recorded_weights_and_inputs_reproduce_every_head_gradient(tmp_run, kind):
+    """sum_i w_i grad l_i(head(x_i)) on the recorded rows equals the recorded (unclipped) head gradient.
+
+    BERT's classification loss is a batch mean, ViT's a sum over num_items_in_batch: under gradient
+    accumulation with an uneven last micro-batch the Trainer weighs their rows differently, and the
+    measured weights must follow what really happened in both cases.
+    """
+    if kind == "bert":
+        model, data = tiny_bert(), synthetic_text_dataset(num_rows=45)
+    else:
+        model, data = tiny_vit(), digits_dataset(num_rows=45)
+    record_run(model, data, tmp_run, gradient_accumulation_steps=2, max_grad_norm=0.5, learning_rate=1e-3)
+    run = RunReader(tmp_run)
+    trajectory = run.trajectory()
+    head = torch.nn.Linear(*reversed(trajectory.params["weight"].shape[1:])).double()
+    for step in range(trajectory.num_steps):
+        rows = trajectory.rows_of(step)
+        params = {name: values[step].double().requires_grad_(True) for name, values in trajectory.params.items()}
+        logits = torch.func.functional_call(head, params, (trajectory.head_input[rows].double(),))
+        losses = torch.nn.functional.cross_entropy(logits, trajectory.labels[rows], reduction="none")
+        grads = torch.autograd.grad((trajectory.row_weight[rows] * losses).sum(), list(params.values()))
+        for (name, _), grad in zip(params.items(), grads):
+            recorded = trajectory.grads[name][step].double() / trajectory.clip_coef[step]
+            torch.testing.assert_close(recorded, grad, rtol=1e-4, atol=1e-6)
+    assert (trajectory.clip_coef < 1).any()  # clipping was exercised
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt  # a crash: no on_train_end, the run directory stays incomplete
+
+
+def test_resume_continues_without_duplicates_or_gaps(tmp_path):
+    data = synthetic_text_dataset(num_rows=40)
+    straight = record_run(tiny_bert(), data, tmp_path / "straight", num_train_epochs=3)
+    common = dict(num_train_epochs=3, save_strategy="steps", save_steps=7, output_dir=str(tmp_path / "out"))
+    # The first run dies at step 11, after an HF checkpoint at step 7; steps 7..10 must not be duplicated.
+    with pytest.raises(KeyboardInterrupt):
+        record_run(tiny_bert(), data, tmp_path / "resumed", callbacks=[StopAt(11)], recording={"checkpoint_every": 5}, **common)
+    assert json.loads((tmp_path / "resumed" / "manifest.json").read_text())["num_steps"] == 10  # flushed at 5, 7, 10
+    with pytest.raises(AccInfError, match="incomplete"):
+        RunReader(tmp_path / "resumed")
+    record_run(tiny_bert(), data, tmp_path / "resumed", resume=str(tmp_path / "out" / "checkpoint-7"), recording={"checkpoint_every": 5}, **common)
+    a, b = RunReader(tmp_path / "straight"), RunReader(tmp_path / "resumed")
+    assert b.num_steps == a.num_steps == straight.state.global_step == 15
+    ta, tb = a.trajectory(), b.trajectory()
+    assert torch.equal(ta.row_offsets, tb.row_offsets) and torch.equal(ta.row_index, tb.row_index)
+    assert torch.equal(ta.epoch, tb.epoch)
+    torch.testing.assert_close(ta.lr, tb.lr)
+    torch.testing.assert_close(ta.params["weight"], tb.params["weight"])
+
+
+def test_unknown_module_lists_the_available_ones(tmp_run):
+    with pytest.raises(AccInfError, match="No module .* matches 'clasifier'.*bert.pooler.dense"):
+        record_run(tiny_bert(), synthetic_text_dataset(16), tmp_run, recording={"modules": ["clasifier"]})
+
+
+def test_module_outside_the_head_is_refused(tmp_run):
+    with pytest.raises(AccInfError, match="no head module|not inside"):
+        record_run(tiny_bert(), synthetic_text_dataset(16), tmp_run, recording={"modules": ["classifier", "bert.pooler.dense"]})
+
+
+def test_unmodelled_optimizer_is_refused_before_training(tmp_run):
+    with pytest.raises(AccInfError, match="do not model the optimizer Adagrad"):
+        record_run(tiny_bert(), synthetic_text_dataset(16), tmp_run, optim="adagrad")
+    assert not (tmp_run / "manifest.json").exists()
+
+
+def test_non_empty_run_directory_is_refused(tmp_run):
+    tmp_run.mkdir()
+    (tmp_run / "something").write_text("x")
+    with pytest.raises(AccInfError, match="not empty"):
+        record_run(tiny_bert(), synthetic_text_dataset(16), tmp_run)
+
+
+def test_regression_head_is_refused(tmp_run):
+    model = tiny_bert(num_labels=1)
+    with pytest.raises(AccInfError, match="single-label classification"):
+        AccInfTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_run), use_cpu=True, report_to=[]),
+                      train_dataset=synthetic_text_dataset(8), recording=RecordingArguments(run_dir=str(tmp_run)))
+
+
+def test_manifest_records_the_run(tmp_run):
+    data = synthetic_text_dataset(24)
+    record_run(tiny_bert(), data, tmp_run, weight_decay=0.01, recording={"checkpoint_every": 2})
+    manifest = json.loads((tmp_run / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["status"] == "complete"
+    assert manifest["optimizer_class"] == "AdamW"
+    decays = {g["weight_decay"] for g in manifest["param_groups"]}
+    assert decays == {0.0, 0.01}  # HF's decay / no-decay groups
+    groups = manifest["head"]["param_groups"]
+    assert manifest["param_groups"][groups["weight"]]["weight_decay"] == 0.01
+    assert manifest["param_groups"][groups["bias"]]["weight_decay"] == 0.0
+    assert manifest["dataset"] == {"length": 24, "fingerprint": data._fingerprint, "type": "Dataset"}
+    assert manifest["checkpoints"] == [0, 2, 4, 6]
+    assert manifest["training"]["world_size"] == 1 and manifest["libraries"]["transformers"]
