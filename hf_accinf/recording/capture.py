@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import AccInfError
+from ..losses import target_distribution
 
 ROW_INDEX_KEY = "accinf_row_index"
 
@@ -115,16 +116,6 @@ class HeadCapture:
 
         if output.requires_grad:
             output.register_hook(keep_grad)
-
-
-def target_distribution(labels: torch.Tensor, num_classes: int, label_smoothing: float) -> torch.Tensor:
-    """Rows of the label distribution the cross-entropy is taken against (smoothing as HF's LabelSmoother)."""
-    valid = labels >= 0
-    target = torch.zeros(labels.shape[0], num_classes, dtype=torch.float64)
-    target[valid] = nn.functional.one_hot(labels[valid], num_classes).double()
-    if label_smoothing:
-        target[valid] = (1 - label_smoothing) * target[valid] + label_smoothing / num_classes
-    return target
 
 
 def measure_row_weights(batch: MicroBatch, label_smoothing: float, tolerance: float = 1e-3) -> torch.Tensor:

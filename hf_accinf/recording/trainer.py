@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback
 from .. import __version__
 from ..config import RecordingArguments
 from ..errors import AccInfError
+from ..losses import cross_entropy_rows, target_distribution
 from ..modules import select_head
 from ..trajectory import schema
 from ..trajectory.schema import HeadSpec, Manifest, ParamGroupSpec
@@ -33,7 +34,6 @@ from .capture import (
     RowIndexCollator,
     RowIndexedDataset,
     measure_row_weights,
-    target_distribution,
 )
 from .writer import RunWriter
 
@@ -239,9 +239,7 @@ class TrajectoryRecorder(TrainerCallback):
         norm = trainer.last_grad_norm
         max_norm = trainer.args.max_grad_norm
         clip = min(1.0, max_norm / (norm + 1e-6)) if max_norm and max_norm > 0 and math.isfinite(norm) else 1.0
-        log_probs = torch.log_softmax(logits.double(), dim=-1)
-        target = target_distribution(labels, log_probs.shape[-1], smoothing)
-        losses = -(target * log_probs).sum(-1)
+        losses = cross_entropy_rows(logits.double(), target_distribution(labels, logits.shape[-1], smoothing))
         record = {
             schema.STEP: torch.tensor(step),
             schema.EPOCH: torch.tensor(self.epoch or 0),
@@ -287,7 +285,7 @@ class TrajectoryRecorder(TrainerCallback):
         finally:
             head.train(was_training)
         target = self._targets(record, logits.shape[-1])
-        losses = -(target * torch.log_softmax(logits, -1)).sum(-1)
+        losses = cross_entropy_rows(logits, target)
         total = (record[schema.ROW_WEIGHT] * losses).sum()
         expected = torch.autograd.grad(total, list(params.values()), allow_unused=True)
         clip = record[schema.CLIP_COEF]

@@ -1,0 +1,54 @@
+"""What every curvature backend offers the update rules: per-step batch curvature of the head's loss.
+
+A backend knows the head, its recorded inputs and parameters at every step, and the loss; it never
+knows which method or schedule asks. Vectors live in the backend's own flat layout of the chosen
+parameters (dimension ``P``); :meth:`HeadCurvature.unflatten` names them.
+
+For step ``t`` with batch rows ``r`` (weights ``w_r``), :class:`BatchCurvature` gives
+``H_B X = sum_r w_r H_r X`` for a block of vectors (DESIGN.md section 3, the shared transition),
+the per-row gradients ``g_r`` and per-row products ``H_r x_r`` (the per-occurrence terms), and the
+batch gradient ``G_S = sum_r w_r g_r``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class BatchCurvature(ABC):
+    batch_grad: torch.Tensor  # (P,)
+    row_weight: torch.Tensor  # (b,)
+
+    @abstractmethod
+    def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H_B`` applied to each row of ``vectors`` (K, P)."""
+
+    @abstractmethod
+    def row_grads(self, rows: torch.Tensor) -> torch.Tensor:
+        """Unweighted gradients ``g_r`` (m, P) of the batch rows ``rows`` (positions in the batch)."""
+
+    @abstractmethod
+    def row_hvp(self, vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``H_r x`` for each pair of batch row ``rows[i]`` and vector ``vectors[i]``."""
+
+
+class HeadCurvature(ABC):
+    dim: int
+
+    @abstractmethod
+    def at_step(self, step: int) -> BatchCurvature:
+        """Curvature of step ``step``'s batch at the recorded parameters before that step."""
+
+    @abstractmethod
+    def expand(self, per_parameter: dict[str, float]) -> torch.Tensor:
+        """A (P,) vector holding each chosen parameter's value on its coordinates (learning rates, decay)."""
+
+    @abstractmethod
+    def unflatten(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split (..., P) into the chosen parameters' shapes."""
+
+    @abstractmethod
+    def objective_grad(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Gradient (P,) of the mean loss over ``inputs``/``labels`` at head parameters ``params``."""

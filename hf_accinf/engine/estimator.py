@@ -1,0 +1,75 @@
+"""The estimator entry point: one engine, a method rule plugged in, the schedule chosen by the cost model.
+
+``estimate_influence`` computes every sample's influence embedding ``Delta^j_T`` (the parameter
+block of its final state) on this process's shard of samples, and gathers the shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import AccInfError
+from ..methods.base import UpdateRule
+from ..methods.sgd import SGDRule
+from ..problem import InfluenceProblem
+from .plan import build_plan, choose_schedule
+from .policies import CorrectionPolicy
+from .propagator import propagate
+from .sharding import ShardContext
+from .sweep import sweep
+
+logger = logging.getLogger(__name__)
+
+METHODS = {"sgd-ie": (SGDRule, False), "acc-sgd-ie": (SGDRule, True)}
+
+
+@dataclass
+class InfluenceResult:
+    embeddings: torch.Tensor  # (N, P) Delta^j_T, on the main process (None elsewhere)
+    schedule: str
+    seconds: float
+    cost_model: dict = field(default_factory=dict)
+
+
+def make_rule(problem: InfluenceProblem, method: str, removal: str) -> tuple[UpdateRule, bool]:
+    if method not in METHODS:
+        raise AccInfError(f"Unknown method '{method}'. Available: {', '.join(METHODS)}.")
+    rule_class, accumulative = METHODS[method]
+    return rule_class(problem, removal=removal), accumulative
+
+
+def estimate_influence(problem: InfluenceProblem, method: str = "acc-sgd-ie", removal: str = "exact",
+                       policy: CorrectionPolicy | None = None, schedule: str = "auto",
+                       memory_budget_gb: float = 4.0, shard: ShardContext | None = None,
+                       progress: bool = True) -> InfluenceResult:
+    rule, accumulative = make_rule(problem, method, removal)
+    policy = (policy or CorrectionPolicy("all")) if accumulative else CorrectionPolicy("none")
+    shard = shard or ShardContext.single()
+    start, stop = shard.sample_range(problem.num_samples)
+    dtype, device = problem.curvature.dtype, problem.curvature.device
+    plan = build_plan(problem.trajectory, start, stop, device)
+    choice, costs = choose_schedule(plan, stop - start, rule.state_dim)
+    if schedule == "auto":
+        schedule = choice
+    elif schedule not in ("sweep", "propagator"):
+        raise AccInfError(f"Unknown schedule '{schedule}': use auto, sweep or propagator.")
+    logger.info("schedule %s (cost model prefers %s: %s)", schedule, choice, costs)
+    bytes_per_state = rule.state_dim * torch.finfo(dtype).bits // 8
+    chunk = max(1, int(memory_budget_gb * 2**30 / (3 * bytes_per_state)))
+    if schedule == "sweep" and chunk < plan.size:
+        logger.info("sweep states exceed %.1f GiB: %d chunks of %d samples", memory_budget_gb, -(-plan.size // chunk), chunk)
+    if schedule == "propagator" and plan.size * bytes_per_state > memory_budget_gb * 2**30:
+        logger.warning("propagator boundary states (%.1f GiB) exceed the memory budget", plan.size * bytes_per_state / 2**30)
+    began = time.perf_counter()
+    show = progress and shard.is_main
+    epochs = problem.trajectory.epoch
+    if schedule == "sweep":
+        states = sweep(rule, plan, policy, epochs, dtype, device, chunk_size=chunk, progress=show)
+    else:
+        states = propagate(rule, plan, policy, epochs, dtype, device, progress=show)
+    embeddings = shard.gather_rows(rule.parameter_part(states).contiguous(), problem.num_samples)
+    return InfluenceResult(embeddings, schedule, time.perf_counter() - began, costs)

@@ -1,0 +1,83 @@
+"""Where the accumulative correction applies: every occurrence, a random subset, or chosen stages.
+
+The coefficient ``c_t`` of sample ``j`` at step ``t`` (DESIGN.md section 3). Randomized coins are a
+pure function of ``(seed, j, t)`` (a splitmix64-style counter hash), so every schedule, form and
+shard draws the same coins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import AccInfError
+
+_MASK = (1 << 64) - 1
+
+
+def _to_signed(value: int) -> int:
+    value &= _MASK
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _to_signed(0x9E3779B97F4A7C15)
+_MIX1 = _to_signed(0xBF58476D1CE4E5B9)
+_MIX2 = _to_signed(0x94D049BB133111EB)
+
+
+def _shift_right(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (values >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_coins(seed: int, samples: torch.Tensor, step: int) -> torch.Tensor:
+    """A float64 in [0, 1) for each sample at ``step``: splitmix64 of (seed, sample, step)."""
+    key = samples.to(torch.int64) * _GOLDEN + _to_signed(seed * 0x632BE59BD9B4E019 + step * 0xD6E8FEB86659FD93)
+    key = (key ^ _shift_right(key, 30)) * _MIX1
+    key = (key ^ _shift_right(key, 27)) * _MIX2
+    key = key ^ _shift_right(key, 31)
+    return _shift_right(key, 11).to(torch.float64) / float(1 << 53)
+
+
+@dataclass
+class CorrectionPolicy:
+    """``c_t`` per occurrence. ``kind``: ``none`` (classical), ``all`` (ACC), ``random`` (probability
+    ``p``), ``stage`` (only in ``stages``: [start, stop) step windows, or ``stage_epochs``: epoch windows)."""
+
+    kind: str = "all"
+    p: float = 1.0
+    seed: int = 0
+    stages: list[tuple[int, int]] = field(default_factory=list)
+    stage_epochs: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "all", "random", "stage"):
+            raise AccInfError(f"Unknown correction policy '{self.kind}': use none, all, random or stage.")
+        if not 0.0 <= self.p <= 1.0:
+            raise AccInfError(f"The correction probability p must lie in [0, 1], got {self.p}.")
+        if self.kind == "stage" and not (self.stages or self.stage_epochs):
+            raise AccInfError("A stage-limited correction needs stages (step windows) or stage_epochs.")
+
+    def coefficients(self, samples: torch.Tensor, step: int, epoch: int, dtype=torch.float64) -> torch.Tensor:
+        if self.kind == "none":
+            return torch.zeros(len(samples), dtype=dtype, device=samples.device)
+        if self.kind == "all":
+            return torch.ones(len(samples), dtype=dtype, device=samples.device)
+        if self.kind == "random":
+            return (uniform_coins(self.seed, samples.cpu(), step) < self.p).to(dtype).to(samples.device)
+        inside = any(a <= step < b for a, b in self.stages) or any(a <= epoch < b for a, b in self.stage_epochs)
+        return torch.full((len(samples),), float(inside), dtype=dtype, device=samples.device)
+
+    def last_corrected_step(self, num_steps: int, epochs: torch.Tensor) -> int:
+        """One past the last step where any correction may apply (``-1`` if none can)."""
+        if self.kind == "none" or (self.kind == "random" and self.p == 0):
+            return -1
+        if self.kind in ("all", "random"):
+            return num_steps
+        ends = [min(b, num_steps) for _, b in self.stages]
+        for a, b in self.stage_epochs:
+            steps = ((epochs >= a) & (epochs < b)).nonzero()
+            if len(steps):
+                ends.append(int(steps.max()) + 1)
+        return max(ends, default=-1)

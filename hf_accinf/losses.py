@@ -1,0 +1,25 @@
+"""The per-row training loss the estimators model: cross-entropy against (optionally smoothed) labels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def target_distribution(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0,
+                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Rows of the label distribution the cross-entropy is taken against (smoothing as HF's LabelSmoother).
+
+    Rows labelled -100 (ignored by the Trainer) get an all-zero target, hence zero loss and gradient.
+    """
+    valid = labels >= 0
+    target = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
+    target[valid] = nn.functional.one_hot(labels[valid], num_classes).to(dtype)
+    if label_smoothing:
+        target[valid] = (1 - label_smoothing) * target[valid] + label_smoothing / num_classes
+    return target
+
+
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy ``-sum_c t_c log softmax(z)_c``."""
+    return -(target * torch.log_softmax(logits, dim=-1)).sum(-1)

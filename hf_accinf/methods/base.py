@@ -1,0 +1,63 @@
+"""The interface between the propagation engine and a method: one linearized optimizer step.
+
+A method is an :class:`UpdateRule` that, for step ``t``, yields :class:`StepOps` with two maps on
+blocks of per-sample states (rows of a ``(K, S)`` tensor):
+
+* ``apply``: the transition ``M_t`` shared by all samples (DESIGN.md section 6a);
+* ``occurrence``: the whole step for samples whose rows are in the batch: ``M_t`` plus their own
+  terms (injection, ACC correction, exact removal), given which batch rows belong to which sample and
+  each sample's correction coefficient ``c`` (0 classical, 1 accumulative).
+
+The adjoint ``M_t^T`` is derived from ``apply`` by a VJP: ``M_t`` is linear and rarely symmetric.
+The engine never knows the method; the method never knows the schedule.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch.func import vjp
+
+
+class StepOps(ABC):
+    @abstractmethod
+    def apply(self, states: torch.Tensor) -> torch.Tensor:
+        """``M_t`` applied to each row of ``states`` (K, S)."""
+
+    @abstractmethod
+    def occurrence(self, states: torch.Tensor, row_owner: torch.Tensor, rows: torch.Tensor,
+                   coefficient: torch.Tensor) -> torch.Tensor:
+        """The step for ``m`` occurring samples: ``states`` (m, S); batch row ``rows[k]`` belongs to sample
+        ``row_owner[k]`` (an index into the m samples); ``coefficient`` (m,) is each sample's ``c_t``."""
+
+    def apply_adjoint(self, states: torch.Tensor) -> torch.Tensor:
+        """``M_t^T`` applied to each row of ``states``."""
+        _, pullback = vjp(self.apply, torch.zeros_like(states))
+        return pullback(states)[0]
+
+    def occurrence_linear_adjoint(self, states, row_owner, rows, coefficient) -> torch.Tensor:
+        """Adjoint of the linear part of :meth:`occurrence` (for the per-sample adjoint form)."""
+        zero = torch.zeros_like(states)
+        offset = self.occurrence(zero, row_owner, rows, coefficient)
+        _, pullback = vjp(lambda x: self.occurrence(x, row_owner, rows, coefficient) - offset, zero)
+        return pullback(states)[0]
+
+
+class UpdateRule(ABC):
+    state_dim: int
+    param_dim: int
+
+    @abstractmethod
+    def at_step(self, step: int) -> StepOps:
+        """The linearized optimizer step ``t``."""
+
+    def parameter_part(self, states: torch.Tensor) -> torch.Tensor:
+        """The ``Delta theta`` block of states (the influence embedding at the end)."""
+        return states[..., : self.param_dim]
+
+    def final_objective_state(self, gradient: torch.Tensor) -> torch.Tensor:
+        """``u_T`` of the adjoint form: the objective gradient on ``theta``, zeros on optimizer states."""
+        state = torch.zeros(self.state_dim, dtype=gradient.dtype, device=gradient.device)
+        state[: self.param_dim] = gradient
+        return state

@@ -1,0 +1,122 @@
+"""The SGD family (DESIGN.md sections 3 and 4): SGD-IE and ACC-SGD-IE under what the HF Trainer did.
+
+torch ``SGD`` step with the Trainer's clipping and per-group L2 decay ``lam``:
+
+    d = a(G) G + lam theta;   buf' = mu buf + d;   theta' = theta - eta (buf' | d + mu buf' if nesterov)
+
+with ``a(G) = min(1, c / (n + 1e-6))`` and ``n^2 = n_rest^2 + |G|^2``: ``G`` is the batch gradient of
+the chosen parameters, ``n_rest`` the recorded norm of all other clipped gradients, kept fixed (the
+approximation DESIGN.md section 4 names). No momentum: ``theta' = theta - eta d``.
+
+Linearized, a state ``(Delta_theta[, Delta_buf])`` moves by a gradient-space change ``k``. With
+``clip(G, e) = a(G) (e - G (G . e) / (n (n + 1e-6)))`` (the Jacobian of ``a(G) G``; identity when
+``a = 1``):
+
+* shared transition ``M_t``: ``k = clip(G, H_B D) + lam D``;
+* at an occurrence of sample ``j`` (rows ``r`` of ``j``, weights ``w_r``, repeated rows counted),
+  removal moves ``G -> G_j = G - sum_r w_r g_r`` and ``H_B -> H_B - sum_r w_r H_r``:
+  - exact removal: ``k = c clip(G_j, (H_B - sum w_r H_r) D) + (1 - c) clip(G, H_B D) + a(G_j) G_j - a(G) G``;
+  - first-order removal: the derivative of the same expressions along the removal direction,
+    ``k = clip(G, H_B D) + c d/de[clip(G_e, H_e D)] + d/de[a(G_e) G_e]`` at ``e = 0`` (a ``torch.func.jvp``);
+  ``c = 1`` is ACC-SGD-IE (the paper's eq. 6-9), ``c = 0`` SGD-IE. Without clipping both removals are
+  section 3's ``k = H_B D - c sum w_r H_r D - sum w_r g_r + lam D``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import jvp
+
+from ..problem import InfluenceProblem
+from ..errors import AccInfError
+from .base import StepOps, UpdateRule
+
+NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_
+
+
+class SGDStep(StepOps):
+    def __init__(self, rule: "SGDRule", step: int):
+        problem = rule.problem
+        self.rule, self.batch = rule, problem.curvature.at_step(step)
+        self.state_dim = rule.state_dim
+        self.lr = problem.learning_rates(step)
+        self.max_norm = problem.optimizer.max_grad_norm
+        gradient = self.batch.batch_grad
+        self.rest = max(float(problem.trajectory.grad_norm[step]) ** 2 - float(gradient @ gradient), 0.0)
+        self.clip_linear = self.max_norm > 0 and float(problem.trajectory.clip_coef[step]) < 1.0
+
+    def _clip(self, gradient: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-wise ``(clip(G, e), a(G) G)`` for gradients ``G`` and vectors ``e`` (m, P)."""
+        if self.max_norm <= 0:
+            return vectors, gradient
+        norm = (self.rest + (gradient * gradient).sum(-1)).sqrt()
+        clip = (self.max_norm / (norm + NORM_EPS)).clamp(max=1.0)
+        active = (clip < 1).to(norm.dtype)
+        dots = (gradient * vectors).sum(-1) * active / (norm * (norm + NORM_EPS))
+        return clip[:, None] * (vectors - gradient * dots[:, None]), clip[:, None] * gradient
+
+    def _shared_clip(self, vectors: torch.Tensor) -> torch.Tensor:
+        if not self.clip_linear:
+            return vectors
+        return self._clip(self.batch.batch_grad.expand_as(vectors), vectors)[0]
+
+    def _move(self, states: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        rule, size = self.rule, self.rule.param_dim
+        theta = states[:, :size]
+        if not rule.has_momentum:
+            return theta - self.lr * change
+        buffer = rule.momentum * states[:, size:] + change
+        update = change + rule.momentum * buffer if rule.nesterov else buffer
+        return torch.cat([theta - self.lr * update, buffer], dim=1)
+
+    def apply(self, states: torch.Tensor) -> torch.Tensor:
+        theta = states[:, : self.rule.param_dim]
+        return self._move(states, self._shared_clip(self.batch.hvp(theta)) + self.rule.decay * theta)
+
+    def occurrence(self, states, row_owner, rows, coefficient) -> torch.Tensor:
+        theta = states[:, : self.rule.param_dim]
+        batch = self.batch
+        weights = batch.row_weight[rows][:, None]
+        removed_grad = torch.zeros_like(theta).index_add_(0, row_owner, weights * batch.row_grads(rows))
+        removed_hvp = torch.zeros_like(theta)
+        corrected = coefficient[row_owner] != 0
+        if corrected.any():
+            owners = row_owner[corrected]
+            removed_hvp.index_add_(0, owners, weights[corrected] * batch.row_hvp(theta[owners], rows[corrected]))
+        batch_hvp = batch.hvp(theta)
+        gradient = batch.batch_grad.expand_as(theta)
+        c = coefficient[:, None]
+        if self.rule.removal == "exact":
+            own, removed = self._clip(gradient - removed_grad, batch_hvp - removed_hvp)
+            shared, kept = self._clip(gradient, batch_hvp)
+            change = c * own + (1 - c) * shared + removed - kept
+        else:
+            (shared, _), (d_transition, d_injection) = jvp(
+                self._clip, (gradient.contiguous(), batch_hvp), (-removed_grad, -removed_hvp)
+            )
+            change = shared + c * d_transition + d_injection
+        return self._move(states, change + self.rule.decay * theta)
+
+
+class SGDRule(UpdateRule):
+    """SGD-IE / ACC-SGD-IE for runs trained with ``torch.optim.SGD`` (any momentum, decay, Nesterov)."""
+
+    def __init__(self, problem: InfluenceProblem, removal: str = "exact"):
+        if problem.optimizer.name != "SGD":
+            raise AccInfError(
+                f"sgd-ie and acc-sgd-ie model runs trained with SGD; this run used {problem.optimizer.name}. "
+                "Train with TrainingArguments(optim='sgd') or use an Adam-family method."
+            )
+        if removal not in ("exact", "first-order"):
+            raise AccInfError(f"removal must be 'exact' or 'first-order', got '{removal}'.")
+        self.problem, self.removal = problem, removal
+        curvature = problem.curvature
+        self.param_dim = curvature.dim
+        self.decay = curvature.expand(problem.optimizer.per_parameter("weight_decay"))
+        self.momentum = curvature.expand(problem.optimizer.per_parameter("momentum"))
+        self.has_momentum = bool((self.momentum != 0).any())
+        self.nesterov = bool(problem.optimizer.uniform("nesterov")) if self.has_momentum else False
+        self.state_dim = self.param_dim * (2 if self.has_momentum else 1)
+
+    def at_step(self, step: int) -> SGDStep:
+        return SGDStep(self, step)

@@ -1,0 +1,46 @@
+"""Small float64 problems trained with real SGD, for the engine tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_accinf.evaluation.retrain import train_sgd
+from hf_accinf.problem import InfluenceProblem, make_curvature
+
+
+def tiny_mlp(inputs=4, hidden=3, classes=2, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes)).double()
+
+
+def shuffled_batches(num_samples: int, batch_size: int, epochs: int, seed: int = 0, repeat_row: bool = True):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(epochs):
+        order = torch.randperm(num_samples, generator=generator)
+        batches.extend(order[i : i + batch_size] for i in range(0, num_samples, batch_size))
+    if repeat_row:  # distributed padding: one row twice in a step, and again in the next step
+        batches[1] = torch.cat([batches[1], batches[1][:1]])
+        batches[2] = torch.cat([batches[2], batches[1][:1]])
+    return batches
+
+
+def make_problem(model=None, num_samples=10, features=4, classes=2, batch_size=4, epochs=3, momentum=0.9,
+                 weight_decay=0.01, max_grad_norm=0.3, chosen=None, backend="auto", nesterov=False, seed=0,
+                 repeat_row=True):
+    model = model if model is not None else tiny_mlp(features, 3, classes, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(num_samples, features, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, classes, (num_samples,), generator=generator)
+    batches = shuffled_batches(num_samples, batch_size, epochs, seed, repeat_row)
+    lrs = [0.5 * (1 + 0.1 * (t % 3)) for t in range(len(batches))]
+    template = type(model)(*model.children()) if isinstance(model, nn.Sequential) else None
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trajectory, spec = train_sgd(model, x, y, batches, lrs, momentum, weight_decay, max_grad_norm, nesterov)
+    chosen = chosen or [name for name, _ in model.named_parameters()]
+    spec.group_of = {name: 0 for name in chosen}
+    curvature = make_curvature(trajectory, model, chosen, 0.0, torch.float64, "cpu", backend)
+    problem = InfluenceProblem(trajectory, curvature, spec, num_samples)
+    problem.model, problem.features, problem.labels, problem.initial = model, x, y, initial
+    return problem
