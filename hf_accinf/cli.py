@@ -1,4 +1,5 @@
-"""The ``hf-accinf`` command: ``train`` records a run, ``summary`` describes one. Parsing lives here only.
+"""The ``hf-accinf`` command: ``train`` records a run, ``score`` estimates influence, ``summary`` describes
+a run directory. Parsing lives here only.
 
 Every subcommand parses dataclasses with ``HfArgumentParser``; ``--config x.yaml`` supplies defaults
 that command-line flags override.
@@ -7,14 +8,18 @@ that command-line flags override.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 
-from .config import RecordingArguments
+from .config import RecordingArguments, ScoreArguments
+
+QUICKSTART_JOB = "quickstart_job.json"
 
 
 @dataclass
@@ -26,8 +31,9 @@ class TrainJobArguments:
     num_train_epochs: float = field(default=5.0, metadata={"help": "Epochs."})
     hidden_size: int = field(default=64, metadata={"help": "Width of the tiny ViT."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
-    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
-    optim: str = field(default="adamw_torch", metadata={"help": "TrainingArguments.optim: adamw_torch or sgd."})
+    learning_rate: float = field(default=0.05, metadata={"help": "Peak learning rate."})
+    optim: str = field(default="sgd", metadata={"help": "TrainingArguments.optim (sgd; adamw_torch awaits the Adam family)."})
+    optim_args: str = field(default="momentum=0.9", metadata={"help": "TrainingArguments.optim_args."})
     weight_decay: float = field(default=0.01, metadata={"help": "Weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
     seed: int = field(default=0, metadata={"help": "Seed of model initialisation and data order."})
@@ -55,7 +61,7 @@ def train(argv: list[str]) -> Path:
     args = TrainingArguments(
         output_dir=job.output_dir, num_train_epochs=job.num_train_epochs,
         per_device_train_batch_size=job.per_device_train_batch_size, learning_rate=job.learning_rate,
-        optim=job.optim, weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm, seed=job.seed,
+        optim=job.optim, optim_args=job.optim_args, weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm, seed=job.seed,
         use_cpu=not _has_accelerator(), report_to=[], save_strategy="no", logging_steps=10,
     )
     trainer = AccInfTrainer(
@@ -64,13 +70,62 @@ def train(argv: list[str]) -> Path:
     )
     trainer.train()
     if trainer.accelerator.is_main_process:
+        Path(recording.run_dir, QUICKSTART_JOB).write_text(json.dumps(asdict(job), indent=2))
         print(summary(recording.run_dir))
     return Path(recording.run_dir)
 
 
-def _has_accelerator() -> bool:
-    import torch
+def _quickstart_datasets(run_dir: str):
+    from .errors import AccInfError
+    from .examples import digits_dataset
 
+    job_file = Path(run_dir, QUICKSTART_JOB)
+    if not job_file.is_file():
+        raise AccInfError(
+            f"{run_dir} was not recorded by `hf-accinf train`: pass --train_data and --eval_data "
+            "(datasets saved with Dataset.save_to_disk)."
+        )
+    job = json.loads(job_file.read_text())
+    train = digits_dataset(job["num_rows"], seed=job["seed"])
+    held_out = digits_dataset(400, seed=job["seed"], offset=job["num_rows"])
+    return train, held_out
+
+
+@dataclass
+class ScoreDataArguments:
+    train_data: str | None = field(default=None, metadata={"help": "Training dataset (load_from_disk path); default: the quickstart's."})
+    eval_data: str | None = field(default=None, metadata={"help": "Evaluation dataset (load_from_disk path); default: held-out digits."})
+    cpu: bool = field(default=False, metadata={"help": "Under accelerate launch on CPU: join one gloo group."})
+
+
+def score(argv: list[str]):
+    from datasets import load_from_disk
+
+    from .engine import ShardContext
+    from .scoring import score_run
+
+    args, data = _parse(HfArgumentParser((ScoreArguments, ScoreDataArguments)), argv)
+    if data.train_data or data.eval_data:
+        if not (data.train_data and data.eval_data):
+            raise SystemExit("pass both --train_data and --eval_data")
+        train, held_out = load_from_disk(data.train_data), load_from_disk(data.eval_data)
+        train, held_out = train.with_format("torch"), held_out.with_format("torch")
+    else:
+        train, held_out = _quickstart_datasets(args.run_dir)
+    shard = ShardContext.from_accelerate(cpu=data.cpu or not _has_accelerator())
+    result = score_run(args, train, held_out, shard)
+    if result is not None:
+        order = torch.argsort(result.scores)
+        print(f"{args.method} ({args.removal} removal, {result.schedule} schedule) on {len(result.scores)} rows "
+              f"in {result.seconds:.2f} s; wrote {result.output_dir}")
+        print(f"most harmful rows (removing them lowers eval loss): {order[:5].tolist()} "
+              f"scores {[f'{v:.2e}' for v in result.scores[order[:5]].tolist()]}")
+        print(f"most helpful rows: {order.flip(0)[:5].tolist()} "
+              f"scores {[f'{v:.2e}' for v in result.scores[order.flip(0)[:5]].tolist()]}")
+    return result
+
+
+def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
@@ -101,7 +156,11 @@ def summary(run_dir: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": "record a training run (default: tiny ViT on bundled digits)", "summary": "describe a run directory"}
+    commands = {
+        "train": "record a training run (default: tiny ViT on bundled digits)",
+        "score": "estimate every training row's influence from a recorded run",
+        "summary": "describe a run directory",
+    }
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="hf-accinf", description="Trajectory-aware influence for HF classifiers.")
         parser.add_argument("command", choices=sorted(commands), help="; ".join(f"{k}: {v}" for k, v in commands.items()))
@@ -110,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         train(rest)
+    elif command == "score":
+        score(rest)
     elif command == "summary":
         if len(rest) != 1:
             print("usage: hf-accinf summary RUN_DIR", file=sys.stderr)

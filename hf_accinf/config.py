@@ -31,3 +31,37 @@ class RecordingArguments:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ScoreArguments:
+    """How ``hf-accinf score`` / :func:`~hf_accinf.score_run` estimates influence from a recorded run."""
+
+    run_dir: str = field(default="runs/quickstart/accinf", metadata={"help": "Recorded run directory."})
+    method: str = field(default="acc-sgd-ie", metadata={"help": "sgd-ie or acc-sgd-ie."})
+    removal: str = field(default="exact", metadata={"help": "exact or first-order removal (DESIGN.md section 4)."})
+    correction: str = field(default="all", metadata={"help": "ACC correction policy: all, random or stage."})
+    correction_p: float = field(default=1.0, metadata={"help": "Probability of a correction (correction=random)."})
+    correction_seed: int = field(default=0, metadata={"help": "Seed of the correction coins."})
+    stage_steps: list[str] | None = field(default=None, metadata={"help": "Step windows start:stop (correction=stage)."})
+    stage_epochs: list[str] | None = field(default=None, metadata={"help": "Epoch windows start:stop (correction=stage)."})
+    schedule: str = field(default="auto", metadata={"help": "auto (cost model), sweep or propagator."})
+    modules: list[str] | None = field(default=None, metadata={"help": "Narrow the recorded chosen parameters."})
+    score_kind: str = field(default="linear", metadata={"help": "linear (gradient dot embedding) or evaluated."})
+    dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the propagation."})
+    memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory for per-sample states before chunking."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where to write (default: <run_dir>/scores)."})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+
+    def windows(self, values: list[str] | None) -> list[tuple[int, int]]:
+        result = []
+        for value in values or []:
+            start, _, stop = str(value).partition(":")
+            result.append((int(start), int(stop)))
+        return result
+
+    def to_dict(self) -> dict:
+        return asdict(self)

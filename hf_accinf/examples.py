@@ -11,8 +11,10 @@ from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
 
-def digits_dataset(num_rows: int | None = None, classes: tuple[int, ...] | None = None, seed: int = 0) -> Dataset:
-    """scikit-learn's digits as ``pixel_values`` (1 x 8 x 8, scaled to [0, 1]) and ``labels``."""
+def digits_dataset(num_rows: int | None = None, classes: tuple[int, ...] | None = None, seed: int = 0,
+                   offset: int = 0) -> Dataset:
+    """scikit-learn's digits as ``pixel_values`` (1 x 8 x 8, scaled to [0, 1]) and ``labels``: rows
+    ``offset .. offset + num_rows`` of a seeded permutation (disjoint offsets give disjoint splits)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -20,7 +22,8 @@ def digits_dataset(num_rows: int | None = None, classes: tuple[int, ...] | None 
     if classes is not None:
         keep = np.isin(labels, classes)
         images, labels = images[keep], np.searchsorted(np.asarray(sorted(classes)), labels[keep])
-    order = np.random.default_rng(seed).permutation(len(labels))[:num_rows]
+    order = np.random.default_rng(seed).permutation(len(labels))[offset:]
+    order = order[:num_rows]
     return Dataset.from_dict({"pixel_values": images[order][:, None].tolist(), "labels": labels[order].tolist()}).with_format("torch")
 
 

@@ -52,3 +52,8 @@ class HeadCurvature(ABC):
     @abstractmethod
     def objective_grad(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Gradient (P,) of the mean loss over ``inputs``/``labels`` at head parameters ``params``."""
+
+    @abstractmethod
+    def shifted_losses(self, params: dict[str, torch.Tensor], shifts: torch.Tensor, inputs: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss over ``inputs`` at ``params`` moved by each row of ``shifts`` (K, P): (K,)."""

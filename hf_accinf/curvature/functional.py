@@ -96,3 +96,13 @@ class FunctionalHeadCurvature(HeadCurvature):
         inputs = inputs.to(self.device, self.dtype)
         weights = torch.full((len(inputs),), 1.0 / len(inputs), dtype=self.dtype, device=self.device)
         return self._batch(params, inputs, labels.to(self.device), weights).batch_grad
+
+    def shifted_losses(self, params, shifts, inputs, labels) -> torch.Tensor:
+        params = {name: value.to(self.device, self.dtype) for name, value in params.items()}
+        inputs = inputs.to(self.device, self.dtype)
+        fixed = {name: value for name, value in params.items() if name not in self.chosen}
+        point = self.flatten({name: params[name] for name in self.chosen})
+        with torch.no_grad():
+            num_classes = functional_call(self.head, params, (inputs[:1],)).shape[-1]
+        target = self._targets(labels.to(self.device), num_classes)
+        return vmap(lambda shift: cross_entropy_rows(self.logits(point + shift, fixed, inputs), target).mean())(shifts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import target_distribution
+from ..losses import cross_entropy_rows, target_distribution
 from ..trajectory import Trajectory
 from .base import BatchCurvature, HeadCurvature
 
@@ -109,3 +109,10 @@ class LinearHeadCurvature(HeadCurvature):
         inputs = inputs.to(self.device, self.dtype).flatten(1)
         weights = torch.full((len(inputs),), 1.0 / len(inputs), dtype=self.dtype, device=self.device)
         return self._batch(params, inputs, labels.to(self.device), weights).batch_grad
+
+    def shifted_losses(self, params, shifts, inputs, labels) -> torch.Tensor:
+        inputs = inputs.to(self.device, self.dtype).flatten(1)
+        base = self._logits(params, inputs)  # (V, C)
+        moved = torch.einsum("kcd,vd->kvc", shifts.reshape(len(shifts), self.num_classes, self.width), self._augment(inputs))
+        target = target_distribution(labels.to(self.device), self.num_classes, self.label_smoothing, self.dtype)
+        return cross_entropy_rows(base + moved, target).mean(-1)

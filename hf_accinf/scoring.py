@@ -1,0 +1,87 @@
+"""Scoring a recorded run: influence embeddings and scores, written next to the run.
+
+Checks every input before the long work (run directory, training dataset identity, evaluation
+labels, method and optimizer), runs the engine on this process's shard, and on the main process
+writes, each atomically:
+
+    <output_dir>/embeddings.safetensors   Delta^j_T per chosen parameter, (N, *shape)
+    <output_dir>/scores.safetensors       "scores": (N,) predicted change of mean eval loss without row j
+    <output_dir>/scores.json              arguments, schedule, timing, most helpful and harmful rows
+    <output_dir>/dataset/                 the training dataset with the score column (datasets.Dataset only)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ScoreArguments
+from .data.columns import add_score_column
+from .data.features import head_inputs
+from .engine import CorrectionPolicy, ShardContext, estimate_influence
+from .engine.estimator import make_rule
+from .engine.objective import scores_from_embeddings
+from .errors import AccInfError
+from .problem import problem_from_run
+from .trajectory import RunReader
+from .trajectory.schema import write_atomic
+
+
+@dataclass
+class ScoreResult:
+    scores: torch.Tensor
+    embeddings: dict[str, torch.Tensor]
+    schedule: str
+    seconds: float
+    output_dir: Path
+    column: str
+
+
+def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
+              collate_fn=None, progress: bool = True) -> ScoreResult | None:
+    """Estimate every training row's influence on the mean loss of ``eval_dataset``.
+
+    Returns the result on the main process (``None`` on the others).
+    """
+    shard = shard or ShardContext.single()
+    run = RunReader(args.run_dir)
+    run.check_dataset(train_dataset)
+    if "labels" not in getattr(eval_dataset, "column_names", ["labels"]):
+        raise AccInfError("The evaluation dataset needs a 'labels' column.")
+    policy = CorrectionPolicy(args.correction, args.correction_p, args.correction_seed,
+                              args.windows(args.stage_steps), args.windows(args.stage_epochs))
+    problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules)
+    make_rule(problem, args.method, args.removal)  # refuse a method/optimizer mismatch before the long work
+
+    model = run.build_model()
+    inputs, labels = head_inputs(model, run.manifest.head.module, eval_dataset, collate_fn=collate_fn)
+    final = run.head_parameters_at(run.num_steps)
+    result = estimate_influence(problem, args.method, args.removal, policy, args.schedule,
+                                args.memory_budget_gb, shard, progress)
+    if not shard.is_main:
+        return None
+    scores = scores_from_embeddings(problem.curvature, result.embeddings, final, inputs, labels, args.score_kind)
+    embeddings = {name: value.contiguous() for name, value in problem.curvature.unflatten(result.embeddings).items()}
+    output_dir = Path(args.output_dir or Path(args.run_dir) / "scores")
+    column = f"influence_{args.method.replace('-', '_')}"
+    _write(output_dir, args, result, scores, embeddings, train_dataset, column)
+    return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column)
+
+
+def _write(output_dir: Path, args: ScoreArguments, result, scores, embeddings, train_dataset, column: str) -> None:
+    metadata = {"method": args.method, "removal": args.removal, "schedule": result.schedule, "run_dir": str(args.run_dir)}
+    write_atomic(output_dir / "embeddings.safetensors", lambda tmp: save_file(embeddings, tmp, metadata=metadata))
+    write_atomic(output_dir / "scores.safetensors", lambda tmp: save_file({"scores": scores.contiguous()}, tmp, metadata=metadata))
+    order = torch.argsort(scores)
+    summary = {
+        "arguments": args.to_dict(), "schedule": result.schedule, "seconds": result.seconds,
+        "cost_model": result.cost_model, "column": column,
+        "most_harmful": order[:10].tolist(), "most_helpful": order.flip(0)[:10].tolist(),
+    }
+    write_atomic(output_dir / "scores.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    if hasattr(train_dataset, "save_to_disk"):
+        add_score_column(train_dataset, scores, column).save_to_disk(str(output_dir / "dataset"))
