@@ -13,6 +13,8 @@ writes, each atomically:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,4 +86,8 @@ def _write(output_dir: Path, args: ScoreArguments, result, scores, embeddings, t
     }
     write_atomic(output_dir / "scores.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     if hasattr(train_dataset, "save_to_disk"):
-        add_score_column(train_dataset, scores, column).save_to_disk(str(output_dir / "dataset"))
+        target, staging = output_dir / "dataset", output_dir / ".dataset.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        add_score_column(train_dataset, scores, column).save_to_disk(str(staging))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)

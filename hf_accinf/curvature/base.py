@@ -49,6 +49,16 @@ class HeadCurvature(ABC):
     def unflatten(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split (..., P) into the chosen parameters' shapes."""
 
+    def flatten_named(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`unflatten` for (N, *shape) tensors named by chosen parameter."""
+        probe = torch.arange(self.dim, dtype=torch.float64)
+        layout = self.unflatten(probe)
+        count = next(iter(named.values())).shape[0]
+        flat = torch.empty(count, self.dim, dtype=next(iter(named.values())).dtype)
+        for name, positions in layout.items():
+            flat[:, positions.long().flatten()] = named[name].reshape(count, -1).to(flat.dtype)
+        return flat
+
     @abstractmethod
     def objective_grad(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Gradient (P,) of the mean loss over ``inputs``/``labels`` at head parameters ``params``."""

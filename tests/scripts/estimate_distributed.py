@@ -1,0 +1,31 @@
+"""Run under `accelerate launch --multi_gpu --num_processes 2`: each process propagates its shard of
+samples; the gathered embeddings of every (method, schedule) are saved by the main process."""
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parents[2]))
+
+from hf_accinf.engine import CorrectionPolicy, ShardContext, estimate_influence  # noqa: E402
+from tests.engine.helpers import make_problem  # noqa: E402
+
+
+def main(out_file: str) -> None:
+    shard = ShardContext.from_accelerate(cpu=True)
+    assert shard.world_size == 2, shard.world_size
+    problem = make_problem(num_samples=23, batch_size=5, epochs=3)
+    results = {"world_size": torch.tensor(shard.world_size)}
+    for method in ("sgd-ie", "acc-sgd-ie"):
+        for schedule in ("sweep", "propagator"):
+            policy = CorrectionPolicy("random", p=0.5, seed=1) if method == "acc-sgd-ie" else None
+            result = estimate_influence(problem, method, policy=policy, schedule=schedule, shard=shard, progress=False)
+            results[f"{method}/{schedule}"] = result.embeddings
+    if shard.is_main:
+        save_file({k: v.contiguous() for k, v in results.items()}, out_file)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
