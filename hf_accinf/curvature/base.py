@@ -25,6 +25,11 @@ class BatchCurvature(ABC):
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """``H_B`` applied to each row of ``vectors`` (K, P)."""
 
+    def hvp_add(self, vectors: torch.Tensor, base: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """``base + scale * H_B vectors`` (a backend may fuse the sum into its last product)."""
+        product = self.hvp(vectors)
+        return scale * product if base is None else base + scale * product
+
     @abstractmethod
     def row_grads(self, rows: torch.Tensor) -> torch.Tensor:
         """Unweighted gradients ``g_r`` (m, P) of the batch rows ``rows`` (positions in the batch)."""

@@ -28,13 +28,22 @@ class LinearBatch(BatchCurvature):
         self._weighted_probs_t = (probs * row_weight[:, None]).T.contiguous()  # (C, b)
         self._probs_t = probs.T.contiguous()
 
-    def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+    def _output_weights(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``w_r Λ_r (X ã_r)`` for every vector and row: (K C, b)."""
         count, classes = vectors.shape[0], self.num_classes
-        projected = vectors.reshape(count * classes, -1) @ self.inputs.T  # (K C, b)
-        projected = projected.view(count, classes, -1)
+        projected = (vectors.reshape(count * classes, -1) @ self.inputs.T).view(count, classes, -1)
         mixed = (self._probs_t * projected).sum(1, keepdim=True)  # p_r . u_r per row: (K, 1, b)
-        scaled = self._weighted_probs_t * (projected - mixed)  # w_r Λ_r u_r
-        return (scaled.view(count * classes, -1) @ self.inputs).view(count, -1)
+        return (self._weighted_probs_t * (projected - mixed)).view(count * classes, -1)
+
+    def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        return (self._output_weights(vectors) @ self.inputs).view(len(vectors), -1)
+
+    def hvp_add(self, vectors: torch.Tensor, base: torch.Tensor | None, scale: float) -> torch.Tensor:
+        weights = self._output_weights(vectors)
+        if base is None:
+            return torch.mm(weights, self.inputs).mul_(scale).view(len(vectors), -1)
+        flat_base = base.reshape(weights.shape[0], -1)
+        return torch.addmm(flat_base, weights, self.inputs, alpha=scale).view(len(vectors), -1)
 
     def row_grads(self, rows: torch.Tensor) -> torch.Tensor:
         return (self.residual[rows][:, :, None] * self.inputs[rows][:, None, :]).flatten(1)

@@ -40,10 +40,16 @@ class SGDStep(StepOps):
         self.rule, self.batch = rule, problem.curvature.at_step(step)
         self.state_dim = rule.state_dim
         self.lr = problem.learning_rates(step)
+        self.uniform_lr = float(self.lr[0]) if bool((self.lr == self.lr[0]).all()) else None
         self.max_norm = problem.optimizer.max_grad_norm
         gradient = self.batch.batch_grad
         self.rest = max(float(problem.trajectory.grad_norm[step]) ** 2 - float(gradient @ gradient), 0.0)
-        self.clip_linear = self.max_norm > 0 and float(problem.trajectory.clip_coef[step]) < 1.0
+        self.clip_coef = float(problem.trajectory.clip_coef[step]) if self.max_norm > 0 else 1.0
+        self.clip_linear = self.clip_coef < 1.0
+        if self.clip_linear:
+            norm = float(problem.trajectory.grad_norm[step])
+            self.projection = 1.0 / (norm * (norm + NORM_EPS))
+            self.curved_gradient = self.batch.hvp(gradient[None])[0]  # H_B G, for the clip map's rank-one term
 
     def _clip(self, gradient: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-wise ``(clip(G, e), a(G) G)`` for gradients ``G`` and vectors ``e`` (m, P)."""
@@ -60,6 +66,53 @@ class SGDStep(StepOps):
             return vectors
         return self._clip(self.batch.batch_grad.expand_as(vectors), vectors)[0]
 
+    def _curvature_term(self, theta: torch.Tensor, base: torch.Tensor | None, scale: float, transpose: bool) -> torch.Tensor:
+        """``base + scale clip(G, H_B theta)``, or with the transposed clip map ``H_B clip(G, .)``.
+
+        ``G . H_B theta = (H_B G) . theta``, so the clip map costs one product with a vector and a rank-one update.
+        """
+        a = self.clip_coef
+        result = self.batch.hvp_add(theta, base, scale * a)
+        if self.clip_linear:
+            gradient, curved = self.batch.batch_grad, self.curved_gradient
+            left, right = (curved, gradient) if transpose else (gradient, curved)
+            result.addr_(theta @ right, left, alpha=-scale * a * self.projection)
+        return result
+
+    def _linear_step(self, states: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``M_t`` (or ``M_t^T``) on rows; see the module docstring for the transposed momentum form."""
+        rule, size = self.rule, self.rule.param_dim
+        decay = rule.decay if rule.has_decay else None
+        if not rule.has_momentum:
+            theta = states
+            if self.uniform_lr is not None:
+                base = theta - self.uniform_lr * (decay * theta) if decay is not None else theta
+                return self._curvature_term(theta, base, -self.uniform_lr, transpose)
+            if transpose:  # M^T y = y - K^T (E y)
+                scaled = self.lr * theta
+                return theta - self._curvature_term(scaled, decay * scaled if decay is not None else None, 1.0, True)
+            change = self._curvature_term(theta, decay * theta if decay is not None else None, 1.0, False)
+            return theta - self.lr * change
+        theta, buffer = states[:, :size], states[:, size:]
+        mu = rule.momentum
+        if not transpose:
+            change = self._curvature_term(theta, decay * theta if decay is not None else None, 1.0, False)
+            new_buffer = mu * buffer + change
+            update = change + mu * new_buffer if rule.nesterov else new_buffer
+            return torch.cat([theta - self.lr * update, new_buffer], dim=1)
+        # Adjoint: x = (theta, buf) -> M^T y with y = (y_theta, y_buf).
+        scaled = self.lr * theta
+        z = buffer - (1 + mu) * scaled if rule.nesterov else buffer - scaled
+        new_theta = self._curvature_term(z, theta + decay * z if decay is not None else theta, 1.0, True)
+        new_buffer = mu * buffer - mu * mu * scaled if rule.nesterov else mu * z
+        return torch.cat([new_theta, new_buffer], dim=1)
+
+    def apply(self, states: torch.Tensor) -> torch.Tensor:
+        return self._linear_step(states, transpose=False)
+
+    def apply_adjoint(self, states: torch.Tensor) -> torch.Tensor:
+        return self._linear_step(states, transpose=True)
+
     def _move(self, states: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
         rule, size = self.rule, self.rule.param_dim
         theta = states[:, :size]
@@ -68,10 +121,6 @@ class SGDStep(StepOps):
         buffer = rule.momentum * states[:, size:] + change
         update = change + rule.momentum * buffer if rule.nesterov else buffer
         return torch.cat([theta - self.lr * update, buffer], dim=1)
-
-    def apply(self, states: torch.Tensor) -> torch.Tensor:
-        theta = states[:, : self.rule.param_dim]
-        return self._move(states, self._shared_clip(self.batch.hvp(theta)) + self.rule.decay * theta)
 
     def occurrence(self, states, row_owner, rows, coefficient) -> torch.Tensor:
         theta = states[:, : self.rule.param_dim]
@@ -95,7 +144,9 @@ class SGDStep(StepOps):
                 self._clip, (gradient.contiguous(), batch_hvp), (-removed_grad, -removed_hvp)
             )
             change = shared + c * d_transition + d_injection
-        return self._move(states, change + self.rule.decay * theta)
+        if self.rule.has_decay:
+            change = change + self.rule.decay * theta
+        return self._move(states, change)
 
 
 class SGDRule(UpdateRule):
@@ -113,6 +164,7 @@ class SGDRule(UpdateRule):
         curvature = problem.curvature
         self.param_dim = curvature.dim
         self.decay = curvature.expand(problem.optimizer.per_parameter("weight_decay"))
+        self.has_decay = bool((self.decay != 0).any())
         self.momentum = curvature.expand(problem.optimizer.per_parameter("momentum"))
         self.has_momentum = bool((self.momentum != 0).any())
         self.nesterov = bool(problem.optimizer.uniform("nesterov")) if self.has_momentum else False

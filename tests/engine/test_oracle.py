@@ -164,3 +164,22 @@ def test_closed_form_linear_head_equals_torch_func():
         named_functional = b.curvature.unflatten(functional)
         for name in ("weight", "bias"):
             torch.testing.assert_close(named_linear[name], named_functional[name], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+@pytest.mark.parametrize("per_parameter_lr", [False, True])
+def test_hand_written_adjoint_is_the_transpose(momentum, nesterov, per_parameter_lr):
+    """The explicit ``M_t^T`` equals the VJP of ``M_t`` (clipping active, decay on)."""
+    problem = make_problem(momentum=momentum, nesterov=nesterov)
+    if per_parameter_lr:  # two groups with different learning rates
+        from dataclasses import replace
+
+        problem.optimizer.groups.append(replace(problem.optimizer.groups[0], index=1, weight_decay=0.0))
+        problem.optimizer.group_of = {name: int(name.endswith("bias")) for name in problem.optimizer.group_of}
+        problem.trajectory.lr = torch.cat([problem.trajectory.lr, 0.3 * problem.trajectory.lr], 1)
+    rule, _ = make_rule(problem, "acc-sgd-ie", "exact")
+    vectors = torch.randn(5, rule.state_dim, dtype=torch.float64)
+    for step in range(problem.trajectory.num_steps):
+        ops = rule.at_step(step)
+        generic = super(type(ops), ops).apply_adjoint(vectors)
+        torch.testing.assert_close(ops.apply_adjoint(vectors), generic, rtol=1e-12, atol=1e-14)

@@ -1,0 +1,193 @@
+"""Engine benchmarks, side by side in one run (DESIGN.md section 6; issue 8, item 8).
+
+    python scripts/bench_engine.py [--sizes 1000 10000 100000] [--dtype float32] [--quick]
+
+1. the engine against a naive per-sample oracle (autograd HVPs, one sample at a time, as the paper's
+   code does) on a 768-wide linear head at N = 2000: ratio and the largest score difference;
+2. propagator form against the sweep as N grows (linear head, d = 768, C = 2, batch 32, 3 epochs,
+   ACC-SGD-IE); sweeps too long to run whole are timed on their first steps and extrapolated
+   (marked "est.");
+3. ACC-SGD-IE against SGD-IE, randomized (p = 0.5) and stage-limited (first epoch) corrections;
+4. achieved GFLOP/s of the per-step transition against a plain ``torch.matmul`` of the same shape.
+
+The machine is printed first. Every figure comes from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+from torch import nn
+
+from hf_accinf.engine import CorrectionPolicy, estimate_influence
+from hf_accinf.engine.estimator import make_rule
+from hf_accinf.engine.plan import build_plan
+from hf_accinf.engine.sweep import sweep
+from hf_accinf.evaluation.retrain import train_sgd
+from hf_accinf.problem import InfluenceProblem, make_curvature
+
+WIDTH, CLASSES, BATCH, EPOCHS, LR = 768, 2, 32, 3, 0.05
+
+
+def linear_head_problem(num_samples: int, dtype: torch.dtype, seed: int = 0) -> InfluenceProblem:
+    """A linear head on ``WIDTH``-wide features trained with SGD (labels from a noisy linear teacher)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(num_samples, WIDTH, generator=generator, dtype=dtype) / WIDTH**0.5
+    teacher = torch.randn(WIDTH, CLASSES, generator=generator, dtype=dtype) * 3
+    labels = (features @ teacher + 0.5 * torch.randn(num_samples, CLASSES, generator=generator, dtype=dtype)).argmax(1)
+    batches = [b for _ in range(EPOCHS) for b in torch.randperm(num_samples, generator=generator).split(BATCH)]
+    torch.manual_seed(seed)
+    head = nn.Linear(WIDTH, CLASSES).to(dtype)
+    trajectory, spec = train_sgd(head, features, labels, batches, [LR] * len(batches))
+    curvature = make_curvature(trajectory, head, ["weight", "bias"], 0.0, dtype, "cpu")
+    return InfluenceProblem(trajectory, curvature, spec, num_samples)
+
+
+def naive_scores(problem: InfluenceProblem, samples: range, objective: torch.Tensor) -> torch.Tensor:
+    """ACC-SGD-IE one sample at a time with autograd HVPs (plain SGD, no clipping, as the paper's code)."""
+    trajectory = problem.trajectory
+    scores = []
+    for j in samples:
+        delta = torch.zeros(problem.curvature.dim, dtype=objective.dtype)
+        for t in range(trajectory.num_steps):
+            rows = trajectory.rows_of(t)
+            x = trajectory.head_input[rows].to(objective.dtype)
+            y = trajectory.labels[rows]
+            weight = trajectory.params["weight"][t].to(objective.dtype).clone().requires_grad_(True)
+            bias = trajectory.params["bias"][t].to(objective.dtype).clone().requires_grad_(True)
+            losses = nn.functional.cross_entropy(x @ weight.T + bias, y, reduction="none")
+            mine = trajectory.batch(t) == j
+            batch_weights = trajectory.row_weight[rows].to(objective.dtype)
+            direction = delta.view(CLASSES, WIDTH + 1)
+            grads = torch.autograd.grad((batch_weights * losses).sum(), (weight, bias), create_graph=True)
+            dot = (grads[0] * direction[:, :WIDTH]).sum() + grads[1] @ direction[:, WIDTH]
+            hvp = torch.autograd.grad(dot, (weight, bias), retain_graph=True)
+            change = torch.cat([hvp[0], hvp[1][:, None]], 1).flatten()
+            if mine.any():
+                own_weight = batch_weights[mine].sum()
+                own = torch.autograd.grad(losses[mine][0], (weight, bias), create_graph=True)
+                own_dot = (own[0] * direction[:, :WIDTH]).sum() + own[1] @ direction[:, WIDTH]
+                own_hvp = torch.autograd.grad(own_dot, (weight, bias))
+                own_grad = torch.cat([own[0].detach(), own[1].detach()[:, None]], 1).flatten()
+                change = change - own_weight * (torch.cat([own_hvp[0], own_hvp[1][:, None]], 1).flatten() + own_grad)
+            delta = (delta - float(trajectory.lr[t, 0]) * change).detach()
+        scores.append(delta @ objective)
+    return torch.stack(scores)
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def bench_oracle(dtype: torch.dtype, oracle_samples: int) -> None:
+    problem = linear_head_problem(2000, torch.float64)
+    objective = torch.randn(problem.curvature.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    result, engine_seconds = timed(estimate_influence, problem, "acc-sgd-ie", progress=False)
+    engine_scores = result.embeddings @ objective
+    naive, naive_seconds = timed(naive_scores, problem, range(oracle_samples), objective)
+    naive_total = naive_seconds * 2000 / oracle_samples
+    difference = (naive - engine_scores[:oracle_samples]).abs().max() / engine_scores.abs().max()
+    print("\n### 1. Engine vs naive per-sample oracle (ACC-SGD-IE, N = 2000, linear head 768 x 2, float64)\n")
+    print("| | seconds | ratio |\n|---|---|---|")
+    print(f"| naive per-sample loop (timed on {oracle_samples} samples, x {2000 // oracle_samples}) | {naive_total:.1f} est. | 1 |")
+    print(f"| engine ({result.schedule}) | {engine_seconds:.2f} | {naive_total / engine_seconds:.0f}x faster |")
+    print(f"\nlargest score difference on the timed samples: {difference:.1e} of the largest score")
+
+
+def bench_schedules(sizes: list[int], dtype: torch.dtype, sweep_budget_steps: int) -> None:
+    print(f"\n### 2. Propagator vs sweep (ACC-SGD-IE, linear head {WIDTH} x {CLASSES}, batch {BATCH}, "
+          f"{EPOCHS} epochs, {str(dtype).replace('torch.', '')})\n")
+    print("| N | steps | sweep (s) | propagator (s) | propagator speed-up | auto picks |\n|---|---|---|---|---|---|")
+    for size in sizes:
+        problem = linear_head_problem(size, dtype)
+        steps = problem.trajectory.num_steps
+        propagated, propagator_seconds = timed(estimate_influence, problem, "acc-sgd-ie", schedule="propagator", progress=False)
+        rule, _ = make_rule(problem, "acc-sgd-ie", "exact")
+        plan = build_plan(problem.trajectory, 0, size)
+        if steps <= sweep_budget_steps:
+            swept, sweep_seconds = timed(estimate_influence, problem, "acc-sgd-ie", schedule="sweep", progress=False)
+            sweep_text = f"{sweep_seconds:.1f}"
+            gap = (swept.embeddings - propagated.embeddings).abs().max() / swept.embeddings.abs().max()
+            sweep_text += f" (max rel. diff {gap:.0e})"
+        else:
+            plan.steps = plan.steps[:sweep_budget_steps]
+            _, partial = timed(sweep, rule, plan, CorrectionPolicy("all"), problem.trajectory.epoch, dtype, "cpu")
+            sweep_seconds = partial * steps / sweep_budget_steps
+            sweep_text = f"{sweep_seconds:.0f} est. ({sweep_budget_steps} steps timed)"
+        auto = estimate_influence.__globals__["choose_schedule"](build_plan(problem.trajectory, 0, size), size, rule.state_dim)[0]
+        print(f"| {size} | {steps} | {sweep_text} | {propagator_seconds:.1f} | {sweep_seconds / propagator_seconds:.1f}x | {auto} |")
+
+
+def bench_policies(size: int, dtype: torch.dtype) -> None:
+    problem = linear_head_problem(size, dtype)
+    steps_per_epoch = -(-size // BATCH)
+    print(f"\n### 3. Method and correction-policy cost (N = {size}, propagator, {str(dtype).replace('torch.', '')})\n")
+    print("| method | seconds | relative to SGD-IE |\n|---|---|---|")
+    runs = [
+        ("SGD-IE", "sgd-ie", None),
+        ("ACC-SGD-IE (every occurrence)", "acc-sgd-ie", CorrectionPolicy("all")),
+        ("ACC-SGD-IE randomized p = 0.5", "acc-sgd-ie", CorrectionPolicy("random", p=0.5)),
+        ("ACC-SGD-IE stage-limited to epoch 1", "acc-sgd-ie", CorrectionPolicy("stage", stages=[(0, steps_per_epoch)])),
+    ]
+    base = None
+    for name, method, policy in runs:
+        _, seconds = timed(estimate_influence, problem, method, policy=policy, schedule="propagator", progress=False)
+        base = base or seconds
+        print(f"| {name} | {seconds:.2f} | {seconds / base:.2f} |")
+
+
+def bench_flops(dtype: torch.dtype, repeats: int = 30) -> None:
+    problem = linear_head_problem(4096, dtype)
+    rule, _ = make_rule(problem, "acc-sgd-ie", "exact")
+    size = rule.state_dim
+    block = torch.randn(size, size, dtype=dtype)
+    ops = [rule.at_step(t) for t in range(repeats)]
+    for op in ops[:3]:
+        op.apply(block)
+    start = time.perf_counter()
+    for op in ops:
+        op.apply(block)
+    transition = (time.perf_counter() - start) / repeats
+    flops = 2 * 2 * size * CLASSES * (WIDTH + 1) * BATCH  # two GEMMs (S C x d) by (d x b)
+    left = torch.randn(size * CLASSES, WIDTH + 1, dtype=dtype)
+    right = torch.randn(WIDTH + 1, BATCH, dtype=dtype)
+    for _ in range(3):
+        left @ right
+    start = time.perf_counter()
+    for _ in range(repeats):
+        left @ right
+    matmul = (time.perf_counter() - start) / repeats
+    matmul_rate, transition_rate = 2 * left.shape[0] * left.shape[1] * BATCH / matmul / 1e9, flops / transition / 1e9
+    print(f"\n### 4. Per-step transition M_t on S = {size} vectors ({str(dtype).replace('torch.', '')})\n")
+    print("| | ms | GFLOP/s |\n|---|---|---|")
+    print(f"| torch.matmul ({size * CLASSES} x {WIDTH + 1}) @ ({WIDTH + 1} x {BATCH}) | {1e3 * matmul:.2f} | {matmul_rate:.1f} |")
+    print(f"| transition (two such GEMMs + curvature, clipping, momentum) | {1e3 * transition:.2f} | {transition_rate:.1f} "
+          f"({100 * transition_rate / matmul_rate:.0f}% of matmul) |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--oracle-samples", type=int, default=20)
+    parser.add_argument("--sweep-budget-steps", type=int, default=1000)
+    parser.add_argument("--policy-size", type=int, default=10000)
+    options = parser.parse_args()
+    dtype = getattr(torch, options.dtype)
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}")
+    bench_oracle(dtype, options.oracle_samples)
+    bench_schedules(options.sizes, dtype, options.sweep_budget_steps)
+    bench_policies(options.policy_size, dtype)
+    bench_flops(dtype)
+
+
+if __name__ == "__main__":
+    main()
