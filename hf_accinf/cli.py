@@ -57,7 +57,8 @@ def train(argv: list[str]) -> Path:
     from .recording import AccInfTrainer
 
     job, recording = _parse(HfArgumentParser((TrainJobArguments, RecordingArguments)), argv)
-    recording.run_dir = recording.run_dir or str(Path(job.output_dir) / "accinf")
+    if recording.run_dir is None:  # the job's own directory: a rerun replaces it
+        recording.run_dir, recording.overwrite = str(Path(job.output_dir) / "accinf"), True
     args = TrainingArguments(
         output_dir=job.output_dir, num_train_epochs=job.num_train_epochs,
         per_device_train_batch_size=job.per_device_train_batch_size, learning_rate=job.learning_rate,

@@ -74,6 +74,23 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
     return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column)
 
 
+def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None, collate_fn=None,
+                       modules: list[str] | None = None) -> torch.Tensor:
+    """``(test rows, training rows)``: the predicted change of each test example's loss without each training
+    row, ``grad l_v(theta_T) . Delta^j_T``, from saved embeddings: no replay of the trajectory."""
+    from safetensors.torch import load_file
+
+    run = RunReader(run_dir)
+    embeddings_path = Path(scores_dir or Path(run_dir) / "scores") / "embeddings.safetensors"
+    if not embeddings_path.is_file():
+        raise AccInfError(f"No embeddings at {embeddings_path}: run `hf-accinf score --run_dir {run_dir}` first.")
+    problem = problem_from_run(run, modules=modules)
+    embeddings = problem.curvature.flatten_named(load_file(embeddings_path))
+    inputs, labels = head_inputs(run.build_model(), run.manifest.head.module, test_dataset, collate_fn=collate_fn)
+    gradients = problem.curvature.example_grads(run.head_parameters_at(run.num_steps), inputs, labels)
+    return gradients @ embeddings.to(gradients.dtype).T
+
+
 def _write(output_dir: Path, args: ScoreArguments, result, scores, embeddings, train_dataset, column: str) -> None:
     metadata = {"method": args.method, "removal": args.removal, "schedule": result.schedule, "run_dir": str(args.run_dir)}
     write_atomic(output_dir / "embeddings.safetensors", lambda tmp: save_file(embeddings, tmp, metadata=metadata))

@@ -65,6 +65,10 @@ class HeadCurvature(ABC):
         return flat
 
     @abstractmethod
+    def example_grads(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-example loss gradients (V, P) at head parameters ``params``."""
+
+    @abstractmethod
     def objective_grad(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Gradient (P,) of the mean loss over ``inputs``/``labels`` at head parameters ``params``."""
 

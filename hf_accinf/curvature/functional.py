@@ -92,6 +92,12 @@ class FunctionalHeadCurvature(HeadCurvature):
         return torch.cat([torch.full((size,), float(per_parameter[name]), dtype=self.dtype, device=self.device)
                           for name, size in zip(self.chosen, self.sizes)])
 
+    def example_grads(self, params, inputs, labels) -> torch.Tensor:
+        inputs = inputs.to(self.device, self.dtype)
+        weights = torch.ones(len(inputs), dtype=self.dtype, device=self.device)
+        batch = self._batch(params, inputs, labels.to(self.device), weights)
+        return batch.row_grads(torch.arange(len(inputs), device=self.device))
+
     def objective_grad(self, params, inputs, labels) -> torch.Tensor:
         inputs = inputs.to(self.device, self.dtype)
         weights = torch.full((len(inputs),), 1.0 / len(inputs), dtype=self.dtype, device=self.device)

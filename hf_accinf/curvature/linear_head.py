@@ -114,6 +114,12 @@ class LinearHeadCurvature(HeadCurvature):
             named["bias"] = grid[..., -1]
         return named
 
+    def example_grads(self, params, inputs, labels) -> torch.Tensor:
+        inputs = inputs.to(self.device, self.dtype).flatten(1)
+        weights = torch.ones(len(inputs), dtype=self.dtype, device=self.device)
+        batch = self._batch(params, inputs, labels.to(self.device), weights)
+        return batch.row_grads(torch.arange(len(inputs), device=self.device))
+
     def objective_grad(self, params, inputs, labels) -> torch.Tensor:
         inputs = inputs.to(self.device, self.dtype).flatten(1)
         weights = torch.full((len(inputs),), 1.0 / len(inputs), dtype=self.dtype, device=self.device)

@@ -14,7 +14,7 @@ from hf_accinf.data.features import head_inputs
 from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_bert
 from hf_accinf.engine.objective import scores_from_embeddings
 from hf_accinf.problem import problem_from_run
-from hf_accinf.scoring import score_run
+from hf_accinf.scoring import attribution_matrix, score_run
 from tests.conftest import record_run
 
 
@@ -81,3 +81,12 @@ def test_sgd_methods_refuse_an_adamw_run(tmp_run):
 def test_unknown_method_is_refused(quickstart):
     with pytest.raises(AccInfError, match="Unknown method 'acc-sdg-ie'"):
         score_run(ScoreArguments(run_dir=str(quickstart), method="acc-sdg-ie"), digits_dataset(96), digits_dataset(10, offset=96))
+
+
+def test_attribution_matrix_averages_to_the_scores(quickstart):
+    """Per-test-example attributions from saved embeddings; their mean over the test set is the score."""
+    test = digits_dataset(400, seed=0, offset=96)
+    matrix = attribution_matrix(str(quickstart), test)
+    scores = load_file(quickstart / "scores" / "scores.safetensors")["scores"]
+    assert matrix.shape == (400, 96)
+    torch.testing.assert_close(matrix.mean(0), scores, rtol=1e-9, atol=1e-15)
