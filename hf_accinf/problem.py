@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +67,6 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
     manifest = run.manifest
     chosen = list(manifest.head.chosen)
     if modules:
-        import fnmatch
-
         chosen = [name for name in chosen if any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in modules)]
         if not chosen:
             raise AccInfError(f"No recorded chosen parameter matches {modules}; recorded: {manifest.head.chosen}.")

