@@ -10,6 +10,10 @@ Per window ``[a, z)`` (each sample at most once), with boundary states ``w_j`` (
 
 Each step's operators are built once in the forward pass and reused backward. Only the ``b`` rows
 of a step are touched per step; the ``S x S`` products are shared by all samples of the shard.
+
+Windows without any correction (SGD-IE, the classical part of stage-limited or sparse randomized
+ACC) skip the forward pass: there an occurrence is ``M_t d + iota_j`` (the method's classical twin),
+so ``w_j <- F_z w_j + G_t iota_j``, and the backward pass alone yields ``F_z = G_{a-1}``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ def propagate(rule: UpdateRule, plan: OccurrencePlan, policy: CorrectionPolicy, 
     identity = torch.eye(size, dtype=dtype, device=device)
     bar = tqdm(total=2 * plan.num_steps, desc="propagator", disable=not progress, leave=False)
     for start, stop in plan.windows:
+        coefficients = {
+            step: policy.coefficients(plan.steps[step].global_samples, step, int(epochs[step]), dtype)
+            for step in range(start, stop)
+            if len(plan.steps[step].samples)
+        }
+        if not any(bool(c.any()) for c in coefficients.values()):
+            _classical_window(rule, plan, states, start, stop, coefficients, identity, boundary_chunk)
+            bar.update(stop - start)
+            continue
         forward = identity.clone()
         occurred = torch.zeros(plan.size, dtype=torch.bool, device=device)
         operators = []
@@ -39,8 +52,8 @@ def propagate(rule: UpdateRule, plan: OccurrencePlan, policy: CorrectionPolicy, 
             occurrences = plan.steps[step]
             if len(occurrences.samples):
                 samples = occurrences.samples
-                c = policy.coefficients(occurrences.global_samples, step, int(epochs[step]), dtype)
-                states[samples] = ops.occurrence(states[samples] @ forward, occurrences.row_owner, occurrences.rows, c)
+                states[samples] = ops.occurrence(states[samples] @ forward, occurrences.row_owner, occurrences.rows,
+                                                 coefficients[step])
                 occurred[samples] = True
             forward = ops.apply(forward)
             bar.update()
@@ -58,3 +71,20 @@ def propagate(rule: UpdateRule, plan: OccurrencePlan, policy: CorrectionPolicy, 
             bar.update()
     bar.close()
     return states
+
+
+def _classical_window(rule: UpdateRule, plan: OccurrencePlan, states: torch.Tensor, start: int, stop: int,
+                      coefficients: dict, identity: torch.Tensor, boundary_chunk: int) -> None:
+    """One backward pass: ``w_j <- F_z w_j + G_t iota_j`` for every sample, in place."""
+    backward = identity.clone()
+    injected = torch.zeros_like(states)
+    for step in reversed(range(start, stop)):
+        ops = rule.at_step(step)
+        occurrences = plan.steps[step]
+        if len(occurrences.samples):
+            zero = torch.zeros(len(occurrences.samples), rule.state_dim, dtype=states.dtype, device=states.device)
+            iota = ops.occurrence(zero, occurrences.row_owner, occurrences.rows, coefficients[step])
+            injected[occurrences.samples] = iota @ backward.T
+        backward = ops.apply_adjoint(backward)
+    for lo in range(0, len(states), boundary_chunk):
+        states[lo : lo + boundary_chunk] = states[lo : lo + boundary_chunk] @ backward.T + injected[lo : lo + boundary_chunk]

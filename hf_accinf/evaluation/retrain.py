@@ -5,7 +5,8 @@ as the HF Trainer does it) and records the run as a :class:`~hf_accinf.trajector
 head is the whole model. :func:`leave_one_out_sgd` retrains it without each chosen sample, with the
 identical batch order, initial weights, learning rates, clipping and divisor (DESIGN.md section 2),
 vectorized over counterfactuals with ``torch.func.vmap``; parameters outside ``chosen`` follow their
-recorded trajectory ("chosen modules only" retraining).
+recorded trajectory ("chosen modules only" retraining). :func:`retrain_sgd_without` does the same for
+removed sets of samples (one keep-mask row per counterfactual), as data cleansing needs.
 """
 
 from __future__ import annotations
@@ -84,6 +85,28 @@ def leave_one_out_sgd(model: nn.Module, trajectory: Trajectory, optimizer: Optim
                       labels: torch.Tensor, samples: torch.Tensor, chosen: list[str] | None = None,
                       chunk: int = 256) -> dict[str, torch.Tensor]:
     """Final chosen parameters of the run retrained without each sample in ``samples`` (K,): dict of (K, ...)."""
+    def keep_of(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        keep = torch.ones(len(block), len(features), dtype=dtype)
+        keep[torch.arange(len(block)), block] = 0
+        return keep
+
+    return _retrain_sgd(model, trajectory, optimizer, features, labels, len(samples),
+                        lambda lo, hi, dtype: keep_of(samples[lo:hi], dtype), chosen, chunk)
+
+
+def retrain_sgd_without(model: nn.Module, trajectory: Trajectory, optimizer: OptimizerSpec, features: torch.Tensor,
+                        labels: torch.Tensor, keep: torch.Tensor, chosen: list[str] | None = None,
+                        chunk: int = 256) -> dict[str, torch.Tensor]:
+    """Final chosen parameters of the run retrained once per row of ``keep`` (K, N): each row's 0 entries
+    are removed sets of samples (or any per-sample loss weights), same batches, order and divisor."""
+    return _retrain_sgd(model, trajectory, optimizer, features, labels, len(keep),
+                        lambda lo, hi, dtype: keep[lo:hi].to(dtype), chosen, chunk)
+
+
+def _retrain_sgd(model: nn.Module, trajectory: Trajectory, optimizer: OptimizerSpec, features: torch.Tensor,
+                 labels: torch.Tensor, count_all: int, keep_block, chosen: list[str] | None,
+                 chunk: int) -> dict[str, torch.Tensor]:
+    """Counterfactual runs in chunks; ``keep_block(lo, hi, dtype)`` gives the (hi - lo, N) row weights."""
     names = [name for name, _ in model.named_parameters()]
     chosen = list(chosen or names)
     group = optimizer.groups[0]
@@ -115,13 +138,11 @@ def leave_one_out_sgd(model: nn.Module, trajectory: Trajectory, optimizer: Optim
         return new_params, new_buffers
 
     results = []
-    for lo in range(0, len(samples), chunk):
-        block = samples[lo : lo + chunk]
-        count = len(block)
+    for lo in range(0, count_all, chunk):
+        count = min(chunk, count_all - lo)
         params = {n: trajectory.params[n][0].expand(count, *trajectory.params[n].shape[1:]).clone() for n in chosen}
         buffers = {n: torch.zeros_like(v) for n, v in params.items()}
-        keep = torch.ones(count, len(features), dtype=params[chosen[0]].dtype)
-        keep[torch.arange(count), block] = 0
+        keep = keep_block(lo, lo + count, params[chosen[0]].dtype)
         for step in range(trajectory.num_steps):
             rows = trajectory.batch(step)
             fixed = {n: trajectory.params[n][step] for n in names if n not in chosen}

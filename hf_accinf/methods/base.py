@@ -29,7 +29,10 @@ class StepOps(ABC):
     def occurrence(self, states: torch.Tensor, row_owner: torch.Tensor, rows: torch.Tensor,
                    coefficient: torch.Tensor) -> torch.Tensor:
         """The step for ``m`` occurring samples: ``states`` (m, S); batch row ``rows[k]`` belongs to sample
-        ``row_owner[k]`` (an index into the m samples); ``coefficient`` (m,) is each sample's ``c_t``."""
+        ``row_owner[k]`` (an index into the m samples); ``coefficient`` (m,) is each sample's ``c_t``.
+
+        With ``c_t = 0`` (the classical twin) it must be ``apply(states) + occurrence(0)``: the
+        propagator then skips the forward pass of windows without corrections."""
 
     def apply_adjoint(self, states: torch.Tensor) -> torch.Tensor:
         """``M_t^T`` applied to each row of ``states``."""
