@@ -75,7 +75,8 @@ def load_values(source: str) -> np.ndarray:
         import pandas as pd
 
         has_header = name is not None
-        frame = pd.read_csv(path, sep=None, engine="python", header=0 if has_header else None)
+        separator = {".csv": ",", ".tsv": "\t"}.get(suffix, r"\s+")
+        frame = pd.read_csv(path, sep=separator, header=0 if has_header else None)
         column = name if has_header else _only(list(frame.columns), "columns", path)
         return frame[column].to_numpy(np.float64)
     raise AccInfError(f"Cannot read scores from {path}: use .safetensors, .npy, .pt, .csv/.txt or a saved dataset.")

@@ -20,6 +20,11 @@ Linearized, a state ``(Delta_theta[, Delta_buf])`` moves by a gradient-space cha
     ``k = clip(G, H_B D) + c d/de[clip(G_e, H_e D)] + d/de[a(G_e) G_e]`` at ``e = 0`` (a ``torch.func.jvp``);
   ``c = 1`` is ACC-SGD-IE (the paper's eq. 6-9), ``c = 0`` SGD-IE. Without clipping both removals are
   section 3's ``k = H_B D - c sum w_r H_r D - sum w_r g_r + lam D``.
+
+The adjoint (the propagator's backward pass) is written out: with ``K = clip(G, H_B .) + lam`` and the
+symmetric clip map, ``K^T z = H_B clip(G, z) + lam z``; plain SGD ``M^T y = y - K^T (eta y)``; with
+momentum, for ``y = (y_theta, y_buf)`` and ``z = y_buf - eta y_theta`` (Nesterov: ``y_buf - (1 + mu) eta y_theta``),
+``M^T y = (y_theta + K^T z, mu z)`` (Nesterov: ``mu y_buf - mu^2 eta y_theta`` for the buffer).
 """
 
 from __future__ import annotations
@@ -43,11 +48,14 @@ class SGDStep(StepOps):
         self.uniform_lr = float(self.lr[0]) if bool((self.lr == self.lr[0]).all()) else None
         self.max_norm = problem.optimizer.max_grad_norm
         gradient = self.batch.batch_grad
-        self.rest = max(float(problem.trajectory.grad_norm[step]) ** 2 - float(gradient @ gradient), 0.0)
-        self.clip_coef = float(problem.trajectory.clip_coef[step]) if self.max_norm > 0 else 1.0
+        squared = float(gradient @ gradient)
+        self.rest = max(float(problem.trajectory.grad_norm[step]) ** 2 - squared, 0.0)
+        # a and n as _clip computes them, so that the shared step and the occurrences agree to the last bit
+        # (they equal the recorded ones unless float32 round-off made the chosen part exceed the recorded norm).
+        norm = (self.rest + squared) ** 0.5
+        self.clip_coef = min(1.0, self.max_norm / (norm + NORM_EPS)) if self.max_norm > 0 else 1.0
         self.clip_linear = self.clip_coef < 1.0
         if self.clip_linear:
-            norm = float(problem.trajectory.grad_norm[step])
             self.projection = 1.0 / (norm * (norm + NORM_EPS))
             self.curved_gradient = self.batch.hvp(gradient[None])[0]  # H_B G, for the clip map's rank-one term
 
@@ -60,11 +68,6 @@ class SGDStep(StepOps):
         active = (clip < 1).to(norm.dtype)
         dots = (gradient * vectors).sum(-1) * active / (norm * (norm + NORM_EPS))
         return clip[:, None] * (vectors - gradient * dots[:, None]), clip[:, None] * gradient
-
-    def _shared_clip(self, vectors: torch.Tensor) -> torch.Tensor:
-        if not self.clip_linear:
-            return vectors
-        return self._clip(self.batch.batch_grad.expand_as(vectors), vectors)[0]
 
     def _curvature_term(self, theta: torch.Tensor, base: torch.Tensor | None, scale: float, transpose: bool) -> torch.Tensor:
         """``base + scale clip(G, H_B theta)``, or with the transposed clip map ``H_B clip(G, .)``.
@@ -80,7 +83,7 @@ class SGDStep(StepOps):
         return result
 
     def _linear_step(self, states: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """``M_t`` (or ``M_t^T``) on rows; see the module docstring for the transposed momentum form."""
+        """``M_t`` (or ``M_t^T``, see the module docstring) applied to rows."""
         rule, size = self.rule, self.rule.param_dim
         decay = rule.decay if rule.has_decay else None
         if not rule.has_momentum:
@@ -91,15 +94,10 @@ class SGDStep(StepOps):
             if transpose:  # M^T y = y - K^T (E y)
                 scaled = self.lr * theta
                 return theta - self._curvature_term(scaled, decay * scaled if decay is not None else None, 1.0, True)
-            change = self._curvature_term(theta, decay * theta if decay is not None else None, 1.0, False)
-            return theta - self.lr * change
         theta, buffer = states[:, :size], states[:, size:]
-        mu = rule.momentum
         if not transpose:
-            change = self._curvature_term(theta, decay * theta if decay is not None else None, 1.0, False)
-            new_buffer = mu * buffer + change
-            update = change + mu * new_buffer if rule.nesterov else new_buffer
-            return torch.cat([theta - self.lr * update, new_buffer], dim=1)
+            return self._move(states, self._curvature_term(theta, decay * theta if decay is not None else None, 1.0, False))
+        mu = rule.momentum
         # Adjoint: x = (theta, buf) -> M^T y with y = (y_theta, y_buf).
         scaled = self.lr * theta
         z = buffer - (1 + mu) * scaled if rule.nesterov else buffer - scaled
