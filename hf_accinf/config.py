@@ -55,6 +55,12 @@ class ScoreArguments:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        if (self.stage_steps or self.stage_epochs) and self.correction != "stage":
+            raise ValueError("stage_steps/stage_epochs need correction='stage'.")
+        if self.correction_p != 1.0 and self.correction != "random":
+            raise ValueError("correction_p needs correction='random'.")
+        if self.method == "sgd-ie" and self.correction != "all":
+            raise ValueError("sgd-ie applies no correction; correction policies belong to acc-sgd-ie.")
 
     def windows(self, values: list[str] | None) -> list[tuple[int, int]]:
         result = []

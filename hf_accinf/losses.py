@@ -23,3 +23,9 @@ def target_distribution(labels: torch.Tensor, num_classes: int, label_smoothing:
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-row cross-entropy ``-sum_c t_c log softmax(z)_c``."""
     return -(target * torch.log_softmax(logits, dim=-1)).sum(-1)
+
+
+def mean_weights(labels: torch.Tensor, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """Row weights of the mean loss over the rows the loss does not ignore (label -100 gets weight 0)."""
+    valid = (labels >= 0).to(dtype)
+    return (valid / valid.sum().clamp(min=1)).to(device or labels.device)

@@ -25,7 +25,7 @@ from torch import nn
 
 from hf_accinf.engine import CorrectionPolicy, estimate_influence
 from hf_accinf.engine.estimator import make_rule
-from hf_accinf.engine.plan import build_plan
+from hf_accinf.engine.plan import build_plan, choose_schedule
 from hf_accinf.engine.sweep import sweep
 from hf_accinf.evaluation.retrain import train_sgd
 from hf_accinf.problem import InfluenceProblem, make_curvature
@@ -120,7 +120,7 @@ def bench_schedules(sizes: list[int], dtype: torch.dtype, sweep_budget_steps: in
             _, partial = timed(sweep, rule, plan, CorrectionPolicy("all"), problem.trajectory.epoch, dtype, "cpu")
             sweep_seconds = partial * steps / sweep_budget_steps
             sweep_text = f"{sweep_seconds:.0f} est. ({sweep_budget_steps} steps timed)"
-        auto = estimate_influence.__globals__["choose_schedule"](build_plan(problem.trajectory, 0, size), size, rule.state_dim)[0]
+        auto = choose_schedule(build_plan(problem.trajectory, 0, size), size, rule.state_dim, BATCH)[0]
         print(f"| {size} | {steps} | {sweep_text} | {propagator_seconds:.1f} | {sweep_seconds / propagator_seconds:.1f}x | {auto} |")
 
 

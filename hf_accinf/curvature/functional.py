@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from ..losses import cross_entropy_rows, target_distribution
+from ..losses import cross_entropy_rows, mean_weights, target_distribution
 from ..trajectory import Trajectory
 from .base import BatchCurvature, HeadCurvature
 
@@ -100,8 +100,7 @@ class FunctionalHeadCurvature(HeadCurvature):
 
     def objective_grad(self, params, inputs, labels) -> torch.Tensor:
         inputs = inputs.to(self.device, self.dtype)
-        weights = torch.full((len(inputs),), 1.0 / len(inputs), dtype=self.dtype, device=self.device)
-        return self._batch(params, inputs, labels.to(self.device), weights).batch_grad
+        return self._batch(params, inputs, labels.to(self.device), mean_weights(labels, self.dtype, self.device)).batch_grad
 
     def shifted_losses(self, params, shifts, inputs, labels) -> torch.Tensor:
         params = {name: value.to(self.device, self.dtype) for name, value in params.items()}
@@ -111,4 +110,5 @@ class FunctionalHeadCurvature(HeadCurvature):
         with torch.no_grad():
             num_classes = functional_call(self.head, params, (inputs[:1],)).shape[-1]
         target = self._targets(labels.to(self.device), num_classes)
-        return vmap(lambda shift: cross_entropy_rows(self.logits(point + shift, fixed, inputs), target).mean())(shifts)
+        weights = mean_weights(labels, self.dtype, self.device)
+        return vmap(lambda shift: cross_entropy_rows(self.logits(point + shift, fixed, inputs), target) @ weights)(shifts)

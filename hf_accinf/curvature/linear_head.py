@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import cross_entropy_rows, target_distribution
+from ..losses import cross_entropy_rows, mean_weights, target_distribution
 from ..trajectory import Trajectory
 from .base import BatchCurvature, HeadCurvature
 
@@ -89,7 +89,8 @@ class LinearHeadCurvature(HeadCurvature):
     def _batch(self, params, inputs, labels, weights) -> LinearBatch:
         probs = torch.softmax(self._logits(params, inputs), dim=-1)
         residual = probs - target_distribution(labels, self.num_classes, self.label_smoothing, self.dtype)
-        residual[labels < 0] = 0
+        ignored = labels < 0  # rows the loss ignores: no gradient, no curvature
+        residual[ignored], probs[ignored] = 0, 0
         return LinearBatch(self._augment(inputs), probs, residual, weights)
 
     def at_step(self, step: int) -> LinearBatch:
@@ -122,12 +123,11 @@ class LinearHeadCurvature(HeadCurvature):
 
     def objective_grad(self, params, inputs, labels) -> torch.Tensor:
         inputs = inputs.to(self.device, self.dtype).flatten(1)
-        weights = torch.full((len(inputs),), 1.0 / len(inputs), dtype=self.dtype, device=self.device)
-        return self._batch(params, inputs, labels.to(self.device), weights).batch_grad
+        return self._batch(params, inputs, labels.to(self.device), mean_weights(labels, self.dtype, self.device)).batch_grad
 
     def shifted_losses(self, params, shifts, inputs, labels) -> torch.Tensor:
         inputs = inputs.to(self.device, self.dtype).flatten(1)
         base = self._logits(params, inputs)  # (V, C)
         moved = torch.einsum("kcd,vd->kvc", shifts.reshape(len(shifts), self.num_classes, self.width), self._augment(inputs))
         target = target_distribution(labels.to(self.device), self.num_classes, self.label_smoothing, self.dtype)
-        return cross_entropy_rows(base + moved, target).mean(-1)
+        return cross_entropy_rows(base + moved, target) @ mean_weights(labels, self.dtype, self.device)

@@ -51,25 +51,32 @@ def estimate_influence(problem: InfluenceProblem, method: str = "acc-sgd-ie", re
     shard = shard or ShardContext.single()
     start, stop = shard.sample_range(problem.num_samples)
     dtype, device = problem.curvature.dtype, problem.curvature.device
-    plan = build_plan(problem.trajectory, start, stop, device)
-    choice, costs = choose_schedule(plan, stop - start, rule.state_dim)
+    trajectory = problem.trajectory
+    plan = build_plan(trajectory, start, stop, device)
+    mean_batch = float(trajectory.row_offsets[-1]) / max(trajectory.num_steps, 1)
+    choice, costs = choose_schedule(plan, stop - start, rule.state_dim, mean_batch)
     if schedule == "auto":
         schedule = choice
     elif schedule not in ("sweep", "propagator"):
         raise AccInfError(f"Unknown schedule '{schedule}': use auto, sweep or propagator.")
     logger.info("schedule %s (cost model prefers %s: %s)", schedule, choice, costs)
+    if problem.optimizer.max_grad_norm > 0 and bool((trajectory.clip_coef < 1).any()):
+        logger.info("clipped steps: the clip direction uses the chosen parameters' gradient, the rest of the "
+                    "recorded norm held fixed (DESIGN.md section 4)")
     bytes_per_state = rule.state_dim * torch.finfo(dtype).bits // 8
     chunk = max(1, int(memory_budget_gb * 2**30 / (3 * bytes_per_state)))
-    if schedule == "sweep" and chunk < plan.size:
-        logger.info("sweep states exceed %.1f GiB: %d chunks of %d samples", memory_budget_gb, -(-plan.size // chunk), chunk)
-    if schedule == "propagator" and plan.size * bytes_per_state > memory_budget_gb * 2**30:
-        logger.warning("propagator boundary states (%.1f GiB) exceed the memory budget", plan.size * bytes_per_state / 2**30)
+    if chunk < plan.size:
+        logger.info("per-sample states exceed %.1f GiB: %d chunks of %d samples, one pass each",
+                    memory_budget_gb, -(-plan.size // chunk), chunk)
     began = time.perf_counter()
     show = progress and shard.is_main
-    epochs = problem.trajectory.epoch
     if schedule == "sweep":
-        states = sweep(rule, plan, policy, epochs, dtype, device, chunk_size=chunk, progress=show)
+        states = sweep(rule, plan, policy, trajectory.epoch, dtype, device, chunk_size=chunk, progress=show)
     else:
-        states = propagate(rule, plan, policy, epochs, dtype, device, progress=show)
+        states = torch.cat([
+            propagate(rule, build_plan(trajectory, lo, min(stop, lo + chunk), device), policy, trajectory.epoch,
+                      dtype, device, progress=show)
+            for lo in range(start, stop, chunk)
+        ]) if chunk < plan.size else propagate(rule, plan, policy, trajectory.epoch, dtype, device, progress=show)
     embeddings = shard.gather_rows(rule.parameter_part(states).contiguous(), problem.num_samples)
     return InfluenceResult(embeddings, schedule, time.perf_counter() - began, costs)

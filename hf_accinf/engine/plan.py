@@ -58,15 +58,15 @@ def build_plan(trajectory: Trajectory, start: int, stop: int, device="cpu") -> O
     return OccurrencePlan(start, stop - start, steps, windows)
 
 
-def choose_schedule(plan: OccurrencePlan, num_samples: int, state_dim: int) -> tuple[str, dict]:
-    """``sweep`` or ``propagator`` by the cost model of DESIGN.md section 6a, in units of ``cost(M_t on one vector)``.
+def choose_schedule(plan: OccurrencePlan, num_samples: int, state_dim: int, batch_size: float) -> tuple[str, dict]:
+    """``sweep`` or ``propagator`` by the cost model of DESIGN.md section 6a, in units of ``cost_1``
+    (``M_t`` on one vector, about ``4 b S`` flops for a head whose curvature is two GEMMs).
 
-    Sweep: every step moves all N states. Propagator: per window, a forward and a backward product
-    on S vectors per step, plus ``2 N S`` vector-sized products at the boundary (``S^2`` each, counted
-    as ``S / cost_1`` vectors with ``cost_1 ~ S``: the same order as one transition).
+    Sweep: ``sum_w L_w N``. Propagator: ``sum_w (2 L_w S + 2 N S^2 / cost_1)``, the second term being
+    the boundary products ``w_j <- F w_j`` and the occurrence products.
     """
-    steps = plan.num_steps
-    sweep = steps * num_samples
-    propagator = sum(2 * (z - a) * state_dim + 2 * num_samples for a, z in plan.windows)
+    boundary = 2 * num_samples * state_dim / (4 * max(batch_size, 1.0))
+    sweep = plan.num_steps * num_samples
+    propagator = sum(2 * (z - a) * state_dim + boundary for a, z in plan.windows)
     choice = "propagator" if propagator < sweep else "sweep"
-    return choice, {"sweep_cost": sweep, "propagator_cost": propagator, "windows": len(plan.windows)}
+    return choice, {"sweep_cost": sweep, "propagator_cost": int(propagator), "windows": len(plan.windows)}

@@ -68,16 +68,3 @@ class CorrectionPolicy:
             return (uniform_coins(self.seed, samples.cpu(), step) < self.p).to(dtype).to(samples.device)
         inside = any(a <= step < b for a, b in self.stages) or any(a <= epoch < b for a, b in self.stage_epochs)
         return torch.full((len(samples),), float(inside), dtype=dtype, device=samples.device)
-
-    def last_corrected_step(self, num_steps: int, epochs: torch.Tensor) -> int:
-        """One past the last step where any correction may apply (``-1`` if none can)."""
-        if self.kind == "none" or (self.kind == "random" and self.p == 0):
-            return -1
-        if self.kind in ("all", "random"):
-            return num_steps
-        ends = [min(b, num_steps) for _, b in self.stages]
-        for a, b in self.stage_epochs:
-            steps = ((epochs >= a) & (epochs < b)).nonzero()
-            if len(steps):
-                ends.append(int(steps.max()) + 1)
-        return max(ends, default=-1)

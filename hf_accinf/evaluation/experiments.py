@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -109,7 +110,10 @@ def logreg_weight_decay(split: Split, seed: int) -> float:
     """``alpha = 1 / (C n)`` with ``C`` from 5-fold ``LogisticRegressionCV``, as the authors' code."""
     from sklearn.linear_model import LogisticRegressionCV
 
-    fitted = LogisticRegressionCV(cv=5, random_state=seed, max_iter=2000).fit(split.x_train.numpy(), split.y_train.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        fitted = LogisticRegressionCV(cv=5, random_state=seed, max_iter=2000).fit(split.x_train.numpy(),
+                                                                                  split.y_train.numpy())
     return float(1.0 / (fitted.C_[0] * len(split.y_train)))
 
 

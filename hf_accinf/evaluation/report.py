@@ -70,23 +70,27 @@ def regime_table(records: list[dict], model: str, noise_kind: str, kinds=("linea
                     row = ["lost"] + [f"{v:.4f}" for v in values] + ["—"]
                     lines.append(f"| *{level_name}* | *(paper)* | *{METHOD_NAMES[method]}* | *linear* | "
                                  + " | ".join(row) + " |")
-        lines.append(f"| *n = {len(cell)} seeds* | | | | " + " | " * (len(HEADERS) - 1) + " |")
+        lines.append(f"| *{len(cell)} seed{'s' if len(cell) > 1 else ''}* | | | | " + " | " * (len(HEADERS) - 1) + " |")
     return "\n".join(lines)
 
 
-def win_counts(records: list[dict], model: str) -> dict[str, dict[str, tuple[int, int]]]:
-    """Per score kind and metric: in how many (dataset, noise) cells ACC-SGD-IE's seed mean beats SGD-IE's."""
-    counts: dict[str, dict[str, tuple[int, int]]] = {}
+def win_counts(records: list[dict], model: str) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """Per score kind and metric, over (dataset, noise) cells: how often ACC-SGD-IE's seed mean beats, ties
+    (equal to 1e-9 relative) or loses to SGD-IE's."""
+    counts: dict[str, dict[str, tuple[int, int, int]]] = {}
     cells = {key: cell for key, cell in group(records).items() if key[0] == model}
     for kind in ("linear", "evaluated"):
         counts[kind] = {}
         for metric in METRICS + ("param err",):
-            wins = 0
+            wins = ties = 0
             for cell in cells.values():
                 acc = series(cell, "acc-sgd-ie", kind, metric).mean()
                 sgd = series(cell, "sgd-ie", kind, metric).mean()
-                wins += int(acc < sgd if metric in LOWER_IS_BETTER else acc > sgd)
-            counts[kind][metric] = (wins, len(cells))
+                if abs(acc - sgd) <= 1e-9 * max(abs(acc), abs(sgd)):
+                    ties += 1
+                else:
+                    wins += int(acc < sgd if metric in LOWER_IS_BETTER else acc > sgd)
+            counts[kind][metric] = (wins, ties, len(cells) - wins - ties)
     return counts
 
 
@@ -97,7 +101,7 @@ def wins_table(records: list[dict], models: dict[str, str]) -> str:
             continue
         for kind, counts in win_counts(records, model).items():
             metric_names = METRICS + ("param err",)
-            lines.append(f"| {name} | {kind} | " + " | ".join(f"{counts[m][0]}/{counts[m][1]}" for m in metric_names) + " |")
+            lines.append(f"| {name} | {kind} | " + " | ".join("–".join(map(str, counts[m])) for m in metric_names) + " |")
     return "\n".join(lines)
 
 

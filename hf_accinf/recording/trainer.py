@@ -109,6 +109,11 @@ class AccInfTrainer(Trainer):
         self.run_dir = Path(self.recording.run_dir or Path(self.args.output_dir) / "accinf")
         self.head_selection = select_head(self.model, self.recording.modules, self.recording.head)
         check_loss(self.model)
+        if self.args.fp16:
+            raise AccInfError(
+                "fp16 mixed precision is not supported by the recorder: its loss scaling and skipped steps are "
+                "not modelled. Train in float32 or with bf16=True."
+            )
         self.capture = HeadCapture(self.head_selection.head)
         self.resuming = False
         self.last_grad_norm: float = math.nan
@@ -368,6 +373,7 @@ class TrajectoryRecorder(TrainerCallback):
                 "seed": args.seed,
                 "data_seed": args.data_seed,
                 "dataloader_drop_last": args.dataloader_drop_last,
+                "label_smoothing": float(args.label_smoothing_factor),
                 "num_train_epochs": args.num_train_epochs,
                 "max_steps": args.max_steps,
                 "optim": str(args.optim),
@@ -379,6 +385,7 @@ class TrajectoryRecorder(TrainerCallback):
             dataset={
                 "length": len(dataset),
                 "fingerprint": getattr(dataset, "_fingerprint", None),
+                "content_hash": schema.content_hash(dataset),
                 "type": type(dataset).__name__,
             },
             libraries=_library_versions(),
@@ -389,8 +396,11 @@ class TrajectoryRecorder(TrainerCallback):
     def _check_same_run(existing: Manifest, new: Manifest) -> None:
         def identity(manifest: Manifest) -> dict:
             head = {k: v for k, v in manifest.head.__dict__.items() if k not in ("input_shape", "input_dtype")}
+            settings = ("max_grad_norm", "gradient_accumulation_steps", "per_device_train_batch_size", "world_size",
+                        "dataloader_drop_last", "label_smoothing")
             return {"model_class": manifest.model_class, "optimizer_class": manifest.optimizer_class,
-                    "dataset": manifest.dataset, "head": head}
+                    "dataset": {k: v for k, v in manifest.dataset.items() if k != "fingerprint"}, "head": head,
+                    "training settings": {k: manifest.training.get(k) for k in settings}}
 
         old, current = identity(existing), identity(new)
         for attribute in old:

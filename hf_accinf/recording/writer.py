@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import AccInfError
 from ..trajectory import schema
 from ..trajectory.schema import Manifest
 
@@ -31,6 +32,11 @@ class RunWriter:
 
     def truncate(self, step: int) -> None:
         """Forget everything recorded at or after ``step`` (resume from a Trainer checkpoint at ``step``)."""
+        if step > self.manifest.num_steps:
+            raise AccInfError(
+                f"Cannot resume at step {step}: the run directory holds only steps 0..{self.manifest.num_steps - 1} "
+                "(the recorder stopped before the Trainer checkpoint was complete). Resume from an earlier checkpoint."
+            )
         self.pending = [record for record in self.pending if int(record[schema.STEP]) < step]
         kept = []
         for start, stop in self.manifest.segments:

@@ -165,12 +165,12 @@ class RunReader:
                 f"The training dataset has {len(dataset)} rows but the run recorded {recorded['length']}. "
                 "Pass the exact dataset the run was trained on (same rows, same order)."
             )
-        fingerprint = getattr(dataset, "_fingerprint", None)
-        if recorded.get("fingerprint") and fingerprint and fingerprint != recorded["fingerprint"]:
-            raise AccInfError(
-                f"The training dataset's fingerprint {fingerprint} differs from the recorded {recorded['fingerprint']}: "
-                "it is not the dataset the run was trained on. Pass the same datasets.Dataset (same preprocessing)."
-            )
+        if recorded.get("content_hash") and getattr(dataset, "_fingerprint", None) != recorded.get("fingerprint"):
+            if schema.content_hash(dataset) != recorded["content_hash"]:
+                raise AccInfError(
+                    "The training dataset's rows differ from those the run was trained on (content hash "
+                    "mismatch). Pass the same datasets.Dataset, same rows in the same order and preprocessing."
+                )
 
     def build_model(self, step: int | None = None) -> torch.nn.Module:
         """The recorded model class from its config, with the weights of checkpoint ``step`` (default: final)."""
@@ -180,5 +180,5 @@ class RunReader:
         config = config_class.from_dict(self.manifest.model_config)
         model = model_class(config)
         state = self.load_checkpoint(self.num_steps if step is None else step)
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=True)
         return model.eval()

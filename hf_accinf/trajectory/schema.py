@@ -52,6 +52,24 @@ STATE_PREFIX = "state."
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 
+def content_hash(dataset) -> str | None:
+    """A hash of a ``datasets.Dataset``'s rows in order, stable across save/load, formats and fingerprints."""
+    if not hasattr(dataset, "with_format") or not hasattr(dataset, "iter"):
+        return None
+    import hashlib
+
+    import pyarrow as pa
+
+    digest = hashlib.sha256()
+    for batch in dataset.with_format("arrow").iter(batch_size=8192):
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.combine_chunks())
+        digest.update(sink.getvalue().to_pybytes())
+    return digest.hexdigest()
+
+
 def segment_name(start: int, stop: int) -> str:
     return f"steps-{start:08d}-{stop:08d}.safetensors"
 

@@ -64,7 +64,7 @@ def test_evaluate_reads_safetensors_npy_csv_and_a_saved_dataset(tmp_path, capsys
     truth, scores = rng.normal(size=50), rng.normal(size=50)
     save_file({"scores": torch.tensor(scores), "other": torch.zeros(50)}, str(tmp_path / "s.safetensors"))
     np.save(tmp_path / "t.npy", truth)
-    (tmp_path / "t.csv").write_text("truth\n" + "\n".join(map(repr, truth)))
+    (tmp_path / "t.csv").write_text("truth\n" + "\n".join(repr(float(v)) for v in truth))
     Dataset.from_dict({"text": ["x"] * 50, "influence_acc_sgd_ie": scores.tolist()}).save_to_disk(str(tmp_path / "ds"))
 
     expected = agreement(scores, truth)

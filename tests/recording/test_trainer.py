@@ -7,6 +7,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_accinf import AccInfError, AccInfTrainer, RecordingArguments, RunReader
+from hf_accinf.trajectory import schema
 from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_bert, tiny_vit
 from tests.conftest import record_run
 
@@ -133,6 +134,29 @@ def test_manifest_records_the_run(tmp_run):
     groups = manifest["head"]["param_groups"]
     assert manifest["param_groups"][groups["weight"]]["weight_decay"] == 0.01
     assert manifest["param_groups"][groups["bias"]]["weight_decay"] == 0.0
-    assert manifest["dataset"] == {"length": 24, "fingerprint": data._fingerprint, "type": "Dataset"}
+    assert manifest["dataset"]["length"] == 24 and manifest["dataset"]["fingerprint"] == data._fingerprint
+    reloaded = synthetic_text_dataset(24).with_format(None)  # same rows, another fingerprint and format
+    assert manifest["dataset"]["content_hash"] == schema.content_hash(reloaded)
+    assert manifest["dataset"]["content_hash"] != schema.content_hash(data.select(list(range(1, 24)) + [0]))
     assert manifest["checkpoints"] == [0, 2, 4, 6]
     assert manifest["training"]["world_size"] == 1 and manifest["libraries"]["transformers"]
+
+
+def test_resume_with_other_training_settings_is_refused(tmp_path):
+    data = synthetic_text_dataset(num_rows=24)
+    common = dict(save_strategy="steps", save_steps=2, output_dir=str(tmp_path / "out"))
+    record_run(tiny_bert(), data, tmp_path / "run", **common)
+    with pytest.raises(AccInfError, match="training settings differs"):
+        record_run(tiny_bert(), data, tmp_path / "run", resume=str(tmp_path / "out" / "checkpoint-2"),
+                   max_grad_norm=0.5, **common)
+
+
+def test_resume_past_the_recorded_steps_is_refused(tmp_path):
+    from hf_accinf.recording.writer import RunWriter
+    from hf_accinf.trajectory import schema
+
+    data = synthetic_text_dataset(num_rows=24)
+    record_run(tiny_bert(), data, tmp_path / "run")
+    manifest = schema.Manifest.from_dict(json.loads((tmp_path / "run" / "manifest.json").read_text()))
+    with pytest.raises(AccInfError, match="holds only steps 0..5"):
+        RunWriter(tmp_path / "run", manifest).truncate(7)

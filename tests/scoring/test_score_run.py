@@ -67,7 +67,7 @@ def test_evaluated_scores_agree_with_linear_ones_to_first_order(quickstart, back
 def test_other_training_data_is_refused_before_any_work(quickstart):
     with pytest.raises(AccInfError, match="has 95 rows but the run recorded 96"):
         score_run(ScoreArguments(run_dir=str(quickstart)), digits_dataset(95), digits_dataset(10, offset=96))
-    with pytest.raises(AccInfError, match="fingerprint"):
+    with pytest.raises(AccInfError, match="rows differ from those the run was trained on"):
         score_run(ScoreArguments(run_dir=str(quickstart)), digits_dataset(96, seed=1), digits_dataset(10, offset=96))
 
 
@@ -90,3 +90,21 @@ def test_attribution_matrix_averages_to_the_scores(quickstart):
     scores = load_file(quickstart / "scores" / "scores.safetensors")["scores"]
     assert matrix.shape == (400, 96)
     torch.testing.assert_close(matrix.mean(0), scores, rtol=1e-9, atol=1e-15)
+
+
+def test_cli_scores_datasets_saved_to_disk(quickstart, tmp_path):
+    """save_to_disk/load_from_disk changes a dataset's fingerprint but not its rows: the run accepts it."""
+    digits_dataset(96).save_to_disk(str(tmp_path / "train"))
+    digits_dataset(50, offset=96).save_to_disk(str(tmp_path / "eval"))
+    assert main(["score", "--run_dir", str(quickstart), "--train_data", str(tmp_path / "train"),
+                 "--eval_data", str(tmp_path / "eval"), "--output_dir", str(tmp_path / "scores")]) == 0
+    assert (tmp_path / "scores" / "scores.safetensors").is_file()
+
+
+def test_policy_options_without_their_policy_are_refused():
+    with pytest.raises(ValueError, match="need correction='stage'"):
+        ScoreArguments(stage_epochs=["0:1"])
+    with pytest.raises(ValueError, match="needs correction='random'"):
+        ScoreArguments(correction_p=0.5)
+    with pytest.raises(ValueError, match="sgd-ie applies no correction"):
+        ScoreArguments(method="sgd-ie", correction="random", correction_p=0.5)
