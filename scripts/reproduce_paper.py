@@ -215,15 +215,20 @@ def discussion_section(records: list[dict], tanh_records: list[dict], curves: di
         f"parameters are {1 / ratio('logreg'):.0f}x closer to the retrained ones on average (param err), and with the "
         f"evaluated score it wins Kendall in {wins['logreg']['evaluated']['kendall_tau'][0]} and RMSE in "
         f"{wins['logreg']['evaluated']['rmse'][0]} of {sum(wins['logreg']['evaluated']['rmse'])} cells.")
+    def rmse_ratio(model: str, kind: str, rs=records) -> float:
+        return (report.mean_over(rs, model, "acc-sgd-ie", kind, "rmse")
+                / report.mean_over(rs, model, "sgd-ie", kind, "rmse"))
+
     lines.append(
-        f"2. **With the paper's linear score the gap shrinks** (RMSE wins {wins['logreg']['linear']['rmse'][0]}, "
-        f"Kendall wins {wins['logreg']['linear']['kendall_tau'][0]} of {sum(wins['logreg']['linear']['rmse'])} "
-        "convex cells): `grad L_val . Delta` carries the "
-        "objective's own second-order error `Delta^T H_val Delta / 2`, the same for both estimators and, once ACC's "
-        "parameter error is small, larger than it. The linear score's RMSE then measures the objective's "
-        "linearization more than the estimator. This is why the tables report both score kinds; the paper reports "
-        "only the linear one, so its RMSE differences understate (or, in a cell, can invert) the estimators' "
-        "difference.")
+        f"2. **The paper's linear score hides most of the difference.** Mean RMSE, ACC-SGD-IE / SGD-IE, convex: "
+        f"{rmse_ratio('logreg', 'linear'):.2f} with the linear score against {rmse_ratio('logreg', 'evaluated'):.2f} "
+        f"with the evaluated one (non-convex ReLU: {rmse_ratio('dnn', 'linear'):.2f} against "
+        f"{rmse_ratio('dnn', 'evaluated'):.2f}). `grad L_val . Delta` carries the objective's own second-order error "
+        "`Delta^T H_val Delta / 2`, the same for both estimators and, once ACC's parameter error is small, larger "
+        "than the estimators' difference: the linear RMSE then measures the objective's linearization more than the "
+        "estimator, and in single cells or epochs SGD-IE can come out ahead (see the linear-score columns of the "
+        "curves below). That is why every table reports both score kinds and the parameter-space error; the paper "
+        "reports only the linear score.")
     relu_ratio = ratio("dnn")
     text = (f"3. **Non-convex regime (ReLU): the two estimators are nearly indistinguishable in our runs** (param err "
             f"ratio ACC/SGD {relu_ratio:.2f}), unlike the paper's Table 1, where ACC wins clearly on 20News and MNIST. ")
@@ -233,8 +238,8 @@ def discussion_section(records: list[dict], tanh_records: list[dict], curves: di
                          if report.cell_key(r)[0] == "dnn" and report.cell_key(r)[2] == "clean"])
         text += (f"The tanh ablation locates the cause: with tanh, the same MLP and recipe give SGD-IE a param err of "
                  f"{sgd_t:.3f} (ReLU, clean: {sgd_r:.3f}) and ACC-SGD-IE is {1 / ratio('dnn', tanh_records):.1f}x "
-                 "more accurate. With ReLU, removing one sample flips activation patterns of some rows; the "
-                 "Hessian of a piecewise-linear network is blind to those kinks, so *both* first-order estimators "
+                 "more accurate. Our explanation (consistent with the ablation, not separately measured): with ReLU, "
+                 "removing one sample flips activation patterns of some rows; the Hessian of a piecewise-linear network is blind to those kinks, so *both* first-order estimators "
                  "miss the same large term and ACC's curvature correction is lost beneath it. The lr schedule "
                  "`0.1/sqrt(t+1)` also shrinks the steps where ACC's correction acts. We do not know which "
                  "activation, epoch count or preprocessing produced the paper's Table 1; our ReLU rows follow "
@@ -247,19 +252,42 @@ def discussion_section(records: list[dict], tanh_records: list[dict], curves: di
         "we use fewer seeds. Compare directions (which estimator wins), not levels.")
     convex_curve = curves.get("logreg")
     if convex_curve:
-        first = np.mean(np.array(convex_curve["sgd-ie/shift_error"])[:, 0]), np.mean(np.array(convex_curve["acc-sgd-ie/shift_error"])[:, 0])
-        last = np.mean(np.array(convex_curve["sgd-ie/shift_error"])[:, -1]), np.mean(np.array(convex_curve["acc-sgd-ie/shift_error"])[:, -1])
+        def at(key: str, index: int) -> float:
+            return float(np.mean(np.array(convex_curve[key])[:, index]))
+
         lines.append(
-            f"5. **Long-epoch curves (section 6.4).** Convex: ACC's parameter error relative to SGD-IE's goes from "
-            f"{first[1] / first[0]:.2f}x at the first evaluated epoch to {last[1] / last[0]:.3f}x at the last, the "
-            "widening gap the paper's Theorem 4.2 predicts. Its RMSE claim (ACC's falling much faster) holds with the "
-            "evaluated score; with the linear score both RMSEs are dominated by the shared linearization error "
-            "(see 2). Non-convex (ReLU): see 3.")
-    lines.append(
-        "6. **Cleansing (section 6.5).** Both estimators' rankings are compared with random removal and with the "
-        "leave-one-out oracle above. Where the two estimators' rankings of the most harmful rows coincide (the "
-        "ReLU MLP), their cleansing curves coincide too; any difference appears only where their top-k sets differ.")
+            "5. **Long-epoch curves (section 6.4), convex.** Relative parameter error from the first to the last "
+            f"evaluated epoch: SGD-IE {at('sgd-ie/shift_error', 0):.4f} -> {at('sgd-ie/shift_error', -1):.4f}, "
+            f"ACC-SGD-IE {at('acc-sgd-ie/shift_error', 0):.4f} -> {at('acc-sgd-ie/shift_error', -1):.4f}; Jaccard@10 "
+            f"(linear score) SGD-IE {at('sgd-ie/linear/jaccard@10', 0):.2f} -> {at('sgd-ie/linear/jaccard@10', -1):.2f}, "
+            f"ACC-SGD-IE {at('acc-sgd-ie/linear/jaccard@10', 0):.2f} -> {at('acc-sgd-ie/linear/jaccard@10', -1):.2f} "
+            f"(evaluated score: {at('sgd-ie/evaluated/jaccard@10', -1):.2f} against "
+            f"{at('acc-sgd-ie/evaluated/jaccard@10', -1):.2f} at the last epoch). The paper's ranking claim (SGD-IE's "
+            "Jaccard@10 decays over epochs, ACC-SGD-IE's much less) is what we see. Its RMSE claim is not, in two ways: "
+            "in our runs both absolute RMSEs grow with epochs rather than fall (so do both relative parameter errors; "
+            "we did not separate how much of it is the growing size of the true loss changes), and with the linear score the "
+            "two RMSE curves nearly coincide (item 2); ACC's RMSE advantage shows with the evaluated score. "
+            "Non-convex (ReLU): both estimators coincide, as in item 3.")
+    if cleansing:
+        lines.append("6. **Cleansing (section 6.5).** " + cleansing_summary(cleansing))
     return "\n".join(lines) + "\n"
+
+
+def cleansing_summary(cleansing: dict) -> str:
+    parts = []
+    for model, name in REGIMES.items():
+        errors = {key: np.mean([r["test_error"][key] for r in cleansing[model]], axis=0)
+                  for key in cleansing[model][0]["test_error"]}
+        gap = float(np.max(np.abs(errors["acc-sgd-ie"] - errors["sgd-ie"])))
+        parts.append(f"{name}: test error {errors['sgd-ie'][0]:.3f} with all rows, {errors['sgd-ie'][-1]:.3f} (SGD-IE) / "
+                     f"{errors['acc-sgd-ie'][-1]:.3f} (ACC-SGD-IE) / {errors['leave-one-out'][-1]:.3f} (oracle) / "
+                     f"{errors['random'][-1]:.3f} (random) after the largest removal; the two estimators differ by at "
+                     f"most {gap:.3f} over all k")
+    return ("; ".join(parts) + ". Both estimators find flipped labels far above the random rate and track the "
+            "leave-one-out oracle closely; their top-k sets nearly coincide, so their cleansing results do too. We "
+            "do not reproduce the paper's claim that ACC-SGD-IE cleanses better than SGD-IE: on these small models "
+            "the most harmful rows are found equally by both (the paper's evidence is on CNNs for MNIST and CIFAR-10, "
+            "which we did not run).")
 
 
 def render(settings: ReproduceSettings, records, tanh_records, curves, cleansing, docs: Path, seconds: float,
