@@ -1,5 +1,5 @@
-"""The ``hf-accinf`` command: ``train`` records a run, ``score`` estimates influence, ``summary`` describes
-a run directory. Parsing lives here only.
+"""The ``hf-accinf`` command: ``train`` records a run, ``score`` estimates influence, ``evaluate`` compares
+scores with ground truth, ``summary`` describes a run directory. Parsing lives here only.
 
 Every subcommand parses dataclasses with ``HfArgumentParser``; ``--config x.yaml`` supplies defaults
 that command-line flags override.
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "train": "record a training run (default: tiny ViT on bundled digits)",
         "score": "estimate every training row's influence from a recorded run",
+        "evaluate": "compare a score column with ground truth (RMSE, Kendall tau, Jaccard@k)",
         "summary": "describe a run directory",
     }
     if not argv or argv[0] not in commands:
@@ -172,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         train(rest)
     elif command == "score":
         score(rest)
+    elif command == "evaluate":
+        from .evaluation.compare import main as evaluate
+
+        return evaluate(rest)
     elif command == "summary":
         if len(rest) != 1:
             print("usage: hf-accinf summary RUN_DIR", file=sys.stderr)

@@ -90,14 +90,19 @@ def bench_oracle(dtype: torch.dtype, oracle_samples: int) -> None:
     objective = torch.randn(problem.curvature.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     result, engine_seconds = timed(estimate_influence, problem, "acc-sgd-ie", progress=False)
     engine_scores = result.embeddings @ objective
+    single = linear_head_problem(2000, torch.float32)
+    single_result, single_seconds = timed(estimate_influence, single, "acc-sgd-ie", progress=False)
+    single_difference = ((single_result.embeddings.double() @ objective) - engine_scores).abs().max() / engine_scores.abs().max()
     naive, naive_seconds = timed(naive_scores, problem, range(oracle_samples), objective)
     naive_total = naive_seconds * 2000 / oracle_samples
     difference = (naive - engine_scores[:oracle_samples]).abs().max() / engine_scores.abs().max()
     print("\n### 1. Engine vs naive per-sample oracle (ACC-SGD-IE, N = 2000, linear head 768 x 2, float64)\n")
     print("| | seconds | ratio |\n|---|---|---|")
     print(f"| naive per-sample loop (timed on {oracle_samples} samples, x {2000 // oracle_samples}) | {naive_total:.1f} est. | 1 |")
-    print(f"| engine ({result.schedule}) | {engine_seconds:.2f} | {naive_total / engine_seconds:.0f}x faster |")
-    print(f"\nlargest score difference on the timed samples: {difference:.1e} of the largest score")
+    print(f"| engine ({result.schedule}, float64) | {engine_seconds:.2f} | {naive_total / engine_seconds:.0f}x faster |")
+    print(f"| engine ({single_result.schedule}, float32) | {single_seconds:.2f} | {naive_total / single_seconds:.0f}x faster |")
+    print(f"\nlargest score difference, naive vs float64 engine on the timed samples: {difference:.1e} of the largest "
+          f"score; float32 engine vs float64 engine on all 2000: {single_difference:.1e}")
 
 
 def bench_schedules(sizes: list[int], dtype: torch.dtype, sweep_budget_steps: int) -> None:

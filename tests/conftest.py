@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -28,6 +29,13 @@ def record_run(model, dataset, run_dir, recording: dict | None = None, resume=No
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for one launched process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 import torch
 from safetensors.torch import load_file
 
@@ -25,7 +27,7 @@ def test_shard_ranges_cover_every_sample_once():
 def test_two_processes_reproduce_the_single_process_embeddings(tmp_path):
     out = tmp_path / "sharded.safetensors"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "tests/scripts/estimate_distributed.py"), str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
