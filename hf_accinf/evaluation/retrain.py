@@ -67,7 +67,7 @@ def train_sgd(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, ba
         lr=torch.tensor(record["lr"], dtype=torch.float64)[:, None],
         clip_coef=torch.tensor(record["clip"], dtype=torch.float64),
         grad_norm=torch.tensor(record["norm"], dtype=torch.float64),
-        epoch=torch.zeros(len(batches), dtype=torch.long),
+        epoch=torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]]) // len(features),  # rows seen / N
         optimizer_step_count=torch.arange(len(batches)),
         params=stack("params"), grads=stack("grads"), states=stack("states"),
         loss=torch.tensor(record["loss"], dtype=dtype),
