@@ -114,7 +114,10 @@ def score(argv: list[str]):
     else:
         train, held_out = _quickstart_datasets(args.run_dir)
     shard = ShardContext.from_accelerate(cpu=data.cpu or not _has_accelerator())
-    result = score_run(args, train, held_out, shard)
+    try:
+        result = score_run(args, train, held_out, shard)
+    finally:
+        shard.close()
     if result is not None:
         order = torch.argsort(result.scores)
         print(f"{args.method} ({args.removal} removal, {result.schedule} schedule) on {len(result.scores)} rows "

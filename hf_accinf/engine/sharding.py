@@ -35,6 +35,15 @@ class ShardContext:
             )
         return cls(state.process_index, state.num_processes, state)
 
+    def close(self) -> None:
+        """Wait for every process, then leave the process group (exiting gloo ranks at different times can abort)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            self.state.wait_for_everyone()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -25,6 +25,7 @@ def main(out_file: str) -> None:
             results[f"{method}/{schedule}"] = result.embeddings
     if shard.is_main:
         save_file({k: v.contiguous() for k, v in results.items()}, out_file)
+    shard.close()
 
 
 if __name__ == "__main__":

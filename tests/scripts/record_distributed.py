@@ -48,6 +48,9 @@ def main(out_dir: str, use_cpu: bool) -> None:
     rank = trainer.args.process_index
     with open(os.path.join(out_dir, f"served-{rank}.json"), "w") as handle:
         json.dump({"served": dataset.served, "sizes": collator.sizes, "world_size": trainer.args.world_size}, handle)
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
