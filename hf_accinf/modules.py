@@ -22,10 +22,6 @@ class HeadSelection:
     head: nn.Module
     chosen_parameters: tuple[str, ...]  # names relative to the head
 
-    @property
-    def parameter_names(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.head.named_parameters())
-
 
 def default_head_name(model: nn.Module) -> str:
     """The last ``nn.Linear`` whose width is the number of labels: the classification head of HF classifiers."""

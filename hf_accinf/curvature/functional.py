@@ -62,7 +62,6 @@ class FunctionalHeadCurvature(HeadCurvature):
         self._inputs = trajectory.head_input.to(self.device, dtype)
         self._labels = trajectory.labels.to(self.device)
         self._weights = trajectory.row_weight.to(self.device, dtype)
-        self.num_classes = None
 
     def flatten(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([named[name].to(self.device, self.dtype).reshape(-1) for name in self.chosen])

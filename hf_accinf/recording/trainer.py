@@ -292,7 +292,7 @@ class TrajectoryRecorder(TrainerCallback):
             logits = torch.func.functional_call(replica, params, (record[schema.HEAD_INPUT].double(),))
         finally:
             head.train(was_training)
-        target = self._targets(record, logits.shape[-1])
+        target = target_distribution(record[schema.LABELS], logits.shape[-1], self.trainer.args.label_smoothing_factor)
         losses = cross_entropy_rows(logits, target)
         total = (record[schema.ROW_WEIGHT] * losses).sum()
         expected = torch.autograd.grad(total, list(params.values()), allow_unused=True)
@@ -307,9 +307,6 @@ class TrajectoryRecorder(TrainerCallback):
                     "optimizer used. The head must be a deterministic function of one input (no dropout inside it; "
                     "choose e.g. 'classifier.out_proj'), and the loss the model's own cross-entropy."
                 )
-
-    def _targets(self, record: dict, num_classes: int) -> torch.Tensor:
-        return target_distribution(record[schema.LABELS], num_classes, self.trainer.args.label_smoothing_factor)
 
     # -- manifest --------------------------------------------------------------------------------
     def _model_state(self) -> dict[str, torch.Tensor]:
