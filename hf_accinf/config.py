@@ -51,8 +51,24 @@ class ScoreArguments:
     dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the propagation."})
     memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory for per-sample states before chunking."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to write (default: <run_dir>/scores)."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Write into a non-empty output_dir that hf-accinf did not write (its other files are kept)."},
+    )
 
     def __post_init__(self) -> None:
+        for name, allowed in (("removal", ("exact", "first-order")), ("correction", ("all", "random", "stage")),
+                              ("schedule", ("auto", "sweep", "propagator")), ("score_kind", ("linear", "evaluated"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Unknown {name} '{getattr(self, name)}': use {', '.join(allowed)}.")
+        if self.memory_budget_gb <= 0:
+            raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}.")
+        if not 0.0 <= self.correction_p <= 1.0:
+            raise ValueError(f"correction_p must lie in [0, 1], got {self.correction_p}.")
+        for value in (self.stage_steps or []) + (self.stage_epochs or []):
+            start, sep, stop = str(value).partition(":")
+            if not sep or not start.strip().lstrip("-").isdigit() or not stop.strip().lstrip("-").isdigit():
+                raise ValueError(f"Stage windows are start:stop integers, got '{value}'.")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         if (self.stage_steps or self.stage_epochs) and self.correction != "stage":

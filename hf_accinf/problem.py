@@ -62,15 +62,16 @@ def make_curvature(trajectory: Trajectory, head: nn.Module, chosen: list[str], l
 
 
 def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device="cpu", backend: str = "auto",
-                     modules: list[str] | None = None) -> InfluenceProblem:
-    """Build the problem of a recorded run; ``modules`` narrows the recorded chosen parameters (names in the head)."""
+                     modules: list[str] | None = None, model: nn.Module | None = None) -> InfluenceProblem:
+    """Build the problem of a recorded run; ``modules`` narrows the recorded chosen parameters (names in the head);
+    ``model``: the run's model already built (:meth:`RunReader.build_model`), else built here."""
     manifest = run.manifest
     chosen = list(manifest.head.chosen)
     if modules:
         chosen = [name for name in chosen if any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in modules)]
         if not chosen:
             raise AccInfError(f"No recorded chosen parameter matches {modules}; recorded: {manifest.head.chosen}.")
-    model = run.build_model()
+    model = model if model is not None else run.build_model()
     head = model.get_submodule(manifest.head.module)
     trajectory = run.trajectory()
     curvature = make_curvature(trajectory, head, chosen, manifest.loss["label_smoothing"], dtype, device, backend)

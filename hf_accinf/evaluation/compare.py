@@ -1,4 +1,4 @@
-"""Evaluate a score column against ground truth: the API and the ``hf-accinf evaluate`` entry point.
+"""Evaluate a score column against ground truth (the ``hf-accinf evaluate`` command is :mod:`hf_accinf.commands.evaluate`).
 
 A source is ``PATH`` or ``PATH:NAME``:
 
@@ -15,9 +15,6 @@ Both sources must hold one value per training row, in the same row order.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,32 +93,6 @@ def evaluate_sources(scores: str, truth: str, percents=DEFAULT_PERCENTS) -> dict
     return evaluate_scores(load_values(scores), load_values(truth), percents)
 
 
-def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="hf-accinf evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("scores", help="estimated scores: PATH[:NAME] (safetensors, saved dataset, .npy, .pt, .csv)")
-    parser.add_argument("truth", help="ground truth (e.g. leave-one-out retraining), same form and row order")
-    parser.add_argument("--percents", type=float, nargs="+", default=list(DEFAULT_PERCENTS),
-                        help="k of the two-tailed Jaccard@k%% (default: 10 30 50 70)")
-    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    return parser
-
-
 def format_report(report: dict[str, float]) -> str:
     width = max(len(key) for key in report)
     return "\n".join(f"{key:<{width}}  {value:.6g}" for key, value in report.items())
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    percents = [int(k) if float(k).is_integer() else k for k in args.percents]
-    try:
-        report = evaluate_sources(args.scores, args.truth, percents)
-    except AccInfError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

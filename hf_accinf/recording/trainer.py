@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import platform
@@ -36,6 +37,8 @@ from .capture import (
     measure_row_weights,
 )
 from .writer import RunWriter
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZER_STATE_KEYS = {"SGD": ("momentum_buffer",), "Adam": ("exp_avg", "exp_avg_sq"), "AdamW": ("exp_avg", "exp_avg_sq")}
 
@@ -86,6 +89,26 @@ def check_loss(model: nn.Module) -> None:
         )
 
 
+def check_training_labels(dataset) -> None:
+    """Refuse multi-label or regression targets (a label vector or float labels) before anything is written."""
+    try:
+        row = dataset[0]
+    except Exception:  # noqa: BLE001 - unreadable rows are checked batch by batch during training
+        return
+    if not isinstance(row, dict):
+        return
+    name = next((key for key in ("labels", "label", "label_ids") if key in row), None)
+    if name is None:
+        return
+    label = torch.as_tensor(row[name])
+    if label.numel() != 1 or label.is_floating_point():
+        raise AccInfError(
+            f"The training labels ('{name}' of row 0: {label.dtype}, shape {tuple(label.shape)}) are not one class "
+            "index per row: multi-label (problem_type='multi_label_classification') and regression targets are not "
+            "modelled. hf_accinf supports single-label classification with integer class labels."
+        )
+
+
 class AccInfTrainer(Trainer):
     """A ``Trainer`` that records the trajectory into a run directory during an unchanged ``train()``.
 
@@ -109,6 +132,8 @@ class AccInfTrainer(Trainer):
         self.run_dir = Path(self.recording.run_dir or Path(self.args.output_dir) / "accinf")
         self.head_selection = select_head(self.model, self.recording.modules, self.recording.head)
         check_loss(self.model)
+        if self.train_dataset is not None:
+            check_training_labels(self.train_dataset)
         if self.args.fp16:
             raise AccInfError(
                 "fp16 mixed precision is not supported by the recorder: its loss scaling and skipped steps are "
@@ -183,6 +208,7 @@ class TrajectoryRecorder(TrainerCallback):
                     raise AccInfError(f"Resuming, but {run_dir} holds no recorded run to continue.")
                 existing = Manifest.from_dict(json.loads((run_dir / schema.MANIFEST_NAME).read_text()))
                 self._check_same_run(existing, manifest)
+                self._check_resumed_model(run_dir, existing, state.global_step)
                 self.writer = RunWriter(run_dir, existing)
                 self.writer.truncate(state.global_step)
             else:
@@ -218,6 +244,8 @@ class TrajectoryRecorder(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.is_main:
             self.writer.flush()
+            # A run checkpoint at every Trainer checkpoint: a resume from it can be verified (_check_resumed_model).
+            self.writer.save_checkpoint(state.global_step, self._model_state())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.capture.detach()
@@ -227,13 +255,39 @@ class TrajectoryRecorder(TrainerCallback):
             self.writer.finish()
         self.trainer.accelerator.wait_for_everyone()
 
+    def _check_resumed_model(self, run_dir: Path, existing: Manifest, step: int) -> None:
+        """The resumed model must equal the run's own weights before ``step`` (transformers may restore a
+        checkpoint only in part, e.g. when key names differ, and training would silently continue elsewhere)."""
+        if step not in existing.checkpoints:
+            logger.warning("The run holds no checkpoint at the resume step %d: the resumed weights cannot be "
+                           "compared with the recorded ones.", step)
+            return
+        path = run_dir / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(step) / schema.MODEL_WEIGHTS_NAME
+        recorded = schema.load_tensors(path)
+        current = self._model_state()
+        differing = [
+            name for name, value in current.items()
+            if name in recorded and value.is_floating_point()
+            and not torch.allclose(value.detach().cpu().to(recorded[name].dtype), recorded[name], rtol=1e-5, atol=1e-6)
+        ]
+        missing = sorted(set(recorded) - set(current))
+        if differing or missing:
+            raise AccInfError(
+                f"The resumed model does not match the run's own weights at step {step}: {len(differing)} tensors "
+                f"differ (e.g. {differing[:3]}), {len(missing)} missing. The Trainer checkpoint was not restored "
+                "completely (its key names may not match this model class). Load the weights yourself, e.g. from "
+                f"{path}, or record a new run; continuing would record a different training."
+            )
+
     # -- one optimizer step ------------------------------------------------------------------------
     def _step_record(self, step: int) -> dict:
         trainer = self.trainer
         world = trainer.accelerator.num_processes
         smoothing = trainer.args.label_smoothing_factor
+        batches = list(trainer.capture.take())
+        self._check_finite(step, [batch.logits for batch in batches])
         local = []
-        for batch in trainer.capture.take():
+        for batch in batches:
             weights = measure_row_weights(batch, smoothing) / world
             local.append((batch.rows, weights, batch.labels, batch.head_input, batch.logits))
         parts = gather_object([local]) if world > 1 else [local]
@@ -258,7 +312,7 @@ class TrajectoryRecorder(TrainerCallback):
             schema.LEARNING_RATE: torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64),
             schema.GRAD_NORM: torch.tensor(norm, dtype=torch.float64),
             schema.CLIP_COEF: torch.tensor(clip, dtype=torch.float64),
-            schema.LOSS: (weights.double() * losses).sum() * world,
+            schema.LOSS: (weights.double() * losses).sum(),  # weights are global: they sum over all processes
         }
         step_count = 0
         for name, param in trainer.head_selection.head.named_parameters():
@@ -279,6 +333,26 @@ class TrajectoryRecorder(TrainerCallback):
             self._check_weights(record, world)
             self.checked_weights = True
         return record
+
+    def _check_finite(self, step: int, logits: list[torch.Tensor]) -> None:
+        """Stop at the first non-finite learning rate, logit or head gradient (all processes see the same)."""
+        optimizer = base_optimizer(self.trainer.optimizer)
+        problems = []
+        if not all(math.isfinite(float(group["lr"])) for group in optimizer.param_groups):
+            problems.append("learning rate")
+        if not all(torch.isfinite(value).all() for value in logits):
+            problems.append("loss (logits)")
+        grads = [p.grad for p in self.trainer.head_selection.head.parameters() if p.grad is not None]
+        if not all(torch.isfinite(grad).all() for grad in grads):
+            problems.append("head gradient")
+        if problems:
+            if self.is_main:
+                self.writer.flush()
+            raise AccInfError(
+                f"Training produced a non-finite {' and '.join(problems)} at optimizer step {step}: the run diverged "
+                "and cannot be scored. The run directory keeps the steps before it, marked incomplete. Lower the "
+                "learning rate, enable clipping (max_grad_norm) or fix the data, then record again."
+            )
 
     def _check_weights(self, record: dict, world: int) -> None:
         """The recorded rows, weights and head inputs must reproduce the head gradient the optimizer saw."""

@@ -10,16 +10,17 @@ estimators never use interpolated values: the head inputs of every step are reco
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from ..errors import AccInfError
 from . import schema
 from .schema import Manifest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,13 +119,13 @@ class RunReader:
 
     def trajectory(self) -> Trajectory:
         if self._trajectory is None:
-            self._trajectory = Trajectory.from_segments([load_file(path) for path in self._segment_paths()])
+            self._trajectory = Trajectory.from_segments([schema.load_tensors(path) for path in self._segment_paths()])
         return self._trajectory
 
     def load_checkpoint(self, step: int) -> dict[str, torch.Tensor]:
         if step not in self.manifest.checkpoints:
             raise AccInfError(f"No checkpoint at step {step}; checkpoints: {self.manifest.checkpoints}.")
-        return load_file(self._checkpoint_path(step))
+        return schema.load_tensors(self._checkpoint_path(step))
 
     def head_parameters_at(self, step: int) -> dict[str, torch.Tensor]:
         """Head parameters before step ``step`` (``step = T``: the trained head), exact."""
@@ -158,27 +159,69 @@ class RunReader:
         return result
 
     def check_dataset(self, dataset) -> None:
-        """Refuse a training dataset other than the recorded one (length, and fingerprint when known)."""
+        """Refuse a training dataset other than the recorded one: length, then the rows' content hash in order
+        (:func:`~.schema.content_hash`). Warns when the content cannot be compared (only the length was)."""
         recorded = self.manifest.dataset
         if len(dataset) != recorded["length"]:
             raise AccInfError(
                 f"The training dataset has {len(dataset)} rows but the run recorded {recorded['length']}. "
                 "Pass the exact dataset the run was trained on (same rows, same order)."
             )
-        if recorded.get("content_hash") and getattr(dataset, "_fingerprint", None) != recorded.get("fingerprint"):
-            if schema.content_hash(dataset) != recorded["content_hash"]:
-                raise AccInfError(
-                    "The training dataset's rows differ from those the run was trained on (content hash "
-                    "mismatch). Pass the same datasets.Dataset, same rows in the same order and preprocessing."
-                )
+        expected = recorded.get("content_hash")
+        fingerprint = getattr(dataset, "_fingerprint", None)
+        if expected and fingerprint is not None and fingerprint == recorded.get("fingerprint"):
+            return
+        actual = schema.content_hash(dataset) if expected else None
+        if expected is None or actual is None:
+            which = "the run recorded no content hash" if expected is None else "this dataset's rows cannot be read as tensors"
+            logger.warning(
+                "Only the length of the training dataset was checked (%s): make sure it holds the rows the run "
+                "was trained on, in the same order, or scores land on the wrong rows.", which,
+            )
+            return
+        if actual != expected:
+            raise AccInfError(
+                f"The training dataset's rows differ from those the run was trained on (content hash mismatch; "
+                f"recorded for a {recorded.get('type', 'dataset')}, given a {type(dataset).__name__}). Pass the same "
+                "dataset, same rows in the same order and preprocessing, and of the same kind (datasets.Dataset or torch)."
+            )
 
-    def build_model(self, step: int | None = None) -> torch.nn.Module:
-        """The recorded model class from its config, with the weights of checkpoint ``step`` (default: final)."""
-        module_name, _, class_name = self.manifest.model_class.rpartition(".")
-        model_class = getattr(importlib.import_module(module_name), class_name)
-        config_class = model_class.config_class
-        config = config_class.from_dict(self.manifest.model_config)
-        model = model_class(config)
+    def build_model(self, step: int | None = None, model=None) -> torch.nn.Module:
+        """The recorded model with the weights of checkpoint ``step`` (default: final).
+
+        ``model`` replaces the import of the recorded class: an ``nn.Module`` to load the weights into,
+        or a factory (a model class built from the recorded config, or a function of no arguments).
+        Needed when the class was defined in the training script (``__main__.MyModel``).
+        """
+        model = self._instantiate(model)
         state = self.load_checkpoint(self.num_steps if step is None else step)
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise AccInfError(
+                f"The model given does not hold the recorded weights ({str(error).splitlines()[0]}): pass the "
+                f"architecture the run trained ({self.manifest.model_class})."
+            ) from None
         return model.eval()
+
+    def _instantiate(self, model) -> torch.nn.Module:
+        if isinstance(model, torch.nn.Module):
+            return model
+        config = self.manifest.model_config
+        if model is None:
+            module_name, _, class_name = self.manifest.model_class.rpartition(".")
+            try:
+                model = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError):
+                raise AccInfError(
+                    f"The run's model class {self.manifest.model_class} cannot be imported here (a class defined in "
+                    "the training script is not importable from another process). Pass the model: "
+                    "score_run(..., model=MyModel or a factory), or on the command line "
+                    "--model package.module:factory (a model class or a function returning the model)."
+                ) from None
+        if isinstance(model, type) and hasattr(model, "config_class"):
+            return model(model.config_class.from_dict(config))
+        built = model()
+        if not isinstance(built, torch.nn.Module):
+            raise AccInfError(f"The model factory {model!r} returned {type(built).__name__}, not a torch.nn.Module.")
+        return built

@@ -52,22 +52,67 @@ STATE_PREFIX = "state."
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 
+TORCH_HASH_ROWS = 4096
+
+
 def content_hash(dataset) -> str | None:
-    """A hash of a ``datasets.Dataset``'s rows in order, stable across save/load, formats and fingerprints."""
-    if not hasattr(dataset, "with_format") or not hasattr(dataset, "iter"):
-        return None
+    """A hash of a dataset's rows in order, stable across save/load, formats and fingerprints.
+
+    A ``datasets.Dataset`` hashes its Arrow rows (column names, types and values; never the schema
+    metadata, whose fingerprint changes on reload). A map-style torch dataset hashes the tensors of its
+    rows (all of them up to :data:`TORCH_HASH_ROWS`, else that many evenly spaced rows, always the
+    first and the last). ``None`` when the rows cannot be read as tensors, arrays or numbers.
+    """
     import hashlib
 
-    import pyarrow as pa
-
     digest = hashlib.sha256()
-    for batch in dataset.with_format("arrow").iter(batch_size=8192):
-        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table.combine_chunks())
-        digest.update(sink.getvalue().to_pybytes())
+    if hasattr(dataset, "with_format") and hasattr(dataset, "iter"):
+        import pyarrow as pa
+
+        for batch in dataset.with_format("arrow").iter(batch_size=8192):
+            table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+            table = table.replace_schema_metadata(None).combine_chunks()
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            digest.update(sink.getvalue().to_pybytes())
+        return digest.hexdigest()
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        return None
+    import torch
+
+    size = len(dataset)
+    count = min(size, TORCH_HASH_ROWS)
+    indices = torch.linspace(0, size - 1, count).round().long().unique().tolist() if size else []
+    digest.update(f"rows={size};sampled={len(indices)}".encode())
+    for index in indices:
+        try:
+            row = dataset[index]
+        except Exception:  # noqa: BLE001 - any failure means the rows cannot be read: no hash
+            return None
+        if not _digest_value(digest, row):
+            return None
     return digest.hexdigest()
+
+
+def _digest_value(digest, value) -> bool:
+    """Feed one row into ``digest``; ``False`` for a value that is not tensors, arrays, numbers or strings."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, dict):
+        return all(digest.update(str(key).encode()) or _digest_value(digest, value[key]) for key in sorted(value))
+    if isinstance(value, (tuple, list)):
+        return all(_digest_value(digest, item) for item in value)
+    if isinstance(value, (torch.Tensor, np.ndarray, int, float, bool, np.generic)):
+        tensor = torch.as_tensor(value).detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return True
+    if isinstance(value, (str, bytes)):
+        digest.update(value.encode() if isinstance(value, str) else value)
+        return True
+    return False
 
 
 def segment_name(start: int, stop: int) -> str:
@@ -141,18 +186,43 @@ class Manifest:
         return self.param_groups[self.head.param_groups[param_name]]
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path``: readers never see half a file."""
+    """Call ``write(tmp_path)`` and move the result onto ``path``: readers never see half a file.
+
+    The file gets the permissions an ordinary ``open()`` would give it (``0o666`` less the umask),
+    not ``mkstemp``'s private ``0o600``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def load_tensors(path: str | os.PathLike) -> dict:
+    """``safetensors`` file contents; a damaged or truncated file is named with the fix."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise AccInfError(
+            f"{path} is damaged or truncated ({error}); it cannot be read. Record the run again (or, for "
+            "scores, score again), or restore the file from a copy."
+        ) from None
 
 
 def save_manifest(run_dir: Path, manifest: Manifest) -> None:
@@ -168,14 +238,23 @@ def load_manifest(run_dir: str | os.PathLike) -> Manifest:
             f"{run_dir} is not an hf_accinf run directory: it has no {MANIFEST_NAME}. "
             "Record one with AccInfTrainer (or `hf-accinf train`) and pass its run directory."
         )
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AccInfError(
+            f"{path} is damaged (not valid JSON: {error}); the run directory cannot be read. Record the run "
+            "again, or restore the file from a copy."
+        ) from None
     version = data.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise AccInfError(
             f"{run_dir} was written with run-directory schema {version}, newer than this hf_accinf "
             f"understands ({SCHEMA_VERSION}). Upgrade hf_accinf (pip install -U hf_accinf)."
         )
-    manifest = Manifest.from_dict(data)
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError) as error:
+        raise AccInfError(f"{path} is damaged (missing or unknown entry {error}). Record the run again.") from None
     if manifest.status != STATUS_COMPLETE:
         raise AccInfError(
             f"{run_dir} is incomplete (status '{manifest.status}', {manifest.num_steps} steps recorded): "

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from hf_accinf.errors import AccInfError
-from hf_accinf.evaluation.compare import evaluate_scores, load_values, main
+from hf_accinf.cli import main as cli_main
+from hf_accinf.evaluation.compare import evaluate_scores, load_values
 from hf_accinf.evaluation.metrics import agreement, jaccard, kendall_tau, rmse, tails
 
 
@@ -74,14 +75,14 @@ def test_evaluate_reads_safetensors_npy_csv_and_a_saved_dataset(tmp_path, capsys
     with pytest.raises(AccInfError, match="several tensors"):
         load_values(str(tmp_path / "s.safetensors"))
 
-    assert main([f"{tmp_path}/ds:influence_acc_sgd_ie", str(tmp_path / "t.npy"), "--json"]) == 0
+    assert cli_main(["evaluate", f"{tmp_path}/ds:influence_acc_sgd_ie", str(tmp_path / "t.npy"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(expected)
-    assert main([f"{tmp_path}/s.safetensors:scores", f"{tmp_path}/t.csv:truth", "--percents", "20"]) == 0
+    assert cli_main(["evaluate", f"{tmp_path}/s.safetensors:scores", f"{tmp_path}/t.csv:truth", "--percents", "20"]) == 0
     assert "jaccard@20" in capsys.readouterr().out
 
 
 def test_evaluate_refuses_mismatched_lengths(tmp_path, capsys):
     np.save(tmp_path / "a.npy", np.zeros(5))
     np.save(tmp_path / "b.npy", np.zeros(6))
-    assert main([str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]) == 2
+    assert cli_main(["evaluate", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]) == 2
     assert "differ in length" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""Scoring a recorded run: influence embeddings and scores (DESIGN.md section 2), written next to the run.
+
+Checks every input before the long work (arguments, output directory, run directory, finite
+trajectory, training dataset identity, evaluation labels, method and optimizer), runs the engine on
+this process's shard, and on the main process writes the artifact set of :mod:`.artifacts` at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..config import ScoreArguments
+from ..data.columns import add_score_column
+from ..data.features import check_eval_labels, head_inputs
+from ..engine import CorrectionPolicy, ShardContext, estimate_influence
+from ..engine.estimator import make_rule
+from ..engine.objective import scores_from_embeddings
+from ..errors import AccInfError
+from ..problem import problem_from_run
+from ..trajectory import RunReader, Trajectory
+from . import artifacts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreResult:
+    scores: torch.Tensor
+    embeddings: dict[str, torch.Tensor]
+    schedule: str
+    seconds: float
+    output_dir: Path
+    column: str
+
+
+def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
+              collate_fn=None, progress: bool = True, model=None, tokenizer=None) -> ScoreResult | None:
+    """Estimate every training row's influence on the mean loss of ``eval_dataset``.
+
+    ``model``: the model (or a factory, see :meth:`RunReader.build_model`) when the recorded class cannot
+    be imported, e.g. one defined in the training script. ``tokenizer``: pads text evaluation batches as
+    the Trainer would (``DataCollatorWithPadding``); ``collate_fn`` replaces the collator entirely.
+    Under ``accelerate launch`` without a ``shard``, the processes form one group from the environment.
+    Returns the result on the main process (``None`` on the others).
+    """
+    own_shard = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if own_shard:
+        shard = ShardContext.from_accelerate(cpu=not torch.cuda.is_available())
+    shard = shard or ShardContext.single()
+    try:
+        return _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer)
+    finally:
+        if own_shard:
+            shard.close()
+
+
+def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer) -> ScoreResult | None:
+    output_dir = Path(args.output_dir or artifacts.default_output_dir(args.run_dir))
+    artifacts.check_output_dir(output_dir, args.overwrite)
+    run = RunReader(args.run_dir)
+    run.check_dataset(train_dataset)
+    check_finite(run.trajectory())
+    policy = CorrectionPolicy(args.correction, args.correction_p, args.correction_seed,
+                              args.windows(args.stage_steps), args.windows(args.stage_epochs))
+    built = run.build_model(model=model)
+    problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built)
+    make_rule(problem, args.method, args.removal)  # refuse a method/optimizer mismatch before the long work
+
+    inputs, labels = head_inputs(built, run.manifest.head.module, eval_dataset, collate_fn=collate_fn, tokenizer=tokenizer)
+    check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
+    final = run.head_parameters_at(run.num_steps)
+    result = estimate_influence(problem, args.method, args.removal, policy, args.schedule,
+                                args.memory_budget_gb, shard, progress)
+    if not shard.is_main:
+        return None
+    scores = scores_from_embeddings(problem.curvature, result.embeddings, final, inputs, labels, args.score_kind)
+    embeddings = {name: value.contiguous() for name, value in problem.curvature.unflatten(result.embeddings).items()}
+    column = f"influence_{args.method.replace('-', '_')}"
+    _write(output_dir, args, run, result, scores, embeddings, train_dataset, column, len(labels))
+    return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column)
+
+
+def check_finite(trajectory: Trajectory) -> None:
+    """Refuse a trajectory with a non-finite loss, learning rate, gradient or head parameter, naming the step."""
+    per_step = {"loss": trajectory.loss, "learning rate": trajectory.lr, "gradient norm": trajectory.grad_norm}
+    per_step.update({f"gradient of '{name}'": value for name, value in trajectory.grads.items()})
+    per_step.update({f"parameter '{name}'": value for name, value in trajectory.params.items()})
+    for what, values in per_step.items():
+        if values is None or not values.is_floating_point():
+            continue
+        bad = ~torch.isfinite(values.reshape(len(values), -1)).all(1)
+        if bad.any():
+            step = int(bad.nonzero()[0])
+            raise AccInfError(
+                f"The recorded run has a non-finite {what} at step {step} (the training diverged or a learning rate "
+                "was NaN/inf): influence through it is undefined. Fix the training (lower learning rate, clipping) "
+                "and record it again."
+            )
+    head_rows = trajectory.head_input.reshape(len(trajectory.head_input), -1)
+    bad_rows = ~torch.isfinite(head_rows).all(1)
+    if bad_rows.any():
+        row = int(bad_rows.nonzero()[0])
+        step = int(torch.searchsorted(trajectory.row_offsets, torch.tensor(row), right=True)) - 1
+        raise AccInfError(f"The recorded run has non-finite head inputs at step {step}: record it again after fixing the training.")
+
+
+def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None, collate_fn=None,
+                       modules: list[str] | None = None, model=None, tokenizer=None) -> torch.Tensor:
+    """``(test rows, training rows)``: the predicted change of each test example's loss without each training
+    row, ``grad l_v(theta_T) . Delta^j_T``, from saved embeddings: no replay of the trajectory.
+
+    The parameters are those the embeddings were saved for (their recorded ``modules``), unless given."""
+    run = RunReader(run_dir)
+    scores_dir = scores_dir or artifacts.default_output_dir(run_dir)
+    if not artifacts.scores_exist(scores_dir):
+        raise AccInfError(f"No embeddings at {scores_dir}: run `hf-accinf score --run_dir {run_dir}` first.")
+    saved = artifacts.load_embeddings(scores_dir)
+    built = run.build_model(model=model)
+    problem = problem_from_run(run, modules=modules or list(saved), model=built)
+    embeddings = problem.curvature.flatten_named(saved)
+    inputs, labels = head_inputs(built, run.manifest.head.module, test_dataset, collate_fn=collate_fn, tokenizer=tokenizer)
+    check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
+    gradients = problem.curvature.example_grads(run.head_parameters_at(run.num_steps), inputs, labels)
+    return gradients @ embeddings.to(gradients.dtype).T
+
+
+def _write(output_dir: Path, args: ScoreArguments, run: RunReader, result, scores, embeddings, train_dataset,
+           column: str, eval_rows: int) -> None:
+    metadata = {"method": args.method, "removal": args.removal, "schedule": result.schedule, "run_dir": str(args.run_dir)}
+    writers = {
+        artifacts.EMBEDDINGS_NAME: lambda path: save_file(embeddings, path, metadata=metadata),
+        artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata),
+    }
+    if hasattr(train_dataset, "save_to_disk"):
+        writers[artifacts.DATASET_DIR] = lambda path: add_score_column(train_dataset, scores, column).save_to_disk(str(path))
+    order = torch.argsort(scores)
+    manifest = run.manifest
+    summary = {
+        "hf_accinf_version": __version__,
+        "run": {"run_dir": str(args.run_dir), "model_class": manifest.model_class, "num_steps": manifest.num_steps,
+                "dataset_content_hash": manifest.dataset.get("content_hash"), "dataset_length": manifest.dataset["length"]},
+        "method": args.method, "removal": args.removal, "modules": list(embeddings), "column": column,
+        "evaluation_rows": eval_rows, "arguments": args.to_dict(), "schedule": result.schedule,
+        "seconds": result.seconds, "cost_model": result.cost_model,
+        "most_harmful": order[:10].tolist(), "most_helpful": order.flip(0)[:10].tolist(),
+    }
+    artifacts.write_set(output_dir, writers, summary, args.overwrite)
+    logger.info("wrote %s", output_dir)
