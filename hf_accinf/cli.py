@@ -37,16 +37,27 @@ def load_command(name: str):
         raise
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced, e.g. under pytest)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_logging() -> None:
     """INFO for hf_accinf on the main process (WARNING on the others), once."""
     main_process = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
     logger = logging.getLogger("hf_accinf")
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[hf-accinf] %(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False
 
 
 def run_command(name: str, argv: list[str], debug: bool = False) -> int:

@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine import ShardContext
     from ..scoring import score_run
 
+    from ..trajectory.schema import load_manifest
+
     args, data, launch = parse(make_parser(), argv)[:3]
+    load_manifest(args.run_dir)  # a wrong run directory is named before any data is read
     if data.train_data or data.eval_data:
         if not (data.train_data and data.eval_data):
             raise AccInfError("Pass both --train_data and --eval_data (or neither, for the quickstart run).")
