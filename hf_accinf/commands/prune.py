@@ -1,0 +1,46 @@
+"""``hf-accinf prune``: drop the most harmful rows of a scored dataset (or keep the top k) and write the
+pruned dataset with its provenance, a card and a parquet copy (:mod:`hf_accinf.data.prune`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..data.columns import write_scored_dataset
+from ..data.prune import PruneArguments, prune_dataset
+from ._scored import ScoredDataArguments, new_parser, parse, run_main
+
+DESCRIPTION = "Drop the most harmful fraction of rows (or keep the top k) by a score column or a mix of columns."
+
+
+@dataclass
+class PruneOutputArguments:
+    output_dir: str = field(default=None, metadata={"help": "Where to write the pruned dataset (dataset/, data.parquet, README.md)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an output directory written earlier by hf_accinf."})
+
+    def __post_init__(self) -> None:
+        from ..errors import AccInfError
+
+        if not self.output_dir:
+            raise AccInfError("Pass --output_dir: where to write the pruned dataset.")
+
+
+def make_parser(subparsers=None):
+    return new_parser("prune", DESCRIPTION, (ScoredDataArguments, PruneArguments, PruneOutputArguments), subparsers)
+
+
+def run(argv: list[str] | None = None):
+    data, prune, output = parse(make_parser(), argv)
+    dataset = data.load()
+    pruned = prune_dataset(dataset, prune)
+    target = write_scored_dataset(pruned, output.output_dir, overwrite=output.overwrite)
+    print(f"kept {len(pruned)} of {len(dataset)} rows ({len(dataset) - len(pruned)} dropped by "
+          f"{', '.join(prune.columns) or 'the score column'}); wrote {target}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
