@@ -1,0 +1,1 @@
+"""Subcommands of ``hf-accinf``: one module each, exposing ``make_parser()`` and ``main()``."""
