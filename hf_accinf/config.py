@@ -24,6 +24,11 @@ class RecordingArguments:
         default=100, metadata={"help": "Save full model weights every this many optimizer steps (and at start and end)."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing run directory."})
+    data_source: dict | None = field(
+        default=None,
+        metadata={"help": "Where the training rows come from (set by `hf-accinf train`; recorded as the manifest's "
+                          "dataset.source so that later commands reload the same rows). YAML/Python only."},
+    )
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:

@@ -1,72 +1,302 @@
-"""``hf-accinf train``: the quickstart job, a tiny ViT fine-tuned on scikit-learn's bundled digits (no download),
-recorded with :class:`~hf_accinf.AccInfTrainer`. (To be replaced by training from a YAML config.)"""
+"""``hf-accinf train``: fine-tune the user's model on the user's data from a YAML config, recording it.
+
+The arguments are four dataclasses parsed by ``HfArgumentParser`` (:class:`ModelArguments`,
+:class:`~hf_accinf.data.sources.DataSource`, ``TrainingArguments`` passed through unchanged, and
+:class:`~hf_accinf.config.RecordingArguments`); ``--config x.yaml`` supplies defaults that flags
+override. The data source goes into the manifest (``dataset.source``) so that ``score``, ``prune``,
+``report`` and ``push`` reload the same rows with :func:`~hf_accinf.data.sources.load_training_data`.
+Every input is checked (config keys, model directory, columns, labels) before the model loads.
+
+>>> main(["--config", "configs/quickstart.yaml"])  # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
-import json
+import argparse
+import difflib
+import logging
 import sys
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import yaml
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from ..config import RecordingArguments
-from .parsing import build_parser, parse
+from ..data import sources
+from ..data.sources import DataSource
+from ..errors import AccInfError
 
-NAME = "train"
-DESCRIPTION = "record a training run (default: tiny ViT on bundled digits)"
-QUICKSTART_JOB = "quickstart_job.json"
+logger = logging.getLogger("hf_accinf.train")
+
+DESCRIPTION = "Fine-tune a model on your data from a YAML config (--config) and flags, recording its trajectory."
 
 
 @dataclass
-class TrainJobArguments:
-    """The embedded default job: a tiny ViT fine-tuned on scikit-learn's bundled digits (no download)."""
+class ModelArguments:
+    """Which model to train: pretrained weights, or a configuration built from scratch."""
 
-    output_dir: str = field(default="runs/quickstart", metadata={"help": "Where the Trainer and the run directory write."})
-    num_rows: int = field(default=400, metadata={"help": "Training rows taken from the digits (at most 1797)."})
-    num_train_epochs: float = field(default=5.0, metadata={"help": "Epochs."})
-    hidden_size: int = field(default=64, metadata={"help": "Width of the tiny ViT."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
-    learning_rate: float = field(default=0.05, metadata={"help": "Peak learning rate."})
-    optim: str = field(default="sgd", metadata={"help": "TrainingArguments.optim (sgd; adamw_torch awaits the Adam family)."})
-    optim_args: str = field(default="momentum=0.9", metadata={"help": "TrainingArguments.optim_args."})
-    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
-    seed: int = field(default=0, metadata={"help": "Seed of model initialisation and data order."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained model: a local directory, package:<module>/<dir> inside an installed package, "
+                          "or a Hub id already in the local cache (offline)."},
+    )
+    model_type: str | None = field(
+        default=None, metadata={"help": "Build a new model of this type from its config class (e.g. vit, bert, convnext)."}
+    )
+    model_config: dict | None = field(
+        default=None, metadata={"help": "Config values to set (YAML mapping), e.g. dropout probabilities or sizes."}
+    )
+    num_labels: int | None = field(default=None, metadata={"help": "Number of classes (default: from the data)."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model directory)."})
+
+    def __post_init__(self) -> None:
+        if (self.model_name_or_path is None) == (self.model_type is None):
+            raise AccInfError("Set exactly one of model_name_or_path (pretrained) and model_type (a new model).")
+        if self.num_labels is not None and self.num_labels < 2:
+            raise AccInfError(f"num_labels must be at least 2, got {self.num_labels}.")
 
 
-def make_parser(subparsers=None):
-    return build_parser(NAME, DESCRIPTION, (TrainJobArguments, RecordingArguments), subparsers)
+def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
+    parser = HfArgumentParser(
+        (ModelArguments, DataSource, TrainingArguments, RecordingArguments),
+        prog="hf-accinf train", description=DESCRIPTION, add_help=subparsers is None,
+    )
+    parser.add_argument("--config", default=None, help="YAML file of argument values (flags override them).")
+    if subparsers is not None:
+        return subparsers.add_parser("train", parents=[parser], help=DESCRIPTION, description=DESCRIPTION)
+    return parser
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataSource, TrainingArguments, RecordingArguments]:
+    parser = make_parser()
+    argv, config = _pop_config(list(argv))
+    if config is not None:
+        parser.set_defaults(**_read_config(config, parser))
+    try:
+        model_args, source, training, recording, _ = parser.parse_args_into_dataclasses(args=argv)
+    except (TypeError, ValueError) as error:
+        raise AccInfError(f"Invalid argument: {error}") from error
+    if source.dataset is None:
+        raise AccInfError("Set dataset: embedded:digits, embedded:rotten_tomatoes, a data file or a save_to_disk directory.")
+    return model_args, source, training, recording
+
+
+def _pop_config(argv: list[str]) -> tuple[list[str], str | None]:
+    for position, value in enumerate(argv):
+        if value == "--config":
+            if position + 1 >= len(argv):
+                raise AccInfError("--config needs a YAML file.")
+            return argv[:position] + argv[position + 2:], argv[position + 1]
+        if value.startswith("--config="):
+            return argv[:position] + argv[position + 1:], value.split("=", 1)[1]
+    return argv, None
+
+
+def _read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise AccInfError(f"Config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise AccInfError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise AccInfError(f"{path} must hold a mapping of argument names to values.")
+    known = {action.dest for action in parser._actions} - {"help", "config"}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else " `hf-accinf train --help` lists the arguments."
+            raise AccInfError(f"Unknown key {key!r} in {path}.{hint}")
+    return values
+
+
+# -- model ---------------------------------------------------------------------------------------
+def load_config(model_args: ModelArguments):
+    """The model's config (read from its directory, or new for ``model_type``) with ``model_config`` applied."""
+    from transformers import AutoConfig
+
+    if model_args.model_type is not None:
+        try:
+            config = AutoConfig.for_model(model_args.model_type)
+        except ValueError as error:
+            raise AccInfError(f"Unknown model_type {model_args.model_type!r}: {error}") from error
+    else:
+        spec = model_args.model_name_or_path
+        if sources.looks_local(spec) and not Path(sources.resolve_path(spec)).expanduser().is_dir():
+            raise AccInfError(f"Model directory {spec} does not exist: pass a directory written by save_pretrained, "
+                              "package:<module>/<dir>, or set model_type to build a new model.")
+        try:
+            config = AutoConfig.from_pretrained(sources.resolve_path(spec))
+        except OSError as error:
+            raise AccInfError(f"Could not load the model config of {spec!r} (offline: local files and cache only): "
+                              f"{error}") from error
+    for key, value in (model_args.model_config or {}).items():
+        if not hasattr(config, key):
+            raise AccInfError(f"model_config key {key!r} is not an attribute of {type(config).__name__}.")
+        setattr(config, key, value)
+    return config
+
+
+def model_class_for(source: DataSource):
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if source.modality == "text" else AutoModelForImageClassification
+
+
+def build_model(model_args: ModelArguments, config, source: DataSource, seed: int):
+    auto = model_class_for(source)
+    torch.manual_seed(seed)  # the new head (and a new model) start from the run's seed
+    if model_args.model_type is not None:
+        return auto.from_config(config)
+    return auto.from_pretrained(sources.resolve_path(model_args.model_name_or_path), config=config)
+
+
+def set_labels(config, names: list[str] | None, num_labels: int) -> None:
+    names = names or [str(i) for i in range(num_labels)]
+    config.num_labels = num_labels
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: i for i, name in enumerate(names)}
+    config.problem_type = "single_label_classification"
+
+
+def complete_source(source: DataSource, model_args: ModelArguments, config) -> DataSource:
+    """Fill the preprocessing the model decides: tokenizer and length, or image size, channels, normalization."""
+    if source.modality == "text":
+        if model_args.model_type is not None and model_args.tokenizer_name is None:
+            raise AccInfError("A new text model (model_type) needs tokenizer_name: a tokenizer directory.")
+        source.tokenizer = model_args.tokenizer_name or model_args.model_name_or_path
+        source.max_length = source.max_length or 128
+    else:
+        source.image_size = source.image_size or int(getattr(config, "image_size", 0) or 0) or None
+        source.num_channels = source.num_channels or int(getattr(config, "num_channels", 3))
+        if source.image_mean is None and model_args.model_name_or_path is not None:
+            source.image_mean, source.image_std = _processor_normalization(model_args.model_name_or_path)
+    if source.dataset and not source.dataset.startswith((sources.EMBEDDED_PREFIX, sources.PACKAGE_PREFIX)):
+        if Path(source.dataset).expanduser().exists():
+            source.dataset = str(Path(source.dataset).expanduser().resolve())
+    return source
+
+
+def _processor_normalization(spec: str) -> tuple[list[float] | None, list[float] | None]:
+    path = Path(sources.resolve_path(spec)) / "preprocessor_config.json"
+    if not path.is_file():
+        return None, None
+    import json
+
+    values = json.loads(path.read_text())
+    return values.get("image_mean"), values.get("image_std")
+
+
+def num_labels_of(model_args: ModelArguments, names: list[str] | None, splits) -> int:
+    if model_args.num_labels is not None:
+        return model_args.num_labels
+    if names:
+        return len(names)
+    values = np.concatenate([np.asarray(split[source_column], dtype=np.int64) for split, source_column in splits])
+    return int(values.max()) + 1
+
+
+# -- progress ------------------------------------------------------------------------------------
+class PhaseLog(TrainerCallback):
+    """A line when training starts (rows, epochs, steps) and one with the time left after the first steps."""
+
+    def __init__(self, rows: int, run_dir: str, probe_steps: int = 5):
+        self.rows, self.run_dir, self.probe_steps = rows, run_dir, probe_steps
+        self.started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            logger.info("training: %d rows x %g epochs = %d optimizer steps of %d rows, recording into %s",
+                        self.rows, args.num_train_epochs, state.max_steps,
+                        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size, self.run_dir)
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step == min(self.probe_steps, state.max_steps - 1):
+            pace = (time.perf_counter() - self.started) / state.global_step
+            logger.info("%d of %d steps in %.1f s: about %.0f s of training left",
+                        state.global_step, state.max_steps, pace * state.global_step, pace * (state.max_steps - state.global_step))
+
+
+def _ensure_logging() -> None:
+    package = logging.getLogger("hf_accinf")
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
+    if not package.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[hf-accinf] %(message)s"))
+        package.addHandler(handler)
+
+
+def accuracy(prediction) -> dict[str, float]:
+    return {"accuracy": float((np.asarray(prediction.predictions).argmax(-1) == np.asarray(prediction.label_ids)).mean())}
+
+
+# -- the command -----------------------------------------------------------------------------------
+def train(argv: list[str]):
+    """Parse, check, load, train with recording, evaluate; return the trainer."""
+    from ..recording import AccInfTrainer
+
+    model_args, source, training, recording = parse_arguments(argv)
+    _ensure_logging()
+    main_process = training.process_index == 0
+    config = load_config(model_args)
+    complete_source(source, model_args, config)
+    if main_process:
+        logger.info("loading data %s (%s split)", source.dataset, source.split)
+    raw_train, raw_eval = sources.raw_splits(source)
+    names = sources.label_names_of(source, raw_train)
+    splits = [(raw_train, source.label_column)] + ([(raw_eval, source.label_column)] if raw_eval is not None else [])
+    num_labels = num_labels_of(model_args, names, splits)
+    tokenizer = sources.load_tokenizer(source.tokenizer) if source.modality == "text" else None
+    if source.modality == "image" and not source.image_size:
+        raise AccInfError("Set image_size: the model config does not say which image size it takes.")
+    train_set = sources.labels_as_ids(raw_train, source, names, num_labels)
+    eval_set = sources.labels_as_ids(raw_eval, source, names, num_labels) if raw_eval is not None else None
+    set_labels(config, names, num_labels)
+    if main_process:
+        logger.info("preprocessing %d training and %d evaluation rows (%s)", len(train_set),
+                    0 if eval_set is None else len(eval_set),
+                    f"tokenizer {source.tokenizer}, max_length {source.max_length}" if tokenizer is not None
+                    else f"images resized to {source.image_size}x{source.image_size}, {source.num_channels} channel(s)")
+    train_set = sources.preprocess(train_set, source, tokenizer)
+    eval_set = sources.preprocess(eval_set, source, tokenizer) if eval_set is not None else None
+
+    model = build_model(model_args, config, source, training.seed)
+    if main_process:
+        logger.info("model %s: %s with %.1fM parameters, %d classes", model_args.model_name_or_path or model_args.model_type,
+                    type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, num_labels)
+    if recording.run_dir is None:  # the job's own directory: a rerun of the same config replaces it
+        recording.run_dir, recording.overwrite = str(Path(training.output_dir) / "accinf"), True
+    recording.data_source = source.to_dict()
+    trainer = AccInfTrainer(
+        model=model, args=training, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=sources.collator_for(source, tokenizer), processing_class=tokenizer,
+        compute_metrics=accuracy, recording=recording, callbacks=[PhaseLog(len(train_set), recording.run_dir)],
+    )
+    trainer.train()
+    if eval_set is not None:
+        if main_process:
+            logger.info("evaluating on %d rows", len(eval_set))
+        metrics = trainer.evaluate()
+        if main_process:
+            logger.info("evaluation accuracy %.3f, loss %.4f", metrics.get("eval_accuracy", float("nan")),
+                        metrics.get("eval_loss", float("nan")))
+    if main_process:
+        logger.info("recorded %s; next: hf-accinf score --run_dir %s", recording.run_dir, recording.run_dir)
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import TrainingArguments
-
-    from ..examples import digits_dataset, tiny_vit
-    from ..recording import AccInfTrainer
-    from .summary import summary
-
-    job, recording = parse(make_parser(), argv)[:2]
-    if recording.run_dir is None:  # the job's own directory: a rerun replaces it
-        recording.run_dir, recording.overwrite = str(Path(job.output_dir) / "accinf"), True
-    args = TrainingArguments(
-        output_dir=job.output_dir, num_train_epochs=job.num_train_epochs,
-        per_device_train_batch_size=job.per_device_train_batch_size, learning_rate=job.learning_rate,
-        optim=job.optim, optim_args=job.optim_args, weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm, seed=job.seed,
-        use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", logging_steps=10,
-    )
-    trainer = AccInfTrainer(
-        model=tiny_vit(seed=job.seed, hidden_size=job.hidden_size), args=args, train_dataset=digits_dataset(job.num_rows, seed=job.seed),
-        recording=recording,
-    )
-    trainer.train()
-    if trainer.accelerator.is_main_process:
-        Path(recording.run_dir, QUICKSTART_JOB).write_text(json.dumps(asdict(job), indent=2))
-        print(summary(recording.run_dir))
+    train(list(sys.argv[1:] if argv is None else argv))
     return 0
 
 
 if __name__ == "__main__":
-    from ..cli import run_command
-
-    sys.exit(run_command(NAME, sys.argv[1:]))
+    sys.exit(main())

@@ -458,6 +458,7 @@ class TrajectoryRecorder(TrainerCallback):
                 "fingerprint": getattr(dataset, "_fingerprint", None),
                 "content_hash": schema.content_hash(dataset),
                 "type": type(dataset).__name__,
+                "source": trainer.recording.data_source,
             },
             libraries=_library_versions(),
             checkpoint_every=trainer.recording.checkpoint_every,
