@@ -210,7 +210,10 @@ class Replay:
         return result
 
     def check(self) -> ReplayReport:
-        """Replay every checkpoint interval and compare its end with the next checkpoint (never raises on error)."""
+        """Replay every checkpoint interval and compare its end with the next checkpoint.
+
+        Interval errors above tolerance are reported, not raised; a step whose loss, gradient norm or labels
+        already disagree with the record is refused at once (nothing after it can be compared)."""
         for start, stop in zip(self.checkpoints, self.checkpoints[1:]):
             if (start, stop) not in self.errors:
                 self._load(self._checkpoint_state(start))
@@ -228,16 +231,21 @@ class Replay:
         """Rerun steps ``[start, stop)`` from the checkpoint at ``start`` with every occurrence of row ``j``'s
         loss weight multiplied by ``weight_scale[j]`` (divisors unchanged); return the final ``state_dict``.
 
-        With no scale this is the recorded run (checked step by step); with scales it is the exact
-        counterfactual retraining of DESIGN.md section 2, the same dropout masks included.
+        With no scale this is the recorded run (checked step by step and at every checkpoint); with scales
+        it is the exact counterfactual retraining of DESIGN.md section 2, the same dropout masks included.
         """
         stop = self.num_steps if stop is None else stop
         if start not in self.checkpoints or not start <= stop <= self.num_steps:
             raise AccInfError(f"train() starts at a checkpoint ({self.checkpoints}) and stops by step {self.num_steps}.")
         scale = self._dense_scale(weight_scale)
         self._load(self._checkpoint_state(start))
+        previous = start
         for step in range(start, stop):
             self.step(step, scale)
+            if scale is None and step + 1 in self.checkpoints:
+                if (previous, step + 1) not in self.errors:
+                    self._compare(previous, step + 1, self._snapshot(), refuse=True)
+                previous = step + 1
         return {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
 
     def step(self, step: int, scale: torch.Tensor | None = None) -> None:
