@@ -5,11 +5,15 @@
   one each process actually used, never one re-derived from a sampler.
 * :class:`HeadCapture` hooks the head: its inputs and logits on every training micro-batch, and the
   gradient that reached the logits, from which the per-row loss weight the Trainer really applied is
-  measured (DESIGN.md section 3, "record the per-row loss weights of each step").
+  measured (DESIGN.md section 3, "record the per-row loss weights of each step"), and the random
+  generator state taken just before each micro-batch's forward, which decides its dropout masks.
+* :func:`optimizer_checkpoint` turns the optimizer's state into named tensors and metadata, so that a
+  replay from a sparse checkpoint (DESIGN.md section 6b) restarts the optimizer where it was.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,6 +22,7 @@ from torch import nn
 
 from ..errors import AccInfError
 from ..losses import target_distribution
+from ..trajectory import schema
 
 ROW_INDEX_KEY = "accinf_row_index"
 
@@ -61,6 +66,8 @@ class MicroBatch:
     head_input: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     logits_grad: torch.Tensor | None = None
+    rng_cpu: torch.Tensor | None = None
+    rng_cuda: torch.Tensor | None = None
 
 
 @dataclass
@@ -81,7 +88,10 @@ class HeadCapture:
             self.handle = None
 
     def begin(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
-        self.active = MicroBatch(rows=rows.detach().cpu(), labels=labels.detach().cpu())
+        self.active = MicroBatch(
+            rows=rows.detach().cpu(), labels=labels.detach().cpu(), rng_cpu=torch.get_rng_state(),
+            rng_cuda=torch.cuda.get_rng_state(labels.device) if labels.is_cuda else None,
+        )
 
     def end(self) -> None:
         batch, self.active = self.active, None
@@ -147,3 +157,47 @@ def measure_row_weights(batch: MicroBatch, label_smoothing: float, tolerance: fl
     weights = torch.full((len(batch.rows),), scale.item(), dtype=torch.float64)
     weights[~valid] = 0
     return weights
+
+
+def replay_state(batch: MicroBatch) -> dict[str, torch.Tensor]:
+    """What a replay needs of one micro-batch besides its rows: its size and its random state."""
+    state = {schema.MICRO_SIZE: torch.tensor([len(batch.rows)]), schema.RNG_CPU: batch.rng_cpu[None]}
+    if batch.rng_cuda is not None:
+        state[schema.RNG_CUDA] = batch.rng_cuda[None]
+    return state
+
+
+def stack_replay_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The micro-batch keys of one step record, micro-batches in the order of the step's rows."""
+    keys = [key for key in schema.MICRO_KEYS if all(key in state for state in states)]
+    return {key: torch.cat([state[key] for state in states]) for key in keys}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def optimizer_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The optimizer's state as ``{"<param>::<key>": tensor}`` plus metadata (class, groups, membership)."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    tensors: dict[str, torch.Tensor] = {}
+    groups, members = [], []
+    for group in optimizer.param_groups:
+        hyper = {key: _json_value(value) for key, value in group.items() if key != "params"}
+        groups.append({key: value for key, value in hyper.items()
+                       if value is None or isinstance(value, (bool, int, float, str, list))})
+        members.append([names[id(param)] for param in group["params"] if id(param) in names])
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                tensors[f"{names[id(param)]}{schema.OPTIMIZER_KEY_SEPARATOR}{key}"] = tensor
+    metadata = {
+        "optimizer_class": type(optimizer).__name__,
+        "param_groups": json.dumps(groups),
+        "group_params": json.dumps(members),
+    }
+    return tensors, metadata

@@ -35,6 +35,9 @@ from .capture import (
     RowIndexCollator,
     RowIndexedDataset,
     measure_row_weights,
+    optimizer_checkpoint,
+    replay_state,
+    stack_replay_states,
 )
 from .writer import RunWriter
 
@@ -221,7 +224,7 @@ class TrajectoryRecorder(TrainerCallback):
                     shutil.rmtree(run_dir)
                 self.writer = RunWriter(run_dir, manifest)
                 self.writer.save_manifest()
-                self.writer.save_checkpoint(0, self._model_state())
+                self.writer.save_checkpoint(0, self._model_state(), self._optimizer_state())
         trainer.accelerator.wait_for_everyone()
         trainer.capture.attach()
 
@@ -239,7 +242,7 @@ class TrajectoryRecorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.is_main and state.global_step % self.trainer.recording.checkpoint_every == 0:
             self.writer.flush()
-            self.writer.save_checkpoint(state.global_step, self._model_state())
+            self.writer.save_checkpoint(state.global_step, self._model_state(), self._optimizer_state())
 
     def on_save(self, args, state, control, **kwargs):
         if self.is_main:
@@ -251,7 +254,7 @@ class TrajectoryRecorder(TrainerCallback):
         self.trainer.capture.detach()
         if self.is_main:
             self.writer.flush()
-            self.writer.save_checkpoint(state.global_step, self._model_state())
+            self.writer.save_checkpoint(state.global_step, self._model_state(), self._optimizer_state())
             self.writer.finish()
         self.trainer.accelerator.wait_for_everyone()
 
@@ -289,7 +292,7 @@ class TrajectoryRecorder(TrainerCallback):
         local = []
         for batch in batches:
             weights = measure_row_weights(batch, smoothing) / world
-            local.append((batch.rows, weights, batch.labels, batch.head_input, batch.logits))
+            local.append((batch.rows, weights, batch.labels, batch.head_input, batch.logits, replay_state(batch)))
         parts = gather_object([local]) if world > 1 else [local]
         micro = [item for process in parts for item in process]
         rows, weights, labels, head_input, logits = (torch.cat([m[k] for m in micro]) for k in range(5))
@@ -313,6 +316,7 @@ class TrajectoryRecorder(TrainerCallback):
             schema.GRAD_NORM: torch.tensor(norm, dtype=torch.float64),
             schema.CLIP_COEF: torch.tensor(clip, dtype=torch.float64),
             schema.LOSS: (weights.double() * losses).sum(),  # weights are global: they sum over all processes
+            **stack_replay_states([m[5] for m in micro]),
         }
         step_count = 0
         for name, param in trainer.head_selection.head.named_parameters():
@@ -386,6 +390,10 @@ class TrajectoryRecorder(TrainerCallback):
     def _model_state(self) -> dict[str, torch.Tensor]:
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         return {name: tensor for name, tensor in model.state_dict().items()}
+
+    def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        return optimizer_checkpoint(model, base_optimizer(self.trainer.optimizer))
 
     def _build_manifest(self, optimizer: torch.optim.Optimizer) -> Manifest:
         trainer, args = self.trainer, self.trainer.args

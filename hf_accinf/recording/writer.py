@@ -47,13 +47,14 @@ class RunWriter:
             if start < step:
                 tensors = load_file(path)
                 keep_steps = step - start
-                keep_rows = int(tensors[schema.ROW_OFFSETS][keep_steps])
-                row_keys = {schema.ROW_INDEX, schema.ROW_WEIGHT, schema.LABELS, schema.HEAD_INPUT}
+                keep = {key: int(tensors[key][keep_steps]) for key in schema.OFFSET_KEYS if key in tensors}
                 trimmed = {}
                 for key, value in tensors.items():
-                    if key in row_keys:
-                        trimmed[key] = value[:keep_rows].contiguous()
-                    elif key == schema.ROW_OFFSETS:
+                    if key in schema.ROW_KEYS:
+                        trimmed[key] = value[: keep[schema.ROW_OFFSETS]].contiguous()
+                    elif key in schema.MICRO_KEYS:
+                        trimmed[key] = value[: keep[schema.MICRO_OFFSETS]].contiguous()
+                    elif key in schema.OFFSET_KEYS:
                         trimmed[key] = value[: keep_steps + 1].contiguous()
                     else:
                         trimmed[key] = value[:keep_steps].contiguous()
@@ -79,13 +80,16 @@ class RunWriter:
         stop = int(records[-1][schema.STEP]) + 1
         if stop - start != len(records) or start != self.manifest.num_steps:
             raise RuntimeError(f"step records are not contiguous: {start}..{stop} after {self.manifest.num_steps}")
-        counts = torch.tensor([len(record[schema.ROW_INDEX]) for record in records])
-        tensors = {
-            schema.ROW_OFFSETS: torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
-            **{key: torch.cat([r[key] for r in records]) for key in (schema.ROW_INDEX, schema.ROW_WEIGHT, schema.LABELS, schema.HEAD_INPUT)},
-        }
+        tensors = {}
+        for offsets, keys in ((schema.ROW_OFFSETS, schema.ROW_KEYS), (schema.MICRO_OFFSETS, schema.MICRO_KEYS)):
+            present = [key for key in keys if key in records[0]]
+            if not present:
+                continue
+            counts = torch.tensor([len(record[present[0]]) for record in records])
+            tensors[offsets] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            tensors.update({key: torch.cat([record[key] for record in records]) for key in present})
         for key in records[0]:
-            if key not in tensors and key not in (schema.ROW_INDEX, schema.ROW_WEIGHT, schema.LABELS, schema.HEAD_INPUT):
+            if key not in tensors:
                 tensors[key] = _stack(records, key)
         self._write_segment(tensors, start, stop)
         self.manifest.segments.append([start, stop])
@@ -97,12 +101,18 @@ class RunWriter:
         tensors = {key: value.contiguous() for key, value in tensors.items()}
         schema.write_atomic(path, lambda tmp: save_file(tensors, tmp))
 
-    def save_checkpoint(self, step: int, state_dict: dict[str, torch.Tensor]) -> None:
+    def save_checkpoint(self, step: int, state_dict: dict[str, torch.Tensor],
+                        optimizer_state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None) -> None:
+        """Model weights (and, for replay, the optimizer's tensors and metadata) before step ``step``."""
         if step in self.manifest.checkpoints:
             return
-        path = self.run_dir / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(step) / schema.MODEL_WEIGHTS_NAME
+        directory = self.run_dir / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(step)
+        if optimizer_state is not None:
+            state, metadata = optimizer_state
+            state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
+            schema.write_atomic(directory / schema.OPTIMIZER_STATE_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
         tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state_dict.items()}
-        schema.write_atomic(path, lambda tmp: save_file(tensors, tmp))
+        schema.write_atomic(directory / schema.MODEL_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
         self.manifest.checkpoints = sorted(self.manifest.checkpoints + [step])
         self.save_manifest()
 

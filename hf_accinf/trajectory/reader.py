@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
 from ..errors import AccInfError
 from . import schema
 from .schema import Manifest
@@ -30,6 +32,8 @@ class Trajectory:
     ``row_offsets[t]:row_offsets[t+1]`` are the rows of step ``t`` in ``row_index``, ``row_weight``,
     ``labels`` and ``head_input``. ``params``, ``grads`` and ``states`` map a head parameter (or
     ``"<param>.<state key>"``) to a ``(T, *shape)`` tensor holding its value before each step.
+    Schema >= 2: ``micro_offsets[t]:micro_offsets[t+1]`` index the micro-batches of step ``t`` in
+    ``micro_size`` (rows of each, in row order) and ``rng_cpu``/``rng_cuda`` (generator states).
     """
 
     row_offsets: torch.Tensor
@@ -46,6 +50,10 @@ class Trajectory:
     grads: dict[str, torch.Tensor]
     states: dict[str, torch.Tensor]
     loss: torch.Tensor | None = None
+    micro_offsets: torch.Tensor | None = None
+    micro_size: torch.Tensor | None = None
+    rng_cpu: torch.Tensor | None = None
+    rng_cuda: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -57,21 +65,32 @@ class Trajectory:
     def batch(self, step: int) -> torch.Tensor:
         return self.row_index[self.rows_of(step)]
 
+    def micro_batches_of(self, step: int) -> slice:
+        if self.micro_offsets is None:
+            raise AccInfError("This run records no micro-batches (schema 1); record it again with this hf_accinf.")
+        return slice(int(self.micro_offsets[step]), int(self.micro_offsets[step + 1]))
+
     @classmethod
     def from_segments(cls, segments: list[dict[str, torch.Tensor]]) -> "Trajectory":
         def cat(key):
+            if not all(key in segment for segment in segments):
+                return None
             return torch.cat([segment[key] for segment in segments])
 
-        offsets, base = [torch.zeros(1, dtype=torch.long)], 0
-        for segment in segments:
-            offsets.append(segment[schema.ROW_OFFSETS][1:] + base)
-            base += int(segment[schema.ROW_OFFSETS][-1])
+        def offsets(key):
+            if not all(key in segment for segment in segments):
+                return None
+            parts, base = [torch.zeros(1, dtype=torch.long)], 0
+            for segment in segments:
+                parts.append(segment[key][1:] + base)
+                base += int(segment[key][-1])
+            return torch.cat(parts)
         prefixed = {
             prefix: {key[len(prefix) :]: cat(key) for key in segments[0] if key.startswith(prefix)}
             for prefix in (schema.PARAM_PREFIX, schema.GRAD_PREFIX, schema.STATE_PREFIX)
         }
         return cls(
-            row_offsets=torch.cat(offsets),
+            row_offsets=offsets(schema.ROW_OFFSETS),
             row_index=cat(schema.ROW_INDEX),
             row_weight=cat(schema.ROW_WEIGHT),
             labels=cat(schema.LABELS),
@@ -85,6 +104,10 @@ class Trajectory:
             grads=prefixed[schema.GRAD_PREFIX],
             states=prefixed[schema.STATE_PREFIX],
             loss=cat(schema.LOSS),
+            micro_offsets=offsets(schema.MICRO_OFFSETS),
+            micro_size=cat(schema.MICRO_SIZE),
+            rng_cpu=cat(schema.RNG_CPU),
+            rng_cuda=cat(schema.RNG_CUDA),
         )
 
 
@@ -126,6 +149,20 @@ class RunReader:
         if step not in self.manifest.checkpoints:
             raise AccInfError(f"No checkpoint at step {step}; checkpoints: {self.manifest.checkpoints}.")
         return schema.load_tensors(self._checkpoint_path(step))
+
+    def load_optimizer_state(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The optimizer's tensors (``"<param>::<key>"``) and metadata before step ``step`` (schema >= 2)."""
+        path = self._checkpoint_path(step).with_name(schema.OPTIMIZER_STATE_NAME)
+        if step not in self.manifest.checkpoints or not path.is_file():
+            raise AccInfError(
+                f"The checkpoint at step {step} of {self.run_dir} holds no optimizer state (run-directory schema "
+                f"{self.manifest.schema_version}; replay needs schema >= {schema.REPLAY_SCHEMA_VERSION}). "
+                "Record the run again with this version of hf_accinf."
+            )
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        return tensors, metadata
 
     def head_parameters_at(self, step: int) -> dict[str, torch.Tensor]:
         """Head parameters before step ``step`` (``step = T``: the trained head), exact."""

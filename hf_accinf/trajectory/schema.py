@@ -5,12 +5,19 @@ A run directory holds
     manifest.json                         this schema (JSON, written atomically)
     steps/steps-<start>-<stop>.safetensors per-step records of steps [start, stop)
     checkpoints/step-<t>/model.safetensors full model weights before step t (t = T: after training)
+    checkpoints/step-<t>/optimizer.safetensors  the optimizer's state before step t, keyed
+                                          "<parameter name>::<state key>", its parameter groups and
+                                          each parameter's group in the metadata (schema >= 2)
 
 The step segments hold, for every optimizer step ``t`` (DESIGN.md sections 1, 3, 4 and 6):
 the global batch as dataset row indices with their per-row loss weights (all micro-batches of all
 processes, repeated rows kept), the labels and the head inputs of those rows as the training forward
 computed them, the learning rate of every parameter group, the pre-clip gradient norm and the clip
 coefficient, and, densely, the head's parameters, clipped gradients and optimizer state before the step.
+From schema 2 on they also hold what a deterministic replay of the whole model needs (DESIGN.md
+section 6b): every micro-batch's row count and the random-generator state (CPU, and CUDA when
+trained on a GPU) taken just before its forward, which decides its dropout masks. Schema-1 runs
+are still read; replay refuses them.
 """
 
 from __future__ import annotations
@@ -24,11 +31,14 @@ from typing import Any
 
 from ..errors import AccInfError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+REPLAY_SCHEMA_VERSION = 2  # first schema whose runs can be replayed
 MANIFEST_NAME = "manifest.json"
 STEPS_DIR = "steps"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_WEIGHTS_NAME = "model.safetensors"
+OPTIMIZER_STATE_NAME = "optimizer.safetensors"
+OPTIMIZER_KEY_SEPARATOR = "::"
 STATUS_RECORDING = "recording"
 STATUS_COMPLETE = "complete"
 
@@ -48,6 +58,15 @@ OPTIMIZER_STEP_COUNT = "optimizer_step_count"
 PARAM_PREFIX = "param."
 GRAD_PREFIX = "grad."
 STATE_PREFIX = "state."
+# Per micro-batch keys (schema >= 2): micro_offsets[t]:micro_offsets[t+1] are the micro-batches of
+# step t, in the order of the step's rows (process 0's micro-batches first).
+MICRO_OFFSETS = "micro_offsets"
+MICRO_SIZE = "micro_size"
+RNG_CPU = "rng_cpu"
+RNG_CUDA = "rng_cuda"
+ROW_KEYS = (ROW_INDEX, ROW_WEIGHT, LABELS, HEAD_INPUT)
+MICRO_KEYS = (MICRO_SIZE, RNG_CPU, RNG_CUDA)
+OFFSET_KEYS = (ROW_OFFSETS, MICRO_OFFSETS)
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 

@@ -127,7 +127,7 @@ def test_manifest_records_the_run(tmp_run):
     data = synthetic_text_dataset(24)
     record_run(tiny_bert(), data, tmp_run, weight_decay=0.01, recording={"checkpoint_every": 2})
     manifest = json.loads((tmp_run / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1 and manifest["status"] == "complete"
+    assert manifest["schema_version"] == schema.SCHEMA_VERSION and manifest["status"] == "complete"
     assert manifest["optimizer_class"] == "AdamW"
     decays = {g["weight_decay"] for g in manifest["param_groups"]}
     assert decays == {0.0, 0.01}  # HF's decay / no-decay groups

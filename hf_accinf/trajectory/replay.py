@@ -1,0 +1,423 @@
+"""Exact ``theta_t`` of every parameter by replaying the recorded steps from sparse checkpoints.
+
+DESIGN.md section 6b ("Exact theta_t for every parameter: replay from sparse checkpoints"). From the
+checkpoint at or before ``t`` (model weights and optimizer state), each recorded step is rerun: for
+every recorded micro-batch the random state that decided its dropout masks is restored, the model
+runs in train mode on the collated rows, the loss is ``sum_r w_r l_r`` (recorded per-row weights,
+cross-entropy with the manifest's label smoothing), gradients accumulate, they are clipped with
+``max_grad_norm`` as the Trainer clips, every parameter group gets its recorded learning rate, and a
+torch optimizer of the recorded class and hyperparameters steps.
+
+Checks: each replayed step's loss and pre-clip gradient norm against the recorded ones (cheap, at
+every step), and each interval's end against the next checkpoint (every parameter and optimizer
+state, :data:`REPLAY_TOLERANCE`). A replay beyond tolerance is refused with the reason it can happen.
+
+Memory is bounded by one checkpoint interval: the interval being served is cached, so that a
+reverse walk (``T-1`` down to ``0``) replays each interval forward once and serves it backwards;
+where an interval does not fit ``memory_budget`` it is cut into sub-intervals whose starting states
+are kept and which are recomputed when needed (two-level checkpointing, about ``sqrt(L)`` states).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import default_data_collator
+
+from ..errors import AccInfError
+from ..losses import cross_entropy_rows, target_distribution
+from . import schema
+from .reader import RunReader
+
+REPLAY_TOLERANCE = 1e-4
+"""Largest accepted relative error of a replayed interval at the next checkpoint: of the parameters
+relative to the distance the interval moved them, and of each optimizer-state key relative to its size
+(normwise over all tensors: a parameter whose true gradient is zero, such as BERT's attention key bias,
+moves by round-off alone and has no meaningful relative error of its own).
+
+The replay computes the loss as ``sum_r w_r l_r`` from measured weights where the Trainer computed
+the model's own mean (or ``num_items_in_batch``) loss, and sums the processes' gradients in another
+order: each step's gradient differs from the recorded one by float32 round-off (~1e-7 relative),
+and these differences are carried, and may be amplified, along the interval. Measured on the test
+runs (tiny BERT with dropout, AdamW, clipping, accumulation; ViT with SGD momentum): <= 1e-6 over
+4-step intervals. A different dataset, collator or dropout mask gives errors of order 1e-2 to 1.
+"""
+CHEAP_CHECK_TOLERANCE = 1e-3
+"""Largest accepted relative difference of a replayed step's loss or pre-clip gradient norm."""
+STATE_KEYS = {"SGD": ("momentum_buffer",), "Adam": ("exp_avg", "exp_avg_sq"), "AdamW": ("exp_avg", "exp_avg_sq")}
+WHY = ("This happens when the training dataset or collator differs from the recorded one (other rows, order "
+       "or preprocessing), when kernels are not deterministic (some GPU kernels; set "
+       "torch.use_deterministic_algorithms(True) when recording), or when torch/transformers versions differ "
+       "from those recorded in the manifest.")
+
+State = tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class IntervalError:
+    """Replay error of one checkpoint interval ``[start, stop)`` measured at checkpoint ``stop``."""
+
+    start: int
+    stop: int
+    parameter_max_abs: float = field(metadata={"help": "max |replayed - recorded| over all parameters and buffers."})
+    parameter_rel: float = field(metadata={"help": "||replayed - recorded|| / ||recorded - checkpoint at start||: "
+                                                   "the error relative to how far the interval moved the model."})
+    state_max_abs: float = field(metadata={"help": "max |replayed - recorded| over the optimizer's state tensors."})
+    state_rel: float = field(metadata={"help": "max over state keys (exp_avg, ...) of ||replayed - recorded|| / "
+                                               "||recorded|| (inf when the per-parameter step counts differ)."})
+    worst: str = field(metadata={"help": "The tensor with the largest error relative to its own size (diagnosis)."})
+
+    @property
+    def max_rel(self) -> float:
+        return max(self.parameter_rel, self.state_rel)
+
+
+@dataclass
+class ReplayReport:
+    intervals: list[IntervalError]
+    tolerance: float
+
+    @property
+    def max_rel(self) -> float:
+        return max((interval.max_rel for interval in self.intervals), default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tolerance": self.tolerance, "max_rel": self.max_rel, "ok": self.ok,
+                "intervals": [asdict(interval) for interval in self.intervals]}
+
+
+def _normwise(replayed: dict[str, torch.Tensor], recorded: dict[str, torch.Tensor],
+              reference: dict[str, torch.Tensor] | None = None) -> tuple[float, float, str]:
+    """``(max |replayed - recorded|, ||replayed - recorded|| / ||recorded - reference||, worst tensor)`` over all
+    floating tensors (``reference`` absent: ``||recorded||``); the worst tensor by its own relative error."""
+    worst_abs, squared_error, squared_scale, worst, worst_rel = 0.0, 0.0, 0.0, "", -1.0
+    for name, truth in recorded.items():
+        if not truth.is_floating_point():
+            continue
+        value = replayed.get(name)
+        if value is None:
+            return math.inf, math.inf, name
+        difference = value.detach().to(truth.device, torch.float64) - truth.double()
+        base = truth.double() - (reference[name].double() if reference is not None else 0.0)
+        error, scale = difference.square().sum().item(), base.square().sum().item()
+        worst_abs = max(worst_abs, difference.abs().max().item())
+        squared_error, squared_scale = squared_error + error, squared_scale + scale
+        own = math.sqrt(error / scale) if scale > 0 else (0.0 if error == 0 else math.inf)
+        if own > worst_rel:
+            worst_rel, worst = own, name
+    if squared_error == 0:
+        return worst_abs, 0.0, worst
+    return worst_abs, math.sqrt(squared_error / squared_scale) if squared_scale > 0 else math.inf, worst
+
+
+def _by_key(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    result: dict[str, dict[str, torch.Tensor]] = {}
+    for name, keys in state.items():
+        for key, value in keys.items():
+            if key != "step":
+                result.setdefault(key, {})[name] = value
+    return result
+
+
+class Replay:
+    """Every parameter and the optimizer state at any step of a recorded run, rebuilt by replay.
+
+    >>> replay = Replay(RunReader("run"), train_dataset)  # doctest: +SKIP
+    >>> theta = replay.parameters_at(17)  # every state_dict entry before step 17, float32  # doctest: +SKIP
+    >>> replay.check().max_rel  # doctest: +SKIP
+
+    Returned tensors belong to the cache: read them, do not modify them in place.
+    """
+
+    def __init__(self, run: RunReader, train_dataset, collate_fn: Callable | None = None, device: str | torch.device = "cpu",
+                 memory_budget: int = 2**30, tolerance: float = REPLAY_TOLERANCE, check_steps: bool = True):
+        manifest = run.manifest
+        if manifest.schema_version < schema.REPLAY_SCHEMA_VERSION:
+            raise AccInfError(
+                f"{run.run_dir} was recorded with run-directory schema {manifest.schema_version}, which does not hold "
+                "the optimizer state and random states a replay needs. Record the run again with this hf_accinf."
+            )
+        if manifest.training.get("bf16") or manifest.training.get("fp16"):
+            raise AccInfError("Replay of mixed-precision (bf16/fp16) runs is not supported; record in float32.")
+        if manifest.optimizer_class not in STATE_KEYS:
+            raise AccInfError(f"Replay supports torch SGD, Adam and AdamW, not {manifest.optimizer_class}.")
+        run.check_dataset(train_dataset)
+        self.run, self.dataset = run, train_dataset
+        self.collate_fn = collate_fn or default_data_collator
+        self.device = torch.device(device)
+        self.tolerance, self.check_steps = tolerance, check_steps
+        self.trajectory = run.trajectory()
+        if self.trajectory.rng_cuda is not None and self.device.type != "cuda":
+            raise AccInfError("This run was trained on a GPU: its dropout masks come from the CUDA generator. "
+                              "Replay it on a GPU (device='cuda').")
+        self.model = run.build_model(step=0).to(self.device)
+        self.signature = set(inspect.signature(self.model.forward).parameters) | {"label", "label_ids", "labels"}
+        self.num_labels = int(manifest.loss["num_labels"])
+        self.smoothing = float(manifest.loss.get("label_smoothing", 0.0))
+        self.max_grad_norm = float(manifest.training.get("max_grad_norm") or 0.0)
+        self.checkpoints = sorted(manifest.checkpoints)
+        self.params = dict(self.model.named_parameters())
+        self.optimizer = self._build_optimizer(run.load_optimizer_state(0)[1])
+        state_bytes = sum(p.numel() * p.element_size() for p in self.params.values())
+        buffer_bytes = sum(b.numel() * b.element_size() for b in self.model.buffers())
+        self.state_bytes = state_bytes * (1 + len(STATE_KEYS[manifest.optimizer_class])) + buffer_bytes
+        self.memory_budget = memory_budget
+        self.errors: dict[tuple[int, int], IntervalError] = {}
+        self._interval: tuple[int, int] | None = None
+        self._stride = 0
+        self._snapshots: dict[int, State] = {}
+        self._dense: dict[int, State] = {}
+
+    # -- public ------------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self.run.num_steps
+
+    def parameters_at(self, step: int) -> dict[str, torch.Tensor]:
+        """Every ``state_dict`` entry before step ``step`` (``0 <= step <= T``), float32 as trained."""
+        return dict(self._state_at(step)[0])
+
+    def optimizer_state_at(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Per parameter name, the optimizer's state before step ``step`` (empty before its first step)."""
+        return {name: dict(keys) for name, keys in self._state_at(step)[1].items()}
+
+    def batch_inputs(self, step: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Per recorded micro-batch: the collated model inputs (``labels`` included) on the replay device, and
+        the positions of its rows among the step's recorded rows."""
+        self._check_step(step, self.num_steps - 1)
+        trajectory = self.trajectory
+        rows = trajectory.batch(step)
+        sizes = trajectory.micro_size[trajectory.micro_batches_of(step)].tolist()
+        if sum(sizes) != len(rows):
+            raise AccInfError(f"Step {step} records {len(rows)} rows but micro-batches of {sizes} rows; record the run again.")
+        result, start = [], 0
+        for size in sizes:
+            positions = torch.arange(start, start + size)
+            start += size
+            features = [{k: v for k, v in self.dataset[int(i)].items() if k in self.signature} for i in rows[positions]]
+            batch = self.collate_fn(features)
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            result.append((batch, positions))
+        return result
+
+    def check(self) -> ReplayReport:
+        """Replay every checkpoint interval and compare its end with the next checkpoint.
+
+        Interval errors above tolerance are reported, not raised; a step whose loss, gradient norm or labels
+        already disagree with the record is refused at once (nothing after it can be compared)."""
+        for start, stop in zip(self.checkpoints, self.checkpoints[1:]):
+            if (start, stop) not in self.errors:
+                self._load(self._checkpoint_state(start))
+                for step in range(start, stop):
+                    self.step(step)
+                self._compare(start, stop, self._snapshot(), refuse=False)
+        return self.report()
+
+    def report(self) -> ReplayReport:
+        """The errors of the intervals replayed so far."""
+        return ReplayReport([self.errors[key] for key in sorted(self.errors)], self.tolerance)
+
+    def train(self, weight_scale: dict[int, float] | torch.Tensor | None = None, start: int = 0,
+              stop: int | None = None) -> dict[str, torch.Tensor]:
+        """Rerun steps ``[start, stop)`` from the checkpoint at ``start`` with every occurrence of row ``j``'s
+        loss weight multiplied by ``weight_scale[j]`` (divisors unchanged); return the final ``state_dict``.
+
+        With no scale this is the recorded run (checked step by step and at every checkpoint); with scales
+        it is the exact counterfactual retraining of DESIGN.md section 2, the same dropout masks included.
+        """
+        stop = self.num_steps if stop is None else stop
+        if start not in self.checkpoints or not start <= stop <= self.num_steps:
+            raise AccInfError(f"train() starts at a checkpoint ({self.checkpoints}) and stops by step {self.num_steps}.")
+        scale = self._dense_scale(weight_scale)
+        self._load(self._checkpoint_state(start))
+        previous = start
+        for step in range(start, stop):
+            self.step(step, scale)
+            if scale is None and step + 1 in self.checkpoints:
+                if (previous, step + 1) not in self.errors:
+                    self._compare(previous, step + 1, self._snapshot(), refuse=True)
+                previous = step + 1
+        return {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
+
+    def step(self, step: int, scale: torch.Tensor | None = None) -> None:
+        """One recorded optimizer step on the replay model and optimizer (their current state is the input)."""
+        trajectory = self.trajectory
+        rows = trajectory.rows_of(step)
+        weights = trajectory.row_weight[rows]
+        if scale is not None:
+            weights = weights * scale[trajectory.row_index[rows]]
+        micro = trajectory.micro_batches_of(step)
+        saved_rng = torch.get_rng_state()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64)
+        try:
+            for index, (inputs, positions) in zip(range(micro.start, micro.stop), self.batch_inputs(step)):
+                labels = inputs.pop("labels")
+                if not torch.equal(labels.cpu(), trajectory.labels[rows][positions]):
+                    self._refuse(step, f"the collated labels of step {step} differ from the recorded ones")
+                torch.set_rng_state(trajectory.rng_cpu[index].clone())  # a view at an offset crashes torch
+                if trajectory.rng_cuda is not None:
+                    torch.cuda.set_rng_state(trajectory.rng_cuda[index].clone(), self.device)
+                logits = self.model(**inputs).logits
+                target = target_distribution(labels, self.num_labels, self.smoothing, dtype=logits.dtype)
+                losses = cross_entropy_rows(logits, target)
+                row_weights = weights[positions].to(self.device)
+                (row_weights.to(logits.dtype) * losses).sum().backward()
+                total += (row_weights * losses.detach().double()).sum().cpu()
+        finally:
+            torch.set_rng_state(saved_rng)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        if self.max_grad_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm))
+        else:
+            norm = math.nan
+        if scale is None and self.check_steps:
+            self._cheap_check(step, total.item(), norm)
+        for group, lr in zip(self.optimizer.param_groups, trajectory.lr[step].tolist()):
+            group["lr"] = lr
+        self.optimizer.step()
+
+    # -- the cache -----------------------------------------------------------------------------------
+    def _state_at(self, step: int) -> State:
+        self._check_step(step, self.num_steps)
+        if step in self.checkpoints:
+            return self._checkpoint_state(step)
+        start = max(c for c in self.checkpoints if c < step)
+        stop = min(c for c in self.checkpoints if c > step)
+        if self._interval != (start, stop):
+            self._open_interval(start, stop)
+        if step not in self._dense:
+            base = start + (step - start) // self._stride * self._stride
+            self._dense = {base: self._snapshots[base]}
+            self._load(self._snapshots[base])
+            for t in range(base, min(base + self._stride, stop)):
+                if t > base:
+                    self._dense[t] = self._snapshot()
+                self.step(t)
+            if base + self._stride >= stop and (start, stop) not in self.errors:
+                self._compare(start, stop, self._snapshot(), refuse=True)
+        return self._dense[step]
+
+    def _open_interval(self, start: int, stop: int) -> None:
+        length = stop - start
+        fits = int(self.memory_budget // max(self.state_bytes, 1))
+        if length <= fits:
+            stride = length
+        else:  # keep ceil(length / s) sub-interval starts and one dense sub-interval of s states
+            stride = next((s for s in range(1, length + 1) if math.ceil(length / s) + s <= fits), 0)
+        if stride == 0:
+            raise AccInfError(
+                f"memory_budget={self.memory_budget} bytes cannot hold 2*sqrt({length}) model and optimizer states "
+                f"of {self.state_bytes} bytes each; raise it."
+            )
+        self._interval, self._stride, self._dense = (start, stop), stride, {}
+        self._snapshots = {start: self._checkpoint_state(start)}
+        if stride < length:
+            self._load(self._snapshots[start])
+            for t in range(start, stop):
+                if t > start and (t - start) % stride == 0:
+                    self._snapshots[t] = self._snapshot()
+                self.step(t)
+            if (start, stop) not in self.errors:
+                self._compare(start, stop, self._snapshot(), refuse=True)
+
+    # -- model and optimizer state ---------------------------------------------------------------------
+    def _build_optimizer(self, metadata: dict[str, str]) -> torch.optim.Optimizer:
+        optimizer_class = getattr(torch.optim, metadata["optimizer_class"])
+        groups = []
+        for hyper, names in zip(json.loads(metadata["param_groups"]), json.loads(metadata["group_params"])):
+            hyper = {key: tuple(value) if isinstance(value, list) else value for key, value in hyper.items()}
+            groups.append({"params": [self.params[name] for name in names], **hyper})
+        return optimizer_class(groups)
+
+    def _checkpoint_state(self, step: int) -> State:
+        weights = self.run.load_checkpoint(step)
+        tensors, _ = self.run.load_optimizer_state(step)
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            name, _, state_key = key.partition(schema.OPTIMIZER_KEY_SEPARATOR)
+            state.setdefault(name, {})[state_key] = value
+        return weights, state
+
+    def _snapshot(self) -> State:
+        weights = {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
+        names = {id(param): name for name, param in self.params.items()}
+        state = {names[id(param)]: {key: value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
+                                    for key, value in keys.items()}
+                 for param, keys in self.optimizer.state.items()}
+        return weights, state
+
+    def _load(self, state: State) -> None:
+        weights, optimizer_state = state
+        self.model.load_state_dict(weights, strict=True)
+        self.optimizer.state.clear()
+        for name, keys in optimizer_state.items():
+            self.optimizer.state[self.params[name]] = {
+                key: value.clone() if key == "step" else value.to(self.device, copy=True) for key, value in keys.items()
+            }
+
+    def _dense_scale(self, weight_scale) -> torch.Tensor | None:
+        if weight_scale is None:
+            return None
+        if isinstance(weight_scale, torch.Tensor):
+            return weight_scale.double()
+        scale = torch.ones(int(self.run.manifest.dataset["length"]), dtype=torch.float64)
+        for row, factor in weight_scale.items():
+            scale[int(row)] = float(factor)
+        return scale
+
+    # -- checks ---------------------------------------------------------------------------------------
+    def _check_step(self, step: int, last: int) -> None:
+        if not 0 <= step <= last:
+            raise AccInfError(f"step must lie in [0, {last}], got {step}.")
+
+    def _interval_of(self, step: int) -> tuple[int, int]:
+        start = max(c for c in self.checkpoints if c <= step)
+        return start, min(c for c in self.checkpoints if c > step)
+
+    def _refuse(self, step: int, what: str) -> None:
+        start, stop = self._interval_of(step)
+        raise AccInfError(f"Replay of the checkpoint interval [{start}, {stop}) does not reproduce the recorded run: "
+                          f"{what}. {WHY}")
+
+    def _cheap_check(self, step: int, loss: float, norm: float) -> None:
+        recorded_loss = float(self.trajectory.loss[step])
+        if abs(loss - recorded_loss) > CHEAP_CHECK_TOLERANCE * max(abs(recorded_loss), 1e-12):
+            self._refuse(step, f"the loss of step {step} is {loss:.8g}, recorded {recorded_loss:.8g}")
+        recorded_norm = float(self.trajectory.grad_norm[step])
+        if math.isfinite(recorded_norm) and math.isfinite(norm):
+            if abs(norm - recorded_norm) > CHEAP_CHECK_TOLERANCE * max(recorded_norm, 1e-12):
+                self._refuse(step, f"the gradient norm of step {step} is {norm:.8g}, recorded {recorded_norm:.8g}")
+
+    def _compare(self, start: int, stop: int, replayed: State, refuse: bool) -> IntervalError:
+        weights, state = self._checkpoint_state(stop)
+        p_abs, p_rel, p_worst = _normwise(replayed[0], weights, self._checkpoint_state(start)[0])
+        s_abs, s_rel, s_worst = 0.0, 0.0, ""
+        steps = {name: keys["step"] for name, keys in state.items() if "step" in keys}
+        replayed_steps = {name: keys["step"] for name, keys in replayed[1].items() if "step" in keys}
+        if steps != {} and any(not torch.equal(replayed_steps.get(n, torch.tensor(-1.0)), v) for n, v in steps.items()):
+            s_rel, s_worst = math.inf, "step"
+        recorded_by_key, replayed_by_key = _by_key(state), _by_key(replayed[1])
+        for key, recorded in recorded_by_key.items():
+            k_abs, k_rel, k_worst = _normwise(replayed_by_key.get(key, {}), recorded)
+            s_abs = max(s_abs, k_abs)
+            if k_rel > s_rel:
+                s_rel, s_worst = k_rel, f"{k_worst}{schema.OPTIMIZER_KEY_SEPARATOR}{key}"
+        error = IntervalError(start, stop, p_abs, p_rel, s_abs, s_rel, p_worst if p_rel >= s_rel else s_worst)
+        self.errors[(start, stop)] = error
+        if refuse and error.max_rel > self.tolerance:
+            raise AccInfError(
+                f"Replay of the checkpoint interval [{start}, {stop}) does not reproduce the checkpoint at step {stop}: "
+                f"relative error {error.max_rel:.3g} in '{error.worst}' (tolerance {self.tolerance:g}). {WHY}"
+            )
+        return error
