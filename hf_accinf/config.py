@@ -51,6 +51,18 @@ class ScoreArguments:
     stage_steps: list[str] | None = field(default=None, metadata={"help": "Step windows start:stop (correction=stage)."})
     stage_epochs: list[str] | None = field(default=None, metadata={"help": "Epoch windows start:stop (correction=stage)."})
     schedule: str = field(default="auto", metadata={"help": "auto (cost model), sweep or propagator."})
+    form: str = field(
+        default="auto",
+        metadata={"help": "auto, forward (per-row embeddings, every method) or adjoint (one backward pass whatever "
+                          "the number of rows; classical methods, linear scores, no embeddings). auto: adjoint for "
+                          "classical methods with linear scores, forward otherwise."},
+    )
+    trust_probes: int = field(
+        default=4, metadata={"help": "Random probes of the tangent-growth estimate (trust check); 0 skips it."}
+    )
+    trust_iterations: int = field(
+        default=1, metadata={"help": "Power iterations (two extra passes over the run each) of the trust check."}
+    )
     modules: list[str] | None = field(default=None, metadata={"help": "Narrow the recorded chosen parameters."})
     score_kind: str = field(default="linear", metadata={"help": "linear (gradient dot embedding) or evaluated."})
     dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the propagation."})
@@ -76,6 +88,10 @@ class ScoreArguments:
                 raise ValueError(f"Stage windows are start:stop integers, got '{value}'.")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        if self.form not in ("auto", "forward", "adjoint"):
+            raise ValueError(f"form must be auto, forward or adjoint, got {self.form}")
+        if self.trust_probes < 0 or self.trust_iterations < 0:
+            raise ValueError("trust_probes and trust_iterations must be >= 0.")
         if (self.stage_steps or self.stage_epochs) and self.correction != "stage":
             raise ValueError("stage_steps/stage_epochs need correction='stage'.")
         if self.correction_p != 1.0 and self.correction != "random":

@@ -1,0 +1,169 @@
+"""How far the linearization can be trusted (DESIGN.md section 6b, "Trust"; issue 11, deliverable 4).
+
+Every estimate is a first-order prediction carried by the product of the step transitions
+``A = M_{T-1} ... M_0`` (DESIGN.md section 6a). Where ``A`` amplifies perturbations, a row's removal is
+amplified too, and so is the part of it that the linearization drops: the run is chaotic and no
+first-order estimate predicts leave-one-out retraining. Two figures measure it:
+
+* **tangent growth**: ``||A||_2``, estimated by subspace (block power) iteration on ``A^T A`` with a few
+  random probes, ``ops.apply`` forward and ``ops.apply_adjoint`` backward, the block re-orthonormalized
+  (QR) at every step so that neither overflow nor the loss of the probes' independence can occur. The
+  estimate is the largest singular value of ``A`` on the probes' final subspace: a lower bound of
+  ``||A||_2`` that is exact when the probes span the state. The same QR factors give the growth of that
+  subspace over each epoch.
+* **embedding ratio** (forward form): ``||Delta^j_T|| / sum_t ||inj_{j,t}||`` per row (parameter blocks),
+  how much the run amplified what row ``j`` injected. With momentum ``mu`` a lone injection already
+  reaches ``1/(1 - mu)`` times its size, curvature aside.
+
+The run is called **expansive** when the growth exceeds :data:`EXPANSIVE_GROWTH` (10). A stable run
+contracts or keeps perturbations bounded (``|1 - eta lambda| <= 1`` for every curvature ``lambda`` of
+plain SGD, and a bounded transient for momentum), so its product stays near or below 1; past the edge of
+stability (``eta lambda_max > 2``) or in a chaotic region the product grows geometrically with the number
+of steps, so it crosses any fixed bound after a few epochs. A tenfold amplification means that the
+second-order remainder of a removal, which the linearization drops, is carried by a map an order of
+magnitude larger than the identity: the estimate then says more about the linearization than about the
+run, and retraining a few rows (``--verify``) should decide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..methods.base import UpdateRule
+from ..problem import InfluenceProblem
+from .plan import build_plan
+
+logger = logging.getLogger(__name__)
+
+EXPANSIVE_GROWTH = 10.0
+
+
+@dataclass
+class TrustReport:
+    """The trust figures of a score run (written into ``scores.json`` under ``"trust"``)."""
+
+    growth: float  # estimate of ||M_{T-1} ... M_0||_2 (inf when it overflows a float; see log10_growth)
+    log10_growth: float
+    epoch_growth: list[float]  # growth of the dominant subspace over each epoch
+    probes: int
+    iterations: int
+    threshold: float = EXPANSIVE_GROWTH
+    embedding_ratio: dict | None = field(default=None)  # median, p90, max, argmax of ||Delta^j_T|| / injected
+
+    @property
+    def expansive(self) -> bool:
+        return self.log10_growth > math.log10(self.threshold)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "expansive": self.expansive}
+
+    def message(self) -> str:
+        text = (f"tangent growth {self.growth:.3g} over the run (threshold {self.threshold:g}); per epoch "
+                + ", ".join(f"{g:.3g}" for g in self.epoch_growth))
+        if self.embedding_ratio:
+            text += (f"; embedding/injected norm ratio median {self.embedding_ratio['median']:.3g}, "
+                     f"max {self.embedding_ratio['max']:.3g}")
+        return text
+
+
+def _orthonormal_rows(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block = R^T Q`` with orthonormal rows ``Q`` (k, S) and ``R`` (k, k) upper triangular."""
+    q, r = torch.linalg.qr(block.T)
+    return q.T, r
+
+
+def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4, iterations: int = 1,
+                   seed: int = 0, dtype: torch.dtype = torch.float64, device="cpu", injected: torch.Tensor | None = None,
+                   progress: bool = False) -> tuple[float, list[float]]:
+    """``(log10 ||A||_2 estimate, per-epoch growth)`` for ``A = M_{T-1} ... M_0``.
+
+    ``iterations`` passes of ``A^T A`` (two sweeps over the trajectory each) precede a final forward pass,
+    which measures. If ``injected`` ``(N,)`` is given, the final pass also adds each occurrence's
+    injection norm (parameter block) to its row: the step operators are built there anyway.
+    """
+    trajectory = problem.trajectory
+    steps, size = trajectory.num_steps, rule.state_dim
+    generator = torch.Generator().manual_seed(seed)
+    block, _ = _orthonormal_rows(torch.randn(min(probes, size), size, generator=generator, dtype=dtype).to(device))
+    bar = tqdm(total=(2 * iterations + 1) * steps, desc="trust", disable=not progress, leave=False)
+    for _ in range(iterations):
+        for order, move in ((range(steps), "apply"), (reversed(range(steps)), "apply_adjoint")):
+            for step in order:
+                block, _ = _orthonormal_rows(getattr(rule.at_step(step), move)(block))
+                bar.update()
+    plan = build_plan(trajectory, 0, problem.num_samples, device) if injected is not None else None
+    product = torch.eye(len(block), dtype=dtype, device=device)
+    log_scale = 0.0
+    epoch_growth: list[float] = []
+    epoch_product, epoch_log = product.clone(), 0.0
+    epochs = trajectory.epoch.tolist()
+    for step in range(steps):
+        ops = rule.at_step(step)
+        if plan is not None and len(plan.steps[step].samples):
+            occurrences = plan.steps[step]
+            count = len(occurrences.samples)
+            zero = torch.zeros(count, size, dtype=dtype, device=device)
+            injection = ops.occurrence(zero, occurrences.row_owner, occurrences.rows,
+                                       torch.zeros(count, dtype=dtype, device=device))
+            injected.index_add_(0, occurrences.samples, rule.parameter_part(injection).norm(dim=1).to(injected.dtype))
+        block, r = _orthonormal_rows(ops.apply(block))
+        product, scale = _rescaled(r @ product)
+        epoch_product, epoch_scale = _rescaled(r @ epoch_product)
+        log_scale, epoch_log = log_scale + scale, epoch_log + scale
+        if step + 1 == steps or epochs[step + 1] != epochs[step]:
+            epoch_growth.append(_growth(epoch_product, epoch_log))
+            epoch_product, epoch_log = torch.eye(len(block), dtype=dtype, device=device), 0.0
+        bar.update()
+    bar.close()
+    top = float(torch.linalg.matrix_norm(product, ord=2))
+    return (math.log10(top) if top > 0 else -math.inf) + log_scale / math.log(10), epoch_growth
+
+
+def _rescaled(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``matrix / n`` and ``log n`` (natural), ``n`` its largest entry, against overflow of long products."""
+    norm = float(matrix.abs().max())
+    if norm == 0.0 or not math.isfinite(norm):
+        return matrix, 0.0
+    return matrix / norm, math.log(norm)
+
+
+def _growth(product: torch.Tensor, log_scale: float) -> float:
+    top = float(torch.linalg.matrix_norm(product, ord=2))
+    if top == 0.0:
+        return 0.0
+    exponent = math.log(top) + log_scale
+    return math.exp(exponent) if exponent < 700 else math.inf
+
+
+def trust_check(rule: UpdateRule, problem: InfluenceProblem, embeddings: torch.Tensor | None = None,
+                probes: int = 4, iterations: int = 1, seed: int = 0, threshold: float = EXPANSIVE_GROWTH,
+                progress: bool = False) -> TrustReport:
+    """The trust figures of a run; ``embeddings`` ``(N, P)`` (forward form) add the embedding ratios.
+
+    Logs a warning when the run is expansive.
+    """
+    dtype, device = problem.curvature.dtype, problem.curvature.device
+    injected = torch.zeros(problem.num_samples, dtype=dtype, device=device) if embeddings is not None else None
+    log10_growth, epoch_growth = tangent_growth(rule, problem, probes, iterations, seed, dtype, device, injected,
+                                                progress)
+    ratio = None
+    if embeddings is not None:
+        occurred = injected > 0
+        values = embeddings[occurred].to(dtype).norm(dim=1) / injected[occurred]
+        if len(values):
+            rows = occurred.nonzero().flatten()
+            ratio = {"median": float(values.median()), "p90": float(torch.quantile(values, 0.9)),
+                     "max": float(values.max()), "argmax": int(rows[values.argmax()])}
+    growth = 10.0**log10_growth if log10_growth < 300 else math.inf
+    report = TrustReport(growth, log10_growth, epoch_growth, min(probes, rule.state_dim), iterations, threshold, ratio)
+    if report.expansive:
+        logger.warning("The run is expansive: %s. First-order estimates (every method) are unreliable where "
+                       "training amplifies perturbations; check a few rows by retraining.", report.message())
+    else:
+        logger.info("trust: %s", report.message())
+    return report

@@ -1,0 +1,106 @@
+"""The adjoint form: the forward form's classical scores from one backward pass that touches only batch rows."""
+
+import pytest
+import torch
+
+from hf_accinf.engine import estimate_influence
+from hf_accinf.engine.adjoint import adjoint_scores, choose_form
+from hf_accinf.engine.estimator import make_rule
+from hf_accinf.errors import AccInfError
+from tests.engine.helpers import make_problem
+
+CASES = {
+    "mlp-momentum": dict(num_samples=14, batch_size=4),
+    "mlp-nesterov-last-layer": dict(num_samples=14, batch_size=4, nesterov=True, chosen=["2.weight", "2.bias"]),
+    "linear-head-closed-form-plain-sgd": dict(model="linear", num_samples=14, batch_size=4, features=6, classes=3,
+                                              momentum=0.0),
+}
+
+
+def _problem(case: str):
+    options = dict(CASES[case])
+    if options.get("model") == "linear":
+        torch.manual_seed(0)
+        options["model"] = torch.nn.Linear(6, 3).double()
+    return make_problem(**options)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_adjoint_forms_give_the_same_classical_scores(case):
+    problem = _problem(case)
+    trajectory = problem.trajectory
+    assert (trajectory.clip_coef < 1).any()  # clipping active, decay on; helpers repeat a row in one step
+    assert (trajectory.batch(1)[-1] == trajectory.batch(1)[0]).item()
+    objective = torch.randn(problem.curvature.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for removal in ("exact", "first-order"):
+        forward = estimate_influence(problem, "sgd-ie", removal, progress=False).embeddings @ objective
+        rule, _ = make_rule(problem, "sgd-ie", removal)
+        adjoint = adjoint_scores(rule, problem, objective, progress=False)
+        assert adjoint.shape == (problem.num_samples,)
+        assert (adjoint - forward).abs().max() <= 1e-9 * forward.abs().max()
+
+
+class _Spy:
+    """Wraps an update rule and records the shapes of every state block handed to its step operators."""
+
+    def __init__(self, rule):
+        self.rule, self.calls = rule, []
+        self.state_dim, self.param_dim = rule.state_dim, rule.param_dim
+
+    def final_objective_state(self, gradient):
+        return self.rule.final_objective_state(gradient)
+
+    def at_step(self, step):
+        ops, calls = self.rule.at_step(step), self.calls
+
+        class Ops:
+            def apply(self, states):
+                calls.append(("apply", step, tuple(states.shape)))
+                return ops.apply(states)
+
+            def apply_adjoint(self, states):
+                calls.append(("apply_adjoint", step, tuple(states.shape)))
+                return ops.apply_adjoint(states)
+
+            def occurrence(self, states, row_owner, rows, coefficient):
+                calls.append(("occurrence", step, tuple(states.shape)))
+                assert not coefficient.any()
+                return ops.occurrence(states, row_owner, rows, coefficient)
+
+        return Ops()
+
+
+def test_adjoint_touches_one_state_and_the_batch_rows_only():
+    problem = make_problem(num_samples=16, batch_size=4, epochs=2)
+    rule, _ = make_rule(problem, "sgd-ie", "exact")
+    spy = _Spy(rule)
+    objective = torch.randn(rule.param_dim, dtype=torch.float64)
+    adjoint_scores(spy, problem, objective, progress=False)
+    steps = problem.trajectory.num_steps
+    adjoint_calls = [c for c in spy.calls if c[0] == "apply_adjoint"]
+    assert [c[1] for c in adjoint_calls] == list(reversed(range(steps)))  # one backward pass, steps T-1 .. 0
+    assert all(shape == (1, rule.state_dim) for _, _, shape in adjoint_calls)
+    assert not [c for c in spy.calls if c[0] == "apply"]
+    for _, step, shape in (c for c in spy.calls if c[0] == "occurrence"):
+        assert shape == (len(problem.trajectory.batch(step).unique()), rule.state_dim)  # the step's rows, no N x S
+    assert len(spy.calls) == 2 * steps
+
+
+def test_form_choice_and_refusals():
+    assert choose_form("auto", accumulative=False)[0] == "adjoint"
+    assert choose_form("auto", accumulative=True)[0] == "forward"
+    assert choose_form("auto", accumulative=False, score_kind="evaluated")[0] == "forward"
+    assert choose_form("forward", accumulative=False)[0] == "forward"
+    with pytest.raises(AccInfError, match="--form forward"):
+        choose_form("adjoint", accumulative=True)
+    with pytest.raises(AccInfError, match="linear scores only"):
+        choose_form("adjoint", accumulative=False, score_kind="evaluated")
+    with pytest.raises(AccInfError, match="Unknown form"):
+        choose_form("tangent", accumulative=False)
+
+
+def test_an_objective_of_the_wrong_size_is_refused():
+    problem = make_problem(num_samples=6)
+    rule, _ = make_rule(problem, "sgd-ie", "exact")
+    with pytest.raises(AccInfError, match="objective gradient"):
+        adjoint_scores(rule, problem, torch.zeros(rule.param_dim + 1, dtype=torch.float64), progress=False)
