@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,10 @@ from safetensors.torch import save_file
 from .config import ScoreArguments
 from .data.columns import add_score_column
 from .data.features import head_inputs
-from .engine import CorrectionPolicy, ShardContext, estimate_influence
-from .engine.estimator import make_rule
+from .engine import CorrectionPolicy, InfluenceResult, ShardContext, estimate_influence
 from .engine.objective import scores_from_embeddings
 from .errors import AccInfError
+from .methods.registry import build_method
 from .problem import problem_from_run
 from .trajectory import RunReader
 from .trajectory.schema import write_atomic
@@ -57,17 +58,27 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
     policy = CorrectionPolicy(args.correction, args.correction_p, args.correction_seed,
                               args.windows(args.stage_steps), args.windows(args.stage_epochs))
     problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules)
-    make_rule(problem, args.method, args.removal)  # refuse a method/optimizer mismatch before the long work
+    method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
 
     model = run.build_model()
     inputs, labels = head_inputs(model, run.manifest.head.module, eval_dataset, collate_fn=collate_fn)
     final = run.head_parameters_at(run.num_steps)
-    result = estimate_influence(problem, args.method, args.removal, policy, args.schedule,
-                                args.memory_budget_gb, shard, progress)
-    if not shard.is_main:
-        return None
-    scores = scores_from_embeddings(problem.curvature, result.embeddings, final, inputs, labels, args.score_kind)
-    embeddings = {name: value.contiguous() for name, value in problem.curvature.unflatten(result.embeddings).items()}
+    if method.output == "scores":  # direct scorers (TracIn): the objective's gradient at each step, injected
+        curvature, trajectory = problem.curvature, problem.trajectory
+        began = time.perf_counter()
+        scores = method.scores(lambda step: curvature.objective_grad(
+            {name: values[step] for name, values in trajectory.params.items()}, inputs, labels), progress)
+        if not shard.is_main:
+            return None
+        result = InfluenceResult(None, "direct", time.perf_counter() - began)
+        embeddings = {}
+    else:
+        result = estimate_influence(problem, method, policy=policy, schedule=args.schedule,
+                                    memory_budget_gb=args.memory_budget_gb, shard=shard, progress=progress)
+        if not shard.is_main:
+            return None
+        scores = scores_from_embeddings(problem.curvature, result.embeddings, final, inputs, labels, args.score_kind)
+        embeddings = {name: value.contiguous() for name, value in problem.curvature.unflatten(result.embeddings).items()}
     output_dir = Path(args.output_dir or Path(args.run_dir) / "scores")
     column = f"influence_{args.method.replace('-', '_')}"
     _write(output_dir, args, result, scores, embeddings, train_dataset, column)
@@ -93,7 +104,8 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
 
 def _write(output_dir: Path, args: ScoreArguments, result, scores, embeddings, train_dataset, column: str) -> None:
     metadata = {"method": args.method, "removal": args.removal, "schedule": result.schedule, "run_dir": str(args.run_dir)}
-    write_atomic(output_dir / "embeddings.safetensors", lambda tmp: save_file(embeddings, tmp, metadata=metadata))
+    if embeddings:  # direct scorers have none
+        write_atomic(output_dir / "embeddings.safetensors", lambda tmp: save_file(embeddings, tmp, metadata=metadata))
     write_atomic(output_dir / "scores.safetensors", lambda tmp: save_file({"scores": scores.contiguous()}, tmp, metadata=metadata))
     order = torch.argsort(scores)
     summary = {
