@@ -43,8 +43,12 @@ class ScoreArguments:
     """How ``hf-accinf score`` / :func:`~hf_accinf.score_run` estimates influence from a recorded run."""
 
     run_dir: str = field(default="runs/quickstart/accinf", metadata={"help": "Recorded run directory."})
-    method: str = field(default="acc-sgd-ie", metadata={"help": "sgd-ie or acc-sgd-ie."})
+    method: str = field(default="acc-sgd-ie", metadata={
+        "help": "sgd-ie, acc-sgd-ie (SGD runs), adam-ie, acc-adam-ie (Adam/AdamW runs) or tracin (any); "
+                "the list is hf_accinf.methods.registry.METHODS."})
     removal: str = field(default="exact", metadata={"help": "exact or first-order removal (DESIGN.md section 4)."})
+    frozen_preconditioner: bool = field(
+        default=False, metadata={"help": "Adam family ablation: hold Adam's v at its recorded value (Delta_v = 0)."})
     correction: str = field(default="all", metadata={"help": "ACC correction policy: all, random or stage."})
     correction_p: float = field(default=1.0, metadata={"help": "Probability of a correction (correction=random)."})
     correction_seed: int = field(default=0, metadata={"help": "Seed of the correction coins."})
@@ -96,8 +100,8 @@ class ScoreArguments:
             raise ValueError("stage_steps/stage_epochs need correction='stage'.")
         if self.correction_p != 1.0 and self.correction != "random":
             raise ValueError("correction_p needs correction='random'.")
-        if self.method == "sgd-ie" and self.correction != "all":
-            raise ValueError("sgd-ie applies no correction; correction policies belong to acc-sgd-ie.")
+        if not self.method.startswith("acc-") and self.correction != "all":
+            raise ValueError(f"{self.method} applies no correction; correction policies belong to the acc- methods.")
 
     def windows(self, values: list[str] | None) -> list[tuple[int, int]]:
         result = []

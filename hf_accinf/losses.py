@@ -1,6 +1,8 @@
-"""The per-row training loss the estimators model: cross-entropy against (optionally smoothed) labels."""
+"""The per-row training loss the estimators model: cross-entropy against (optionally smoothed) labels; the clip coefficient."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -29,3 +31,13 @@ def mean_weights(labels: torch.Tensor, dtype: torch.dtype = torch.float64, devic
     """Row weights of the mean loss over the rows the loss does not ignore (label -100 gets weight 0)."""
     valid = (labels >= 0).to(dtype)
     return (valid / valid.sum().clamp(min=1)).to(device or labels.device)
+
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: a = max_norm / (norm + 1e-6); the one copy in the package
+
+
+def clip_coefficient(norm: float, max_norm: float | None) -> float:
+    """The Trainer's global clip coefficient ``min(1, c / (n + CLIP_EPS))`` (1 when clipping is off or n is not finite)."""
+    if not max_norm or max_norm <= 0 or not math.isfinite(norm):
+        return 1.0
+    return min(1.0, max_norm / (norm + CLIP_EPS))

@@ -64,6 +64,22 @@ class HeadCurvature(ABC):
             flat[:, positions.long().flatten()] = named[name].reshape(count, -1).to(flat.dtype)
         return flat
 
+    def optimizer_state(self, step: int, key: str) -> torch.Tensor:
+        """The chosen parameters' recorded optimizer state ``key`` before step ``step`` (e.g. ``"exp_avg"``,
+        ``"exp_avg_sq"``, ``"momentum_buffer"``; trajectory.states ``"<param>.<key>"``), (P,) in this layout.
+        ``key="param"`` gives the recorded parameters themselves. A backend without ``trajectory`` and
+        ``chosen`` attributes overrides this."""
+        source = self.trajectory.params if key == "param" else self.trajectory.states
+        suffix = "" if key == "param" else f".{key}"
+        missing = [name for name in self.chosen if name + suffix not in source]
+        if missing:
+            from ..errors import AccInfError
+
+            raise AccInfError(f"The run did not record the optimizer state '{key}' of {missing}: "
+                              "the method needs a run recorded with the optimizer it models.")
+        named = {name: source[name + suffix][step][None] for name in self.chosen}
+        return self.flatten_named(named)[0].to(self.device, self.dtype)
+
     @abstractmethod
     def example_grads(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-example loss gradients (V, P) at head parameters ``params``."""

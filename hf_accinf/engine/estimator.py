@@ -14,7 +14,7 @@ import torch
 
 from ..errors import AccInfError
 from ..methods.base import UpdateRule
-from ..methods.sgd import SGDRule
+from ..methods.registry import METHODS, build_method
 from ..problem import InfluenceProblem
 from .plan import build_plan, choose_schedule
 from .policies import CorrectionPolicy
@@ -23,8 +23,6 @@ from .sharding import ShardContext
 from .sweep import sweep
 
 logger = logging.getLogger(__name__)
-
-METHODS = {"sgd-ie": (SGDRule, False), "acc-sgd-ie": (SGDRule, True)}
 
 
 @dataclass
@@ -35,18 +33,22 @@ class InfluenceResult:
     cost_model: dict = field(default_factory=dict)
 
 
-def make_rule(problem: InfluenceProblem, method: str, removal: str) -> tuple[UpdateRule, bool]:
-    if method not in METHODS:
-        raise AccInfError(f"Unknown method '{method}'. Available: {', '.join(METHODS)}.")
-    rule_class, accumulative = METHODS[method]
-    return rule_class(problem, removal=removal), accumulative
+def make_rule(problem: InfluenceProblem, method: str, removal: str = "exact", **options) -> tuple[UpdateRule, bool]:
+    """A propagated method from the registry (refuses direct scorers and optimizer mismatches)."""
+    rule = build_method(problem, method, removal=removal, **options)
+    if rule.spec.output != "embeddings":
+        raise AccInfError(f"{method} computes scores directly and is not propagated by the engine.")
+    return rule, rule.accumulative
 
 
-def estimate_influence(problem: InfluenceProblem, method: str = "acc-sgd-ie", removal: str = "exact",
+def estimate_influence(problem: InfluenceProblem, method: UpdateRule | str = "acc-sgd-ie", removal: str = "exact",
                        policy: CorrectionPolicy | None = None, schedule: str = "auto",
                        memory_budget_gb: float = 4.0, shard: ShardContext | None = None,
                        progress: bool = True) -> InfluenceResult:
-    rule, accumulative = make_rule(problem, method, removal)
+    """Every sample's embedding under ``method``: a rule object (``methods.registry.build_method``) or a
+    registered name (built here with ``removal``)."""
+    rule = make_rule(problem, method, removal)[0] if isinstance(method, str) else method
+    accumulative = getattr(rule, "accumulative", False)
     policy = (policy or CorrectionPolicy("all")) if accumulative else CorrectionPolicy("none")
     shard = shard or ShardContext.single()
     start, stop = shard.sample_range(problem.num_samples)

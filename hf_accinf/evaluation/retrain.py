@@ -1,7 +1,7 @@
-"""Ground truth by retraining: a recorded SGD run of a small model and its leave-one-out counterfactuals.
+"""Ground truth by retraining: a recorded run of a small model and its leave-one-out counterfactuals.
 
-:func:`train_sgd` trains a small classifier with ``torch.optim.SGD`` on given batches (global clipping
-as the HF Trainer does it) and records the run as a :class:`~hf_accinf.trajectory.Trajectory` whose
+:func:`train_recorded` trains a small classifier with ``torch.optim`` SGD, Adam or AdamW on given
+batches (global clipping as the HF Trainer does it; :func:`train_sgd` for SGD) and records the run as a :class:`~hf_accinf.trajectory.Trajectory` whose
 head is the whole model. :func:`leave_one_out_sgd` retrains it without each chosen sample, with the
 identical batch order, initial weights, learning rates, clipping and divisor (DESIGN.md section 2),
 vectorized over counterfactuals with ``torch.func.vmap``; parameters outside ``chosen`` follow their
@@ -15,43 +15,65 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..losses import cross_entropy_rows
+from ..losses import clip_coefficient, cross_entropy_rows
 from ..problem import OptimizerSpec
 from ..trajectory import Trajectory
 from ..trajectory.schema import ParamGroupSpec
-
-NORM_EPS = 1e-6
+from .optim import STATE_KEYS, optimizer_step
 
 
 def train_sgd(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
               lrs: list[float], momentum: float = 0.0, weight_decay: float = 0.0, max_grad_norm: float = 0.0,
               nesterov: bool = False) -> tuple[Trajectory, OptimizerSpec]:
-    """Train ``model`` in place on ``batches`` (row indices; repeats allowed) and record the trajectory."""
+    """Train ``model`` in place with ``torch.optim.SGD`` on ``batches`` (row indices; repeats allowed) and record it."""
+    return train_recorded(model, features, labels, batches, lrs, "SGD", weight_decay=weight_decay,
+                          max_grad_norm=max_grad_norm, momentum=momentum, nesterov=nesterov)
+
+
+def train_recorded(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
+                   lrs: list[float], optimizer: str = "SGD", weight_decay: float = 0.0, max_grad_norm: float = 0.0,
+                   momentum: float = 0.0, nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8, no_decay: tuple[str, ...] = ()) -> tuple[Trajectory, OptimizerSpec]:
+    """Train ``model`` in place with the torch optimizer ``optimizer`` (SGD, Adam, AdamW) and record the run.
+
+    Parameters whose name ends with a suffix in ``no_decay`` (HF: ``("bias",)`` and norm weights) form a
+    second group without weight decay. The whole model is the head of the recorded trajectory.
+    """
     names = [name for name, _ in model.named_parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=lrs[0], momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    record = {key: [] for key in ("params", "grads", "states", "lr", "clip", "norm", "loss")}
+    group_of = {name: int(bool(no_decay) and name.endswith(tuple(no_decay))) for name in names}
+    named = dict(model.named_parameters())
+    decays = [weight_decay, 0.0] if no_decay else [weight_decay]
+    groups = [{"params": [named[n] for n in names if group_of[n] == index], "weight_decay": decay}
+              for index, decay in enumerate(decays)]
+    if optimizer == "SGD":
+        torch_optimizer = torch.optim.SGD(groups, lr=lrs[0], momentum=momentum, nesterov=nesterov)
+    else:
+        torch_optimizer = getattr(torch.optim, optimizer)(groups, lr=lrs[0], betas=betas, eps=eps)
+    keys = STATE_KEYS[optimizer]
+    record = {key: [] for key in ("params", "grads", "states", "lr", "clip", "norm", "loss", "count")}
     for step, batch in enumerate(batches):
-        for group in optimizer.param_groups:
+        for group in torch_optimizer.param_groups:
             group["lr"] = lrs[step]
         record["params"].append({n: p.detach().clone() for n, p in model.named_parameters()})
         record["states"].append({
-            f"{n}.momentum_buffer": optimizer.state.get(p, {}).get("momentum_buffer", torch.zeros_like(p)).detach().clone()
-            for n, p in model.named_parameters()
+            f"{n}.{key}": torch_optimizer.state.get(p, {}).get(key, torch.zeros_like(p)).detach().clone()
+            for n, p in model.named_parameters() for key in keys
         })
-        optimizer.zero_grad()
+        record["count"].append(int(torch_optimizer.state.get(named[names[0]], {}).get("step", 0)))
+        torch_optimizer.zero_grad()
         logits = model(features[batch])
         loss = nn.functional.cross_entropy(logits, labels[batch], reduction="sum") / len(batch)
         loss.backward()
         norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
-        clip = min(1.0, max_grad_norm / (float(norm) + NORM_EPS)) if max_grad_norm > 0 else 1.0
+        clip = clip_coefficient(float(norm), max_grad_norm)
         for p in model.parameters():
             p.grad.mul_(clip)
         record["grads"].append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
-        record["lr"].append(lrs[step])
+        record["lr"].append([lrs[step]] * len(decays))
         record["clip"].append(clip)
         record["norm"].append(float(norm))
         record["loss"].append(loss.item())
-        optimizer.step()
+        torch_optimizer.step()
     sizes = torch.tensor([len(b) for b in batches])
     dtype = next(model.parameters()).dtype
 
@@ -64,19 +86,23 @@ def train_sgd(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, ba
         row_weight=torch.cat([torch.full((len(b),), 1.0 / len(b), dtype=torch.float64) for b in batches]),
         labels=labels[torch.cat(batches)].long(),
         head_input=features[torch.cat(batches)],
-        lr=torch.tensor(record["lr"], dtype=torch.float64)[:, None],
+        lr=torch.tensor(record["lr"], dtype=torch.float64),
         clip_coef=torch.tensor(record["clip"], dtype=torch.float64),
         grad_norm=torch.tensor(record["norm"], dtype=torch.float64),
         epoch=torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]]) // len(features),  # rows seen / N
-        optimizer_step_count=torch.arange(len(batches)),
+        optimizer_step_count=torch.tensor(record["count"]),
         params=stack("params"), grads=stack("grads"), states=stack("states"),
         loss=torch.tensor(record["loss"], dtype=dtype),
     )
+    adam = optimizer != "SGD"
     spec = OptimizerSpec(
-        name="SGD",
-        groups=[ParamGroupSpec(index=0, weight_decay=weight_decay, initial_lr=lrs[0], momentum=momentum,
-                               dampening=0.0, nesterov=nesterov)],
-        group_of={name: 0 for name in names}, max_grad_norm=max_grad_norm,
+        name=optimizer,
+        groups=[ParamGroupSpec(index=index, weight_decay=decay, initial_lr=lrs[0],
+                               momentum=None if adam else momentum, dampening=None if adam else 0.0,
+                               nesterov=None if adam else nesterov, betas=list(betas) if adam else None,
+                               eps=eps if adam else None, amsgrad=False if adam else None)
+                for index, decay in enumerate(decays)],
+        group_of=group_of, max_grad_norm=max_grad_norm,
     )
     return trajectory, spec
 
@@ -106,50 +132,41 @@ def retrain_sgd_without(model: nn.Module, trajectory: Trajectory, optimizer: Opt
 def _retrain_sgd(model: nn.Module, trajectory: Trajectory, optimizer: OptimizerSpec, features: torch.Tensor,
                  labels: torch.Tensor, count_all: int, keep_block, chosen: list[str] | None,
                  chunk: int) -> dict[str, torch.Tensor]:
-    """Counterfactual runs in chunks; ``keep_block(lo, hi, dtype)`` gives the (hi - lo, N) row weights."""
+    """Counterfactual runs in chunks; ``keep_block(lo, hi, dtype)`` gives the (hi - lo, N) row weights.
+
+    Each counterfactual step is :func:`.optim.optimizer_step` (any modelled optimizer), with the recorded
+    learning rates, bias-correction counts, row weights (scaled by the keep weights: same divisor) and
+    the unchosen parameters' recorded gradients in the clipping norm."""
     names = [name for name, _ in model.named_parameters()]
     chosen = list(chosen or names)
-    group = optimizer.groups[0]
-    momentum, decay, nesterov = group.momentum or 0.0, group.weight_decay, bool(group.nesterov)
-    max_norm = optimizer.max_grad_norm
+    state_names = [f"{n}.{key}" for n in chosen for key in STATE_KEYS[optimizer.name] if f"{n}.{key}" in trajectory.states]
 
-    def step_one(params, buffers, keep, fixed, rows, lr):
+    def step_one(params, state, keep, fixed, rows, weights, lrs, count, rest):
         def batch_loss(p):
             logits = functional_call(model, {**fixed, **p}, (features[rows],))
-            weights = keep[rows] / len(rows)
-            return (weights * cross_entropy_rows(logits, nn.functional.one_hot(labels[rows], logits.shape[-1]).to(logits.dtype))).sum()
+            targets = nn.functional.one_hot(labels[rows], logits.shape[-1]).to(logits.dtype)
+            return (weights * keep[rows] * cross_entropy_rows(logits, targets)).sum()
 
-        grads = grad(batch_loss)(params)
-        if max_norm > 0:
-            rest = sum(((fixed_grad**2).sum() for fixed_grad in fixed_grads.values()), torch.zeros((), dtype=torch.float64))
-            norm = torch.sqrt(rest + sum((g**2).sum() for g in grads.values()))
-            clip = torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
-            grads = {n: clip * g for n, g in grads.items()}
-        new_params, new_buffers = {}, {}
-        for n, p in params.items():
-            d = grads[n] + decay * p
-            if momentum:
-                b = momentum * buffers[n] + d
-                update = d + momentum * b if nesterov else b
-                new_buffers[n] = b
-            else:
-                update, new_buffers[n] = d, buffers[n]
-            new_params[n] = p - lr * update
-        return new_params, new_buffers
+        return optimizer_step(optimizer, params, state, grad(batch_loss)(params), lrs, count, rest)
 
     results = []
     for lo in range(0, count_all, chunk):
         count = min(chunk, count_all - lo)
         params = {n: trajectory.params[n][0].expand(count, *trajectory.params[n].shape[1:]).clone() for n in chosen}
-        buffers = {n: torch.zeros_like(v) for n, v in params.items()}
+        state = {n: trajectory.states[n][0].expand(count, *trajectory.states[n].shape[1:]).clone() for n in state_names}
         keep = keep_block(lo, lo + count, params[chosen[0]].dtype)
         for step in range(trajectory.num_steps):
             rows = trajectory.batch(step)
+            weights = trajectory.row_weight[trajectory.rows_of(step)].to(keep.dtype)
             fixed = {n: trajectory.params[n][step] for n in names if n not in chosen}
             # Unchosen parameters' recorded (unclipped) gradients enter the clipping norm unchanged.
-            fixed_grads = {n: trajectory.grads[n][step] / trajectory.clip_coef[step] for n in names if n not in chosen}
-            lr = float(trajectory.lr[step, 0])
-            params, buffers = vmap(step_one, in_dims=(0, 0, 0, None, None, None))(params, buffers, keep, fixed, rows, lr)
+            rest = sum((float(((trajectory.grads[n][step] / trajectory.clip_coef[step]) ** 2).sum())
+                        for n in names if n not in chosen), 0.0)
+            lrs = {n: float(trajectory.lr[step, optimizer.group_of[n]]) for n in chosen}
+            step_count = int(trajectory.optimizer_step_count[step])
+            params, new_state = vmap(step_one, in_dims=(0, 0, 0, None, None, None, None, None, None))(
+                params, state, keep, fixed, rows, weights, lrs, step_count, rest)
+            state = {n: new_state.get(n, value) for n, value in state.items()}
         results.append(params)
     return {n: torch.cat([r[n] for r in results]) for n in chosen}
 

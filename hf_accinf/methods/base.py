@@ -48,8 +48,17 @@ class StepOps(ABC):
 
 
 class UpdateRule(ABC):
+    """A propagated method. ``output`` says what the engine returns for it: ``"embeddings"`` in the space
+    where :meth:`embed_gradient` puts an objective's gradient (the scorer dots the two)."""
+
     state_dim: int
     param_dim: int
+    output: str = "embeddings"
+    accumulative: bool = False  # set by the registry: whether correction policies apply
+
+    def embed_gradient(self, gradient: torch.Tensor) -> torch.Tensor:
+        """An objective gradient (..., P) in the embeddings' space: the identity for parameter-space rules."""
+        return gradient
 
     @abstractmethod
     def at_step(self, step: int) -> StepOps:

@@ -4,20 +4,20 @@ torch ``SGD`` step with the Trainer's clipping and per-group L2 decay ``lam``:
 
     d = a(G) G + lam theta;   buf' = mu buf + d;   theta' = theta - eta (buf' | d + mu buf' if nesterov)
 
-with ``a(G) = min(1, c / (n + 1e-6))`` and ``n^2 = n_rest^2 + |G|^2``: ``G`` is the batch gradient of
+with ``a(G) = min(1, c / (n + CLIP_EPS))`` and ``n^2 = n_rest^2 + |G|^2``: ``G`` is the batch gradient of
 the chosen parameters, ``n_rest`` the recorded norm of all other clipped gradients, kept fixed (the
 approximation DESIGN.md section 4 names). No momentum: ``theta' = theta - eta d``.
 
 Linearized, a state ``(Delta_theta[, Delta_buf])`` moves by a gradient-space change ``k``. With
-``clip(G, e) = a(G) (e - G (G . e) / (n (n + 1e-6)))`` (the Jacobian of ``a(G) G``; identity when
-``a = 1``):
+the clip map ``clip(G, e)`` of :mod:`.removal` (the Jacobian of ``a(G) G``):
 
 * shared transition ``M_t``: ``k = clip(G, H_B D) + lam D``;
 * at an occurrence of sample ``j`` (rows ``r`` of ``j``, weights ``w_r``, repeated rows counted),
   removal moves ``G -> G_j = G - sum_r w_r g_r`` and ``H_B -> H_B - sum_r w_r H_r``:
   - exact removal: ``k = c clip(G_j, (H_B - sum w_r H_r) D) + (1 - c) clip(G, H_B D) + a(G_j) G_j - a(G) G``;
   - first-order removal: the derivative of the same expressions along the removal direction,
-    ``k = clip(G, H_B D) + c d/de[clip(G_e, H_e D)] + d/de[a(G_e) G_e]`` at ``e = 0`` (a ``torch.func.jvp``);
+    ``k = clip(G, H_B D) + c d/de[clip(G_e, H_e D)] + d/de[a(G_e) G_e]`` at ``e = 0``
+    (both from :func:`.removal.removal_step`);
   ``c = 1`` is ACC-SGD-IE (the paper's eq. 6-9), ``c = 0`` SGD-IE. Without clipping both removals are
   section 3's ``k = H_B D - c sum w_r H_r D - sum w_r g_r + lam D``.
 
@@ -30,13 +30,10 @@ momentum, for ``y = (y_theta, y_buf)`` and ``z = y_buf - eta y_theta`` (Nesterov
 from __future__ import annotations
 
 import torch
-from torch.func import jvp
 
 from ..problem import InfluenceProblem
-from ..errors import AccInfError
 from .base import StepOps, UpdateRule
-
-NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_
+from .removal import ClipMap, check_removal, removal_step, removed_terms
 
 
 class SGDStep(StepOps):
@@ -46,41 +43,10 @@ class SGDStep(StepOps):
         self.state_dim = rule.state_dim
         self.lr = problem.learning_rates(step)
         self.uniform_lr = float(self.lr[0]) if bool((self.lr == self.lr[0]).all()) else None
-        self.max_norm = problem.optimizer.max_grad_norm
-        gradient = self.batch.batch_grad
-        squared = float(gradient @ gradient)
-        self.rest = max(float(problem.trajectory.grad_norm[step]) ** 2 - squared, 0.0)
-        # a and n as _clip computes them, so that the shared step and the occurrences agree to the last bit
-        # (they equal the recorded ones unless float32 round-off made the chosen part exceed the recorded norm).
-        norm = (self.rest + squared) ** 0.5
-        self.clip_coef = min(1.0, self.max_norm / (norm + NORM_EPS)) if self.max_norm > 0 else 1.0
-        self.clip_linear = self.clip_coef < 1.0
-        if self.clip_linear:
-            self.projection = 1.0 / (norm * (norm + NORM_EPS))
-            self.curved_gradient = self.batch.hvp(gradient[None])[0]  # H_B G, for the clip map's rank-one term
-
-    def _clip(self, gradient: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row-wise ``(clip(G, e), a(G) G)`` for gradients ``G`` and vectors ``e`` (m, P)."""
-        if self.max_norm <= 0:
-            return vectors, gradient
-        norm = (self.rest + (gradient * gradient).sum(-1)).sqrt()
-        clip = (self.max_norm / (norm + NORM_EPS)).clamp(max=1.0)
-        active = (clip < 1).to(norm.dtype)
-        dots = (gradient * vectors).sum(-1) * active / (norm * (norm + NORM_EPS))
-        return clip[:, None] * (vectors - gradient * dots[:, None]), clip[:, None] * gradient
+        self.clip = ClipMap(self.batch, problem.optimizer.max_grad_norm, float(problem.trajectory.grad_norm[step]))
 
     def _curvature_term(self, theta: torch.Tensor, base: torch.Tensor | None, scale: float, transpose: bool) -> torch.Tensor:
-        """``base + scale clip(G, H_B theta)``, or with the transposed clip map ``H_B clip(G, .)``.
-
-        ``G . H_B theta = (H_B G) . theta``, so the clip map costs one product with a vector and a rank-one update.
-        """
-        a = self.clip_coef
-        result = self.batch.hvp_add(theta, base, scale * a)
-        if self.clip_linear:
-            gradient, curved = self.batch.batch_grad, self.curved_gradient
-            left, right = (curved, gradient) if transpose else (gradient, curved)
-            result.addr_(theta @ right, left, alpha=-scale * a * self.projection)
-        return result
+        return self.clip.curvature_term(theta, base, scale, transpose)
 
     def _linear_step(self, states: torch.Tensor, transpose: bool) -> torch.Tensor:
         """``M_t`` (or ``M_t^T``, see the module docstring) applied to rows."""
@@ -123,25 +89,10 @@ class SGDStep(StepOps):
     def occurrence(self, states, row_owner, rows, coefficient) -> torch.Tensor:
         theta = states[:, : self.rule.param_dim]
         batch = self.batch
-        weights = batch.row_weight[rows][:, None]
-        removed_grad = torch.zeros_like(theta).index_add_(0, row_owner, weights * batch.row_grads(rows))
-        removed_hvp = torch.zeros_like(theta)
-        corrected = coefficient[row_owner] != 0
-        if corrected.any():
-            owners = row_owner[corrected]
-            removed_hvp.index_add_(0, owners, weights[corrected] * batch.row_hvp(theta[owners], rows[corrected]))
-        batch_hvp = batch.hvp(theta)
+        removed_grad, removed_hvp = removed_terms(batch, theta, row_owner, rows, coefficient)
         gradient = batch.batch_grad.expand_as(theta)
-        c = coefficient[:, None]
-        if self.rule.removal == "exact":
-            own, removed = self._clip(gradient - removed_grad, batch_hvp - removed_hvp)
-            shared, kept = self._clip(gradient, batch_hvp)
-            change = c * own + (1 - c) * shared + removed - kept
-        else:
-            (shared, _), (d_transition, d_injection) = jvp(
-                self._clip, (gradient.contiguous(), batch_hvp), (-removed_grad, -removed_hvp)
-            )
-            change = shared + c * d_transition + d_injection
+        change = removal_step(self.clip.rows, gradient, batch.hvp(theta), removed_grad, removed_hvp, coefficient,
+                              self.rule.removal)
         if self.rule.has_decay:
             change = change + self.rule.decay * theta
         return self._move(states, change)
@@ -151,13 +102,7 @@ class SGDRule(UpdateRule):
     """SGD-IE / ACC-SGD-IE for runs trained with ``torch.optim.SGD`` (any momentum, decay, Nesterov)."""
 
     def __init__(self, problem: InfluenceProblem, removal: str = "exact"):
-        if problem.optimizer.name != "SGD":
-            raise AccInfError(
-                f"sgd-ie and acc-sgd-ie model runs trained with SGD; this run used {problem.optimizer.name}. "
-                "Train with TrainingArguments(optim='sgd') or use an Adam-family method."
-            )
-        if removal not in ("exact", "first-order"):
-            raise AccInfError(f"removal must be 'exact' or 'first-order', got '{removal}'.")
+        check_removal(removal)
         self.problem, self.removal = problem, removal
         curvature = problem.curvature
         self.param_dim = curvature.dim

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from .. import __version__
 from ..config import RecordingArguments
 from ..errors import AccInfError
-from ..losses import cross_entropy_rows, target_distribution
+from ..losses import clip_coefficient, cross_entropy_rows, target_distribution
 from ..modules import select_head
 from ..trajectory import schema
 from ..trajectory.schema import HeadSpec, Manifest, ParamGroupSpec
@@ -303,7 +303,7 @@ class TrajectoryRecorder(TrainerCallback):
         state_keys = OPTIMIZER_STATE_KEYS[type(optimizer).__name__]
         norm = trainer.last_grad_norm
         max_norm = trainer.args.max_grad_norm
-        clip = min(1.0, max_norm / (norm + 1e-6)) if max_norm and max_norm > 0 and math.isfinite(norm) else 1.0
+        clip = clip_coefficient(norm, max_norm)
         losses = cross_entropy_rows(logits.double(), target_distribution(labels, logits.shape[-1], smoothing))
         record = {
             schema.STEP: torch.tensor(step),

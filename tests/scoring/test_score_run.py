@@ -74,7 +74,7 @@ def test_other_training_data_is_refused_before_any_work(quickstart):
 def test_sgd_methods_refuse_an_adamw_run(tmp_run):
     data = synthetic_text_dataset(24)
     record_run(tiny_bert(), data, tmp_run)
-    with pytest.raises(AccInfError, match="model runs trained with SGD; this run used AdamW"):
+    with pytest.raises(AccInfError, match="acc-sgd-ie models runs trained with SGD; this run used AdamW. Methods for this run: adam-ie, acc-adam-ie"):
         score_run(ScoreArguments(run_dir=str(tmp_run)), data, data)
 
 

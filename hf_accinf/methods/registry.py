@@ -1,0 +1,110 @@
+"""The one catalogue of methods (ARCHITECTURE.md F2): what each models and how it is built.
+
+Everything that lists methods (the engine, the argument checks, the CLI help, the paper harness,
+reports and benchmarks) reads :data:`METHODS`. A refusal names the methods that fit the run's
+optimizer, never an optimizer that no method models.
+
+>>> from hf_accinf.methods.registry import method_names
+>>> "acc-adam-ie" in method_names()
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import AccInfError
+from .removal import check_removal
+
+MODELLED_OPTIMIZERS = ("SGD", "Adam", "AdamW")  # torch classes; TrainingArguments.optim names below
+HF_OPTIM_NAMES = {"sgd": "SGD", "adamw_torch": "AdamW", "adamw_torch_fused": "AdamW", "adamw_hf": "AdamW"}
+
+
+@dataclass
+class MethodOptions:
+    """Method options from the score arguments (any object with these attributes will do)."""
+
+    removal: str = field(default="exact", metadata={"help": "exact or first-order removal (DESIGN.md section 4)."})
+    frozen_preconditioner: bool = field(
+        default=False, metadata={"help": "Adam family: hold v at its recorded value (Delta_v = 0), an ablation."}
+    )
+
+    @classmethod
+    def of(cls, args: Any = None, **overrides) -> "MethodOptions":
+        values = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        options = cls(**values)
+        check_removal(options.removal)
+        return options
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    display: str
+    optimizers: tuple[str, ...]  # torch optimizer classes whose runs the method models
+    accumulative: bool  # whether ACC correction policies apply
+    output: str  # "embeddings" (test-agnostic, dotted with a gradient) or "scores" (one objective)
+    build: Callable[[Any, MethodOptions], Any]
+
+
+def _sgd(problem, options: MethodOptions):
+    from .sgd import SGDRule
+
+    return SGDRule(problem, removal=options.removal)
+
+
+def _adam(problem, options: MethodOptions):
+    from .adam import AdamRule
+
+    return AdamRule(problem, removal=options.removal, frozen_preconditioner=options.frozen_preconditioner)
+
+
+def _tracin(problem, options: MethodOptions):
+    from .tracin import TracIn
+
+    return TracIn(problem)
+
+
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec("sgd-ie", "SGD-IE", ("SGD",), False, "embeddings", _sgd),
+    MethodSpec("acc-sgd-ie", "ACC-SGD-IE", ("SGD",), True, "embeddings", _sgd),
+    MethodSpec("adam-ie", "Adam-IE", ("Adam", "AdamW"), False, "embeddings", _adam),
+    MethodSpec("acc-adam-ie", "ACC-Adam-IE", ("Adam", "AdamW"), True, "embeddings", _adam),
+    MethodSpec("tracin", "TracIn", ("SGD", "Adam", "AdamW"), False, "scores", _tracin),
+)}
+
+
+def method_names(optimizer: str | None = None, output: str | None = None) -> list[str]:
+    """Registered methods, optionally those modelling ``optimizer`` or producing ``output``."""
+    return [name for name, spec in METHODS.items()
+            if (optimizer is None or optimizer in spec.optimizers) and (output is None or spec.output == output)]
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise AccInfError(f"Unknown method '{name}'. Available: {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+def check_fits(spec: MethodSpec, optimizer: str) -> None:
+    """Refuse a method that does not model the run's optimizer, naming the methods that do."""
+    if optimizer in spec.optimizers:
+        return
+    fitting = method_names(optimizer)
+    if fitting:
+        raise AccInfError(f"{spec.name} models runs trained with {'/'.join(spec.optimizers)}; this run used "
+                          f"{optimizer}. Methods for this run: {', '.join(fitting)}.")
+    raise AccInfError(f"No method models the optimizer {optimizer}. Record a run trained with "
+                      f"{' or '.join(MODELLED_OPTIMIZERS)} (TrainingArguments.optim='adamw_torch', the default, or 'sgd').")
+
+
+def build_method(problem, name: str, args: Any = None, **overrides):
+    """The method object for ``problem``: an :class:`~.base.UpdateRule` (``output == "embeddings"``) or a
+    direct scorer (``output == "scores"``), with ``accumulative`` and ``spec`` set from the registry."""
+    spec = get_method(name)
+    check_fits(spec, problem.optimizer.name)
+    method = spec.build(problem, MethodOptions.of(args, **overrides))
+    method.accumulative, method.spec = spec.accumulative, spec
+    return method
