@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from .. import __version__
 from ..config import ScoreArguments
 from ..data.columns import add_score_column
 from ..data.features import check_eval_labels, head_inputs
-from ..engine import CorrectionPolicy, ShardContext, estimate_influence
-from ..engine.estimator import make_rule
+from ..engine import CorrectionPolicy, InfluenceResult, ShardContext, estimate_influence
+from ..engine.adjoint import adjoint_scores, choose_form
 from ..engine.objective import scores_from_embeddings
+from ..engine.trust import trust_check
 from ..errors import AccInfError
+from ..methods.registry import build_method
 from ..problem import problem_from_run
 from ..trajectory import RunReader, Trajectory
 from . import artifacts
@@ -38,6 +41,8 @@ class ScoreResult:
     seconds: float
     output_dir: Path
     column: str
+    form: str = "forward"
+    trust: dict | None = None  # engine.trust.TrustReport.to_dict(): growth, epoch_growth, expansive, ratios
 
 
 def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
@@ -71,20 +76,38 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
                               args.windows(args.stage_steps), args.windows(args.stage_epochs))
     built = run.build_model(model=model)
     problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built)
-    make_rule(problem, args.method, args.removal)  # refuse a method/optimizer mismatch before the long work
+    method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
+    form, reason = ("direct", "the method scores one objective directly") if method.output == "scores" else \
+        choose_form(args.form, method.accumulative, args.score_kind, policy)
+    logger.info("form %s: %s", form, reason)
 
     inputs, labels = head_inputs(built, run.manifest.head.module, eval_dataset, collate_fn=collate_fn, tokenizer=tokenizer)
     check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
     final = run.head_parameters_at(run.num_steps)
-    result = estimate_influence(problem, args.method, args.removal, policy, args.schedule,
-                                args.memory_budget_gb, shard, progress)
+    curvature, trajectory = problem.curvature, problem.trajectory
+    began = time.perf_counter()
+    embeddings, trust = {}, None
+    if form == "direct":
+        scores = method.scores(lambda step: curvature.objective_grad(
+            {name: values[step] for name, values in trajectory.params.items()}, inputs, labels), progress and shard.is_main)
+        result = InfluenceResult(None, "direct", time.perf_counter() - began)
+    elif form == "adjoint":
+        scores = adjoint_scores(method, problem, curvature.objective_grad(final, inputs, labels), shard, progress, policy)
+        result = InfluenceResult(None, "adjoint", time.perf_counter() - began)
+    else:
+        result = estimate_influence(problem, method, policy=policy, schedule=args.schedule,
+                                    memory_budget_gb=args.memory_budget_gb, shard=shard, progress=progress)
     if not shard.is_main:
         return None
-    scores = scores_from_embeddings(problem.curvature, result.embeddings, final, inputs, labels, args.score_kind)
-    embeddings = {name: value.contiguous() for name, value in problem.curvature.unflatten(result.embeddings).items()}
+    if form == "forward":
+        scores = scores_from_embeddings(curvature, result.embeddings, final, inputs, labels, args.score_kind)
+        embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()}
+    if args.trust_probes > 0 and form != "direct":
+        trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
+                            progress=progress).to_dict()
     column = f"influence_{args.method.replace('-', '_')}"
-    _write(output_dir, args, run, result, scores, embeddings, train_dataset, column, len(labels))
-    return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column)
+    _write(output_dir, args, run, result, scores, embeddings, train_dataset, column, len(labels), form, trust)
+    return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column, form, trust)
 
 
 def check_finite(trajectory: Trajectory) -> None:
@@ -132,12 +155,11 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
 
 
 def _write(output_dir: Path, args: ScoreArguments, run: RunReader, result, scores, embeddings, train_dataset,
-           column: str, eval_rows: int) -> None:
+           column: str, eval_rows: int, form: str, trust: dict | None) -> None:
     metadata = {"method": args.method, "removal": args.removal, "schedule": result.schedule, "run_dir": str(args.run_dir)}
-    writers = {
-        artifacts.EMBEDDINGS_NAME: lambda path: save_file(embeddings, path, metadata=metadata),
-        artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata),
-    }
+    writers = {artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata)}
+    if embeddings:  # the adjoint form and direct scorers have none
+        writers[artifacts.EMBEDDINGS_NAME] = lambda path: save_file(embeddings, path, metadata=metadata)
     if hasattr(train_dataset, "save_to_disk"):
         writers[artifacts.DATASET_DIR] = lambda path: add_score_column(train_dataset, scores, column).save_to_disk(str(path))
     order = torch.argsort(scores)
@@ -147,7 +169,8 @@ def _write(output_dir: Path, args: ScoreArguments, run: RunReader, result, score
         "run": {"run_dir": str(args.run_dir), "model_class": manifest.model_class, "num_steps": manifest.num_steps,
                 "dataset_content_hash": manifest.dataset.get("content_hash"), "dataset_length": manifest.dataset["length"]},
         "method": args.method, "removal": args.removal, "modules": list(embeddings), "column": column,
-        "evaluation_rows": eval_rows, "arguments": args.to_dict(), "schedule": result.schedule,
+        "evaluation_rows": eval_rows, "arguments": args.to_dict(), "form": form, "trust": trust,
+        "schedule": result.schedule,
         "seconds": result.seconds, "cost_model": result.cost_model,
         "most_harmful": order[:10].tolist(), "most_helpful": order.flip(0)[:10].tolist(),
     }
