@@ -75,7 +75,7 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
     if form == "adjoint":
         began = time.perf_counter()
         scores = adjoint_scores(rule, problem, problem.curvature.objective_grad(final, inputs, labels), shard, progress)
-        result = InfluenceResult(None, "adjoint", time.perf_counter() - began)
+        result = InfluenceResult(None, "backward", time.perf_counter() - began)
     else:
         result = estimate_influence(problem, args.method, args.removal, policy, args.schedule,
                                     args.memory_budget_gb, shard, progress)
