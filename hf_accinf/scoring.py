@@ -66,7 +66,7 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
                               args.windows(args.stage_steps), args.windows(args.stage_epochs))
     problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules)
     rule, accumulative = make_rule(problem, args.method, args.removal)  # refuse a mismatch before the long work
-    form, reason = choose_form(args.form, accumulative, args.score_kind)
+    form, reason = choose_form(args.form, accumulative, args.score_kind, policy)
     logger.info("form %s: %s", form, reason)
 
     model = run.build_model()
@@ -74,7 +74,8 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
     final = run.head_parameters_at(run.num_steps)
     if form == "adjoint":
         began = time.perf_counter()
-        scores = adjoint_scores(rule, problem, problem.curvature.objective_grad(final, inputs, labels), shard, progress)
+        gradient = problem.curvature.objective_grad(final, inputs, labels)
+        scores = adjoint_scores(rule, problem, gradient, shard, progress, policy if accumulative else None)
         result = InfluenceResult(None, "backward", time.perf_counter() - began)
     else:
         result = estimate_influence(problem, args.method, args.removal, policy, args.schedule,
