@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         shard.close()
     if result is not None:
         order = torch.argsort(result.scores)
-        print(f"{args.method} ({args.removal} removal, {result.schedule} schedule) on {len(result.scores)} rows "
-              f"in {result.seconds:.2f} s; wrote {result.output_dir}")
+        print(f"{args.method} ({args.removal} removal, {result.form} form, {result.schedule} schedule) on "
+              f"{len(result.scores)} rows in {result.seconds:.2f} s; wrote {result.output_dir}")
+        if result.trust is not None:
+            print(f"trust: tangent growth {result.trust['growth']:.3g} over the run "
+                  f"({'EXPANSIVE, above' if result.trust['expansive'] else 'below'} {result.trust['threshold']:g})")
         print(f"most harmful rows (removing them lowers eval loss): {order[:5].tolist()} "
               f"scores {[f'{v:.2e}' for v in result.scores[order[:5]].tolist()]}")
         print(f"most helpful rows: {order.flip(0)[:5].tolist()} "

@@ -6,7 +6,10 @@ with the shared transition ``M_t``, so ``s_j = u_T . Delta^j_T = sum_{t: j in B_
 the one shared adjoint ``u_t = M_t^T u_{t+1}``, ``u_T = (grad L_val, 0, ...)`` on the full optimizer state.
 The injection of an occurrence is the classical occurrence step of a zero state (exact or first-order
 removal alike, repeated rows counted), so only the ``b`` rows of each step are touched: no ``N x S`` tensor.
-Accumulative corrections make the transition per-row; they need the forward form (``choose_form`` refuses).
+Accumulative corrections make the transition per-row. When they are limited to steps before ``s``
+(stage-limited ACC), DESIGN.md's hybrid applies: the forward form on ``[0, s)`` gives ``Delta^j_s`` and
+``s_j = u_s . Delta^j_s + sum_{t >= s, j in B_t} u_{t+1} . inj_{j,t}``. ACC at every occurrence, or at random
+ones, needs the forward form (``choose_form`` refuses the adjoint).
 """
 
 from __future__ import annotations
@@ -20,25 +23,31 @@ from tqdm.auto import tqdm
 from ..errors import AccInfError
 from ..methods.base import UpdateRule
 from ..problem import InfluenceProblem
-from .plan import build_plan
+from .plan import OccurrencePlan, build_plan, choose_schedule
+from .policies import CorrectionPolicy
+from .propagator import propagate
 from .sharding import ShardContext
+from .sweep import sweep
 
 logger = logging.getLogger(__name__)
 
 FORMS = ("auto", "forward", "adjoint")
 
 
-def choose_form(form: str, accumulative: bool, score_kind: str = "linear") -> tuple[str, str]:
+def choose_form(form: str, accumulative: bool, score_kind: str = "linear",
+                policy: CorrectionPolicy | None = None) -> tuple[str, str]:
     """The form to run and why: ``adjoint`` for a classical method scored linearly on one objective (its cost
     is one backward pass over the run whatever N), ``forward`` otherwise (it also gives test-agnostic
-    embeddings). A forced ``adjoint`` that cannot compute the request is refused before any work."""
+    embeddings). A forced ``adjoint`` runs stage-limited ACC as the hybrid; what it cannot compute is
+    refused before any work."""
     if form not in FORMS:
         raise AccInfError(f"Unknown form '{form}': use auto, forward or adjoint.")
     if form == "adjoint":
-        if accumulative:
+        if accumulative and (policy is None or policy.kind != "stage"):
             raise AccInfError(
-                "The adjoint form computes classical estimators only (sgd-ie): the accumulative correction makes "
-                "each row's transition its own. Use --form forward (or --form auto) for acc-sgd-ie."
+                "The adjoint form computes classical estimators (sgd-ie) and stage-limited ACC (correction=stage, "
+                "as a hybrid); ACC at every or at random occurrences makes each row's transition its own. Use "
+                "--form forward (or --form auto) for acc-sgd-ie."
             )
         if score_kind != "linear":
             raise AccInfError(
@@ -56,13 +65,31 @@ def choose_form(form: str, accumulative: bool, score_kind: str = "linear") -> tu
                        "(no embeddings written; --form forward gives them)")
 
 
-def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradient: torch.Tensor,
-                   shard: ShardContext | None = None, progress: bool = True) -> torch.Tensor | None:
-    """``s_j = u_T . Delta^j_T`` for every row ``j`` of a classical ``rule``, ``(N,)``, by one backward pass.
+def corrected_prefix(policy: CorrectionPolicy | None, epochs: torch.Tensor) -> int:
+    """``s``: no correction at steps ``>= s`` (0 for a classical policy). Refuses policies that correct anywhere."""
+    if policy is None or policy.kind == "none":
+        return 0
+    if policy.kind != "stage":
+        raise AccInfError(f"The adjoint form cannot run the '{policy.kind}' correction policy: use --form forward.")
+    probe = torch.zeros(1, dtype=torch.int64)
+    inside = [t for t, epoch in enumerate(epochs.tolist()) if bool(policy.coefficients(probe, t, epoch).any())]
+    return inside[-1] + 1 if inside else 0
 
-    ``objective_gradient`` ``(P,)`` is ``grad L_val(theta_T)`` in the rule's parameter layout. The shared
-    adjoint is the same on every process, so sharding by rows would save nothing: the main process computes
-    all rows and the others return ``None``.
+
+def _prefix_plan(plan: OccurrencePlan, stop: int) -> OccurrencePlan:
+    windows = [(a, min(z, stop)) for a, z in plan.windows if a < stop]
+    return OccurrencePlan(plan.start, plan.size, plan.steps[:stop], windows)
+
+
+def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradient: torch.Tensor,
+                   shard: ShardContext | None = None, progress: bool = True,
+                   policy: CorrectionPolicy | None = None) -> torch.Tensor | None:
+    """``s_j = u_T . Delta^j_T`` for every row ``j``, ``(N,)``, by one backward pass.
+
+    ``objective_gradient`` ``(P,)`` is ``grad L_val(theta_T)`` in the rule's parameter layout. ``policy``:
+    the correction coefficients (``None``: classical); a stage-limited policy runs the hybrid, whose forward
+    part on the corrected prefix holds ``N x S`` states. The shared adjoint is the same on every process,
+    so sharding by rows would save nothing: the main process computes all rows and the others return ``None``.
     """
     shard = shard or ShardContext.single()
     if objective_gradient.shape != (rule.param_dim,):
@@ -76,10 +103,11 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     dtype, device = objective_gradient.dtype, objective_gradient.device
     plan = build_plan(trajectory, 0, problem.num_samples, device)
     began = time.perf_counter()
+    prefix = corrected_prefix(policy, trajectory.epoch)
     adjoint = rule.final_objective_state(objective_gradient)[None]  # (1, S)
     scores = torch.zeros(problem.num_samples, dtype=dtype, device=device)
-    for step in tqdm(reversed(range(trajectory.num_steps)), total=trajectory.num_steps, desc="adjoint",
-                     disable=not progress, leave=False):
+    for step in tqdm(reversed(range(prefix, trajectory.num_steps)), total=trajectory.num_steps - prefix,
+                     desc="adjoint", disable=not progress, leave=False):
         ops = rule.at_step(step)
         occurrences = plan.steps[step]
         if len(occurrences.samples):
@@ -89,5 +117,13 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
                                       torch.zeros(count, dtype=dtype, device=device))
             scores.index_add_(0, occurrences.samples, injected @ adjoint[0])
         adjoint = ops.apply_adjoint(adjoint)
+    if prefix:
+        head = _prefix_plan(plan, prefix)
+        mean_batch = float(trajectory.row_offsets[prefix]) / prefix
+        schedule, costs = choose_schedule(head, problem.num_samples, rule.state_dim, mean_batch)
+        logger.info("hybrid: forward form (%s) on the corrected steps [0, %d), %s", schedule, prefix, costs)
+        run = sweep if schedule == "sweep" else propagate
+        states = run(rule, head, policy, trajectory.epoch, dtype, device, progress=progress)
+        scores += states @ adjoint[0]
     logger.info("adjoint form: %d steps backward in %.2f s", trajectory.num_steps, time.perf_counter() - began)
     return scores

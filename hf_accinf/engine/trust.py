@@ -5,12 +5,15 @@ Every estimate is a first-order prediction carried by the product of the step tr
 amplified too, and so is the part of it that the linearization drops: the run is chaotic and no
 first-order estimate predicts leave-one-out retraining. Two figures measure it:
 
-* **tangent growth**: ``||A||_2``, estimated by subspace (block power) iteration on ``A^T A`` with a few
-  random probes, ``ops.apply`` forward and ``ops.apply_adjoint`` backward, the block re-orthonormalized
-  (QR) at every step so that neither overflow nor the loss of the probes' independence can occur. The
-  estimate is the largest singular value of ``A`` on the probes' final subspace: a lower bound of
-  ``||A||_2`` that is exact when the probes span the state. The same QR factors give the growth of that
-  subspace over each epoch.
+* **tangent growth**: ``||P A P^T||_2``, the largest amplification of a parameter perturbation from the
+  start to the end of the run (``P`` keeps the parameter block of the state; optimizer states such as the
+  momentum buffer are carried through ``A`` but are not measured, since their units differ: a buffer's
+  norm scales with the curvature, so the whole state's norm would report the curvature's size, not
+  growth). Estimated by subspace (block power) iteration on ``(P A P^T)^T (P A P^T)`` with a few random
+  probes, ``ops.apply`` forward and ``ops.apply_adjoint`` backward, the block re-orthonormalized (QR) at
+  every step so that neither overflow nor the loss of the probes' independence can occur. The estimate
+  is the largest singular value on the probes' final subspace: a lower bound of the norm, exact when
+  the probes span the parameters. The same factors give the growth up to the end of each epoch.
 * **embedding ratio** (forward form): ``||Delta^j_T|| / sum_t ||inj_{j,t}||`` per row (parameter blocks),
   how much the run amplified what row ``j`` injected. With momentum ``mu`` a lone injection already
   reaches ``1/(1 - mu)`` times its size, curvature aside.
@@ -49,7 +52,7 @@ class TrustReport:
 
     growth: float  # estimate of ||M_{T-1} ... M_0||_2 (inf when it overflows a float; see log10_growth)
     log10_growth: float
-    epoch_growth: list[float]  # growth of the dominant subspace over each epoch
+    epoch_growth: list[float]  # the growth from the start to the end of each epoch (the last is ``growth``)
     probes: int
     iterations: int
     threshold: float = EXPANSIVE_GROWTH
@@ -63,7 +66,7 @@ class TrustReport:
         return {**asdict(self), "expansive": self.expansive}
 
     def message(self) -> str:
-        text = (f"tangent growth {self.growth:.3g} over the run (threshold {self.threshold:g}); per epoch "
+        text = (f"tangent growth {self.growth:.3g} over the run (threshold {self.threshold:g}); up to each epoch's end "
                 + ", ".join(f"{g:.3g}" for g in self.epoch_growth))
         if self.embedding_ratio:
             text += (f"; embedding/injected norm ratio median {self.embedding_ratio['median']:.3g}, "
@@ -77,30 +80,40 @@ def _orthonormal_rows(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.T, r
 
 
+def _padded(block: torch.Tensor, size: int) -> torch.Tensor:
+    """Parameter blocks ``(k, P)`` as states ``(k, S)`` with zero optimizer states."""
+    states = torch.zeros(len(block), size, dtype=block.dtype, device=block.device)
+    states[:, : block.shape[1]] = block
+    return states
+
+
 def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4, iterations: int = 1,
                    seed: int = 0, dtype: torch.dtype = torch.float64, device="cpu", injected: torch.Tensor | None = None,
                    progress: bool = False) -> tuple[float, list[float]]:
-    """``(log10 ||A||_2 estimate, per-epoch growth)`` for ``A = M_{T-1} ... M_0``.
+    """``(log10 ||P A P^T||_2 estimate, the same growth up to the end of each epoch)``.
 
-    ``iterations`` passes of ``A^T A`` (two sweeps over the trajectory each) precede a final forward pass,
-    which measures. If ``injected`` ``(N,)`` is given, the final pass also adds each occurrence's
-    injection norm (parameter block) to its row: the step operators are built there anyway.
+    ``A = M_{T-1} ... M_0`` on the whole state; ``P`` keeps its parameter block. ``iterations`` passes of
+    ``(P A P^T)^T (P A P^T)`` (two sweeps over the trajectory each) precede a final forward pass, which
+    measures. If ``injected`` ``(N,)`` is given, the final pass also adds each occurrence's injection norm
+    (parameter block) to its row: the step operators are built there anyway.
     """
     trajectory = problem.trajectory
-    steps, size = trajectory.num_steps, rule.state_dim
+    steps, size, params = trajectory.num_steps, rule.state_dim, rule.param_dim
     generator = torch.Generator().manual_seed(seed)
-    block, _ = _orthonormal_rows(torch.randn(min(probes, size), size, generator=generator, dtype=dtype).to(device))
+    probe, _ = _orthonormal_rows(torch.randn(min(probes, params), params, generator=generator, dtype=dtype).to(device))
     bar = tqdm(total=(2 * iterations + 1) * steps, desc="trust", disable=not progress, leave=False)
     for _ in range(iterations):
         for order, move in ((range(steps), "apply"), (reversed(range(steps)), "apply_adjoint")):
+            block = _padded(probe, size)
             for step in order:
                 block, _ = _orthonormal_rows(getattr(rule.at_step(step), move)(block))
                 bar.update()
+            probe, _ = _orthonormal_rows(block[:, :params])
     plan = build_plan(trajectory, 0, problem.num_samples, device) if injected is not None else None
-    product = torch.eye(len(block), dtype=dtype, device=device)
+    block = _padded(probe, size)
+    product = torch.eye(len(block), dtype=dtype, device=device)  # block_t = (R_{t-1} ... R_0)^T Q_t
     log_scale = 0.0
-    epoch_growth: list[float] = []
-    epoch_product, epoch_log = product.clone(), 0.0
+    growth: list[float] = []
     epochs = trajectory.epoch.tolist()
     for step in range(steps):
         ops = rule.at_step(step)
@@ -113,15 +126,12 @@ def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4,
             injected.index_add_(0, occurrences.samples, rule.parameter_part(injection).norm(dim=1).to(injected.dtype))
         block, r = _orthonormal_rows(ops.apply(block))
         product, scale = _rescaled(r @ product)
-        epoch_product, epoch_scale = _rescaled(r @ epoch_product)
-        log_scale, epoch_log = log_scale + scale, epoch_log + scale
+        log_scale += scale
         if step + 1 == steps or epochs[step + 1] != epochs[step]:
-            epoch_growth.append(_growth(epoch_product, epoch_log))
-            epoch_product, epoch_log = torch.eye(len(block), dtype=dtype, device=device), 0.0
+            growth.append(_log10_norm(product.T @ block[:, :params], log_scale))
         bar.update()
     bar.close()
-    top = float(torch.linalg.matrix_norm(product, ord=2))
-    return (math.log10(top) if top > 0 else -math.inf) + log_scale / math.log(10), epoch_growth
+    return growth[-1], [10.0**g if g < 300 else math.inf for g in growth]
 
 
 def _rescaled(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -132,12 +142,10 @@ def _rescaled(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
     return matrix / norm, math.log(norm)
 
 
-def _growth(product: torch.Tensor, log_scale: float) -> float:
-    top = float(torch.linalg.matrix_norm(product, ord=2))
-    if top == 0.0:
-        return 0.0
-    exponent = math.log(top) + log_scale
-    return math.exp(exponent) if exponent < 700 else math.inf
+def _log10_norm(matrix: torch.Tensor, log_scale: float) -> float:
+    """``log10(||matrix||_2 e^log_scale)``."""
+    top = float(torch.linalg.matrix_norm(matrix, ord=2))
+    return (math.log10(top) if top > 0 else -math.inf) + log_scale / math.log(10)
 
 
 def trust_check(rule: UpdateRule, problem: InfluenceProblem, embeddings: torch.Tensor | None = None,
@@ -160,7 +168,7 @@ def trust_check(rule: UpdateRule, problem: InfluenceProblem, embeddings: torch.T
             ratio = {"median": float(values.median()), "p90": float(torch.quantile(values, 0.9)),
                      "max": float(values.max()), "argmax": int(rows[values.argmax()])}
     growth = 10.0**log10_growth if log10_growth < 300 else math.inf
-    report = TrustReport(growth, log10_growth, epoch_growth, min(probes, rule.state_dim), iterations, threshold, ratio)
+    report = TrustReport(growth, log10_growth, epoch_growth, min(probes, rule.param_dim), iterations, threshold, ratio)
     if report.expansive:
         logger.warning("The run is expansive: %s. First-order estimates (every method) are unreliable where "
                        "training amplifies perturbations; check a few rows by retraining.", report.message())

@@ -78,7 +78,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built)
     method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
     form, reason = ("direct", "the method scores one objective directly") if method.output == "scores" else \
-        choose_form(args.form, method.accumulative, args.score_kind, policy)
+        choose_form(args.form, method.accumulative, args.score_kind, policy if method.accumulative else None)
     logger.info("form %s: %s", form, reason)
 
     inputs, labels = head_inputs(built, run.manifest.head.module, eval_dataset, collate_fn=collate_fn, tokenizer=tokenizer)
@@ -92,8 +92,9 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
             {name: values[step] for name, values in trajectory.params.items()}, inputs, labels), progress and shard.is_main)
         result = InfluenceResult(None, "direct", time.perf_counter() - began)
     elif form == "adjoint":
-        scores = adjoint_scores(method, problem, curvature.objective_grad(final, inputs, labels), shard, progress, policy)
-        result = InfluenceResult(None, "adjoint", time.perf_counter() - began)
+        gradient = curvature.objective_grad(final, inputs, labels)
+        scores = adjoint_scores(method, problem, gradient, shard, progress, policy if method.accumulative else None)
+        result = InfluenceResult(None, "backward", time.perf_counter() - began)
     else:
         result = estimate_influence(problem, method, policy=policy, schedule=args.schedule,
                                     memory_budget_gb=args.memory_budget_gb, shard=shard, progress=progress)

@@ -1,0 +1,48 @@
+"""``--form``: the adjoint form's scores equal the forward form's on a recorded run; trust figures are written."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from hf_accinf import AccInfError
+from hf_accinf.cli import main
+from hf_accinf.config import ScoreArguments
+from hf_accinf.examples import digits_dataset
+from hf_accinf.scoring import score_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("forms")
+    assert main(["train", "--output_dir", str(out), "--num_rows", "64", "--num_train_epochs", "2"]) == 0
+    return out / "accinf"
+
+
+def test_adjoint_and_forward_forms_write_the_same_scores(run_dir):
+    outputs = {}
+    for form in ("forward", "auto"):
+        (run_dir / form).mkdir()
+        (run_dir / form / "embeddings.safetensors").write_bytes(b"stale")  # an earlier run's: must not survive
+        assert main(["score", "--run_dir", str(run_dir), "--method", "sgd-ie", "--form", form,
+                     "--output_dir", str(run_dir / form)]) == 0
+        outputs[form] = (load_file(run_dir / form / "scores.safetensors")["scores"],
+                         json.loads((run_dir / form / "scores.json").read_text()))
+    (forward, forward_json), (adjoint, adjoint_json) = outputs["forward"], outputs["auto"]
+    assert adjoint_json["form"] == "adjoint" and forward_json["form"] == "forward"  # auto: classical, linear
+    assert (adjoint - forward).abs().max() <= 1e-9 * forward.abs().max()
+    assert not (run_dir / "auto" / "embeddings.safetensors").exists()
+    assert load_file(run_dir / "forward" / "embeddings.safetensors")["weight"].shape[0] == 64
+    for summary in (forward_json, adjoint_json):
+        trust = summary["trust"]
+        assert trust["growth"] > 0 and len(trust["epoch_growth"]) == 2
+        assert trust["expansive"] == (trust["growth"] > trust["threshold"])
+    assert forward_json["trust"]["embedding_ratio"]["max"] > 0 and adjoint_json["trust"]["embedding_ratio"] is None
+    assert forward_json["trust"]["growth"] == pytest.approx(adjoint_json["trust"]["growth"], rel=1e-12)
+
+
+def test_an_accumulative_method_in_the_adjoint_form_is_refused_before_any_work(run_dir):
+    args = ScoreArguments(run_dir=str(run_dir), method="acc-sgd-ie", form="adjoint", output_dir=str(run_dir / "acc"))
+    with pytest.raises(AccInfError, match="--form forward"):
+        score_run(args, digits_dataset(64), digits_dataset(10, offset=64))
+    assert not (run_dir / "acc").exists()
