@@ -50,6 +50,8 @@ GRAD_PREFIX = "grad."
 STATE_PREFIX = "state."
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+# TrainingArguments.optim values that build one of SUPPORTED_OPTIMIZERS (the methods registry models those).
+MODELLED_HF_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")
 
 
 def content_hash(dataset) -> str | None:
