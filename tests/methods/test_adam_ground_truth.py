@@ -56,21 +56,25 @@ def test_retraining_reproduces_the_recorded_adamw_run(adamw_digits):
 
 @pytest.mark.slow
 def test_acc_adam_ie_exact_beats_adam_ie_and_tracin_against_retraining(adamw_digits):
+    """Kendall tau (both score kinds) and Jaccard@10 (evaluated scores) against retraining: ACC-Adam-IE with
+    exact removal > Adam-IE first-order > TracIn by a wide margin (DESIGN.md calibration: 0.977 / 0.940 / 0.425)."""
     problem, final, x_val, y_val, truth = adamw_digits
     curvature, trajectory = problem.curvature, problem.trajectory
     reports = {}
     for name, method, removal in (("acc-adam-ie exact", "acc-adam-ie", "exact"),
                                   ("adam-ie first-order", "adam-ie", "first-order")):
-        rule = build_method(problem, method, removal=removal)
-        embeddings = estimate_influence(problem, rule, progress=False).embeddings
-        scores = scores_from_embeddings(curvature, embeddings, final, x_val, y_val)
-        reports[name] = agreement(scores, truth, percents=(10,))
+        embeddings = estimate_influence(problem, build_method(problem, method, removal=removal), progress=False).embeddings
+        for kind in ("linear", "evaluated"):
+            scores = scores_from_embeddings(curvature, embeddings, final, x_val, y_val, kind=kind)
+            reports[name, kind] = agreement(scores, truth, percents=(10,))
     tracin = build_method(problem, "tracin").scores(lambda step: curvature.objective_grad(
         {n: v[step] for n, v in trajectory.params.items()}, x_val, y_val))
-    reports["tracin"] = agreement(tracin, truth, percents=(10,))
-    for name, report in reports.items():
-        print(f"{name:22s} kendall tau {report['kendall_tau']:.3f}  jaccard@10 {report['jaccard@10']:.3f}")
-    exact, first, baseline = reports["acc-adam-ie exact"], reports["adam-ie first-order"], reports["tracin"]
-    assert exact["kendall_tau"] > first["kendall_tau"] > baseline["kendall_tau"] + 0.2, reports
-    assert exact["jaccard@10"] >= first["jaccard@10"] >= baseline["jaccard@10"], reports
-    assert exact["kendall_tau"] > 0.95, reports
+    reports["tracin", "linear"] = reports["tracin", "evaluated"] = agreement(tracin, truth, percents=(10,))
+    for (name, kind), report in reports.items():
+        print(f"{name:20s} {kind:9s} kendall tau {report['kendall_tau']:.3f}  jaccard@10 {report['jaccard@10']:.3f}")
+    for kind in ("linear", "evaluated"):
+        exact, first, baseline = (reports[name, kind] for name in ("acc-adam-ie exact", "adam-ie first-order", "tracin"))
+        assert exact["kendall_tau"] > first["kendall_tau"] > baseline["kendall_tau"] + 0.3, reports
+        assert exact["kendall_tau"] > 0.95, reports
+    exact, first, baseline = (reports[name, "evaluated"] for name in ("acc-adam-ie exact", "adam-ie first-order", "tracin"))
+    assert exact["jaccard@10"] >= first["jaccard@10"] >= baseline["jaccard@10"] + 0.2, reports
