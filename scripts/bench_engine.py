@@ -8,7 +8,9 @@
    ACC-SGD-IE); sweeps too long to run whole are timed on their first steps and extrapolated
    (marked "est.");
 3. ACC-SGD-IE against SGD-IE, randomized (p = 0.5) and stage-limited (first epoch) corrections;
-4. achieved GFLOP/s of the per-step transition against a plain ``torch.matmul`` of the same shape.
+4. achieved GFLOP/s of the per-step transition against a plain ``torch.matmul`` of the same shape;
+5. cost per method of the registry on the same head trained with AdamW (warm-up, linear decay,
+   clipping 1.0), both schedules (``--adam-size`` rows).
 
 The machine is printed first. Every figure comes from this one run.
 """
@@ -27,14 +29,16 @@ from hf_accinf.engine import CorrectionPolicy, estimate_influence
 from hf_accinf.engine.estimator import make_rule
 from hf_accinf.engine.plan import build_plan, choose_schedule
 from hf_accinf.engine.sweep import sweep
-from hf_accinf.evaluation.retrain import train_sgd
+from hf_accinf.evaluation.retrain import train_recorded, train_sgd
+from hf_accinf.methods.registry import METHODS, build_method, method_names
 from hf_accinf.problem import InfluenceProblem, make_curvature
 
 WIDTH, CLASSES, BATCH, EPOCHS, LR = 768, 2, 32, 3, 0.05
 
 
-def linear_head_problem(num_samples: int, dtype: torch.dtype, seed: int = 0) -> InfluenceProblem:
-    """A linear head on ``WIDTH``-wide features trained with SGD (labels from a noisy linear teacher)."""
+def linear_head_problem(num_samples: int, dtype: torch.dtype, seed: int = 0, optimizer: str = "SGD") -> InfluenceProblem:
+    """A linear head on ``WIDTH``-wide features trained with SGD, or with AdamW as the HF default recipe
+    (10% warm-up then linear decay, clipping 1.0), labels from a noisy linear teacher."""
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(num_samples, WIDTH, generator=generator, dtype=dtype) / WIDTH**0.5
     teacher = torch.randn(WIDTH, CLASSES, generator=generator, dtype=dtype) * 3
@@ -42,7 +46,13 @@ def linear_head_problem(num_samples: int, dtype: torch.dtype, seed: int = 0) -> 
     batches = [b for _ in range(EPOCHS) for b in torch.randperm(num_samples, generator=generator).split(BATCH)]
     torch.manual_seed(seed)
     head = nn.Linear(WIDTH, CLASSES).to(dtype)
-    trajectory, spec = train_sgd(head, features, labels, batches, [LR] * len(batches))
+    if optimizer == "SGD":
+        trajectory, spec = train_sgd(head, features, labels, batches, [LR] * len(batches))
+    else:
+        steps, warm = len(batches), max(1, len(batches) // 10)
+        lrs = [1e-3 * min((t + 1) / warm, (steps - t) / (steps - warm)) for t in range(steps)]
+        trajectory, spec = train_recorded(head, features, labels, batches, lrs, optimizer, weight_decay=0.01,
+                                          max_grad_norm=1.0, no_decay=("bias",))
     curvature = make_curvature(trajectory, head, ["weight", "bias"], 0.0, dtype, "cpu")
     problem = InfluenceProblem(trajectory, curvature, spec, num_samples)
     problem.head = head
@@ -185,6 +195,27 @@ def bench_flops(dtype: torch.dtype, repeats: int = 30) -> None:
           f"({100 * transition_rate / matmul_rate:.0f}% of matmul) |")
 
 
+def bench_methods(size: int, dtype: torch.dtype) -> None:
+    """Every registered method that models AdamW, on one AdamW run, forward form in both schedules."""
+    problem = linear_head_problem(size, dtype, optimizer="AdamW")
+    print(f"\n### 5. Cost per method on an AdamW run (N = {size}, linear head {WIDTH} x {CLASSES}, batch {BATCH}, "
+          f"{EPOCHS} epochs, {str(dtype).replace('torch.', '')})\n")
+    print("| method | removal | state | sweep (s) | propagator (s) |\n|---|---|---|---|---|")
+    objective = torch.randn(problem.curvature.dim, dtype=dtype)
+    for name in method_names("AdamW"):
+        if METHODS[name].output == "scores":
+            _, seconds = timed(build_method(problem, name).scores, lambda step: objective)
+            print(f"| {METHODS[name].display} | - | - | {seconds:.2f} (direct scores) | - |")
+            continue
+        variants = [("exact", False), ("first-order", False)] + ([("exact", True)] if name.startswith("acc-") else [])
+        for removal, frozen in variants:
+            rule = build_method(problem, name, removal=removal, frozen_preconditioner=frozen)
+            times = [timed(estimate_influence, problem, rule, schedule=schedule, progress=False)[1]
+                     for schedule in ("sweep", "propagator")]
+            label = removal + (", frozen v" if frozen else "")
+            print(f"| {METHODS[name].display} | {label} | {rule.state_dim} | {times[0]:.2f} | {times[1]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -192,7 +223,8 @@ def main() -> None:
     parser.add_argument("--oracle-samples", type=int, default=20)
     parser.add_argument("--sweep-budget-steps", type=int, default=1000)
     parser.add_argument("--policy-size", type=int, default=10000)
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--adam-size", type=int, default=2000)
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     options = parser.parse_args()
     dtype = getattr(torch, options.dtype)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -203,6 +235,7 @@ def main() -> None:
         2: lambda: bench_schedules(options.sizes, dtype, options.sweep_budget_steps),
         3: lambda: bench_policies(options.policy_size, dtype),
         4: lambda: bench_flops(dtype),
+        5: lambda: bench_methods(options.adam_size, dtype),
     }
     for section in options.sections:
         sections[section]()

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..engine import estimate_influence
 from ..engine.objective import SCORE_KINDS, scores_from_embeddings
+from ..methods.registry import method_names
 from ..problem import InfluenceProblem, make_curvature
 from ..trajectory import Trajectory
 from .datasets import NoiseSetting, Split, make_split
@@ -27,7 +28,7 @@ from .metrics import agreement
 from .retrain import leave_one_out_sgd, mean_loss, train_sgd
 
 MODELS = ("dnn", "logreg")
-ESTIMATORS = ("sgd-ie", "acc-sgd-ie")
+ESTIMATORS = tuple(method_names("SGD", output="embeddings"))  # the paper's estimators, from the registry
 
 
 class ZeroLogit(nn.Module):

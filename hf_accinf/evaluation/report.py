@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..methods.registry import METHODS
+from .experiments import ESTIMATORS
 from .paper import PAPER_DATASET, PAPER_METRICS, TABLE1
 
 METRICS = ("rmse", "kendall_tau", "jaccard@70", "jaccard@50", "jaccard@30", "jaccard@10")
 HEADERS = ("RMSE", "Kendall", "J@70", "J@50", "J@30", "J@10", "param err")
-METHOD_NAMES = {"sgd-ie": "SGD-IE", "acc-sgd-ie": "ACC-SGD-IE"}
+METHOD_NAMES = {name: METHODS[name].display for name in ESTIMATORS}
 DATASET_NAMES = {"adult": "Adult", "digits": "digits (MNIST stand-in)", "text": "RT text (20News stand-in)"}
 LOWER_IS_BETTER = {"rmse", "param err"}
 

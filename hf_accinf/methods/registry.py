@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import AccInfError
+from ..trajectory.schema import MODELLED_HF_OPTIMS, SUPPORTED_OPTIMIZERS as MODELLED_OPTIMIZERS
 from .removal import check_removal
-
-MODELLED_OPTIMIZERS = ("SGD", "Adam", "AdamW")  # torch classes; TrainingArguments.optim names below
-HF_OPTIM_NAMES = {"sgd": "SGD", "adamw_torch": "AdamW", "adamw_torch_fused": "AdamW", "adamw_hf": "AdamW"}
 
 
 @dataclass
@@ -97,7 +95,7 @@ def check_fits(spec: MethodSpec, optimizer: str) -> None:
         raise AccInfError(f"{spec.name} models runs trained with {'/'.join(spec.optimizers)}; this run used "
                           f"{optimizer}. Methods for this run: {', '.join(fitting)}.")
     raise AccInfError(f"No method models the optimizer {optimizer}. Record a run trained with "
-                      f"{' or '.join(MODELLED_OPTIMIZERS)} (TrainingArguments.optim='adamw_torch', the default, or 'sgd').")
+                      f"{' or '.join(MODELLED_OPTIMIZERS)} (TrainingArguments.optim in {MODELLED_HF_OPTIMS}).")
 
 
 def build_method(problem, name: str, args: Any = None, **overrides):

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -142,6 +143,12 @@ class AccInfTrainer(Trainer):
                 "fp16 mixed precision is not supported by the recorder: its loss scaling and skipped steps are "
                 "not modelled. Train in float32 or with bf16=True."
             )
+        optim = getattr(self.args.optim, "value", str(self.args.optim))
+        if self.optimizer is None and optim not in schema.MODELLED_HF_OPTIMS:
+            warnings.warn(
+                f"TrainingArguments(optim='{optim}') builds an optimizer that no hf_accinf method models: the run "
+                f"cannot be scored. Use optim={' or '.join(repr(o) for o in schema.MODELLED_HF_OPTIMS)} "
+                "('adamw_torch' is the default).", UserWarning, stacklevel=2)
         self.capture = HeadCapture(self.head_selection.head)
         self.resuming = False
         self.last_grad_norm: float = math.nan

@@ -69,6 +69,8 @@ MICRO_KEYS = (MICRO_SIZE, RNG_CPU, RNG_CUDA)
 OFFSET_KEYS = (ROW_OFFSETS, MICRO_OFFSETS)
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+# TrainingArguments.optim values that build one of SUPPORTED_OPTIMIZERS (the methods registry models those).
+MODELLED_HF_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")
 
 
 TORCH_HASH_ROWS = 4096

@@ -1,0 +1,80 @@
+"""The default HF recipe end to end: AccInfTrainer with TrainingArguments' default optimizer (adamw_torch),
+warm-up then linear decay and clipping at 1.0, scored by every method that models it, from Python and the CLI."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from hf_accinf import AccInfError, AccInfTrainer, RecordingArguments
+from hf_accinf.cli import main
+from hf_accinf.config import ScoreArguments
+from hf_accinf.data.features import head_inputs
+from hf_accinf.examples import synthetic_text_dataset, tiny_bert
+from hf_accinf.methods.registry import method_names
+from hf_accinf.problem import problem_from_run
+from hf_accinf.scoring import score_run
+from hf_accinf.trajectory import RunReader
+from tests.conftest import record_run
+
+
+@pytest.fixture(scope="module")
+def default_recipe(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("adamw") / "accinf"
+    data = synthetic_text_dataset(24)
+    trainer = record_run(tiny_bert(), data, run_dir, warmup_steps=0.25, learning_rate=5e-3)
+    assert trainer.args.optim.value in ("adamw_torch", "adamw_torch_fused") and trainer.args.max_grad_norm == 1.0
+    return run_dir, data
+
+
+def test_the_run_records_adamw_moments_and_step_counts(default_recipe):
+    run_dir, _ = default_recipe
+    run = RunReader(run_dir)
+    trajectory = run.trajectory()
+    assert run.manifest.optimizer_class == "AdamW"
+    assert torch.equal(trajectory.optimizer_step_count, torch.arange(trajectory.num_steps))  # count before each step
+    assert all(trajectory.states[f"{name}.exp_avg"][0].abs().max() == 0 for name in run.manifest.head.chosen)
+    assert method_names(run.manifest.optimizer_class) == ["adam-ie", "acc-adam-ie", "tracin"]
+
+
+@pytest.mark.parametrize("method", ["adam-ie", "acc-adam-ie", "tracin"])
+def test_adam_family_and_tracin_score_the_default_recipe(default_recipe, method, tmp_path):
+    run_dir, data = default_recipe
+    result = score_run(ScoreArguments(run_dir=str(run_dir), method=method, output_dir=str(tmp_path)), data, data,
+                       progress=False)
+    assert result.scores.shape == (24,) and torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
+    assert (tmp_path / "scores.safetensors").is_file()
+    assert (tmp_path / "embeddings.safetensors").is_file() == (method != "tracin")
+    if method == "tracin":  # TracIn by hand: sum over steps of w_r eta_t grad L(theta_t) . g_r(theta_t)
+        run = RunReader(run_dir)
+        problem = problem_from_run(run)
+        inputs, labels = head_inputs(run.build_model(), run.manifest.head.module, data)
+        trajectory, curvature = problem.trajectory, problem.curvature
+        expected = torch.zeros(24, dtype=torch.float64)
+        for step in range(trajectory.num_steps):
+            params = {n: v[step] for n, v in trajectory.params.items()}
+            objective = curvature.objective_grad(params, inputs, labels)
+            rows = trajectory.rows_of(step)
+            for position, row in enumerate(trajectory.row_index[rows].tolist()):
+                gradient = curvature.example_grads(params, trajectory.head_input[rows][position : position + 1],
+                                                   trajectory.labels[rows][position : position + 1])[0]
+                expected[row] += float(trajectory.row_weight[rows][position] * trajectory.lr[step, 0]
+                                       * (gradient @ objective))
+        torch.testing.assert_close(result.scores, expected, rtol=1e-9, atol=1e-15)
+
+
+def test_cli_scores_with_acc_adam_ie(default_recipe, tmp_path):
+    run_dir, data = default_recipe
+    data.save_to_disk(str(tmp_path / "train"))
+    assert main(["score", "--run_dir", str(run_dir), "--method", "acc-adam-ie", "--train_data", str(tmp_path / "train"),
+                 "--eval_data", str(tmp_path / "train"), "--output_dir", str(tmp_path / "scores")]) == 0
+    assert load_file(tmp_path / "scores" / "scores.safetensors")["scores"].shape == (24,)
+    with pytest.raises(AccInfError, match="Methods for this run: adam-ie, acc-adam-ie, tracin"):
+        score_run(ScoreArguments(run_dir=str(run_dir), method="sgd-ie"), data, data)
+
+
+def test_trainer_warns_at_construction_for_an_unmodelled_optimizer(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), optim="adafactor", use_cpu=True, report_to=[])
+    with pytest.warns(UserWarning, match="no hf_accinf method models"):
+        AccInfTrainer(model=tiny_bert(), args=args, train_dataset=synthetic_text_dataset(8),
+                      recording=RecordingArguments(run_dir=str(tmp_path / "run")))
