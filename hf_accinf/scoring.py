@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +116,8 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
 
 def _write(output_dir: Path, args: ScoreArguments, result, scores, embeddings, train_dataset, column: str,
            form: str, trust: dict | None) -> None:
-    metadata = {"method": args.method, "removal": args.removal, "schedule": result.schedule, "run_dir": str(args.run_dir)}
+    metadata = {"method": args.method, "removal": args.removal, "form": form, "schedule": result.schedule,
+                "run_dir": str(args.run_dir)}
     if embeddings:
         write_atomic(output_dir / "embeddings.safetensors", lambda tmp: save_file(embeddings, tmp, metadata=metadata))
     elif (output_dir / "embeddings.safetensors").exists():  # a previous forward run's: not these scores' embeddings
