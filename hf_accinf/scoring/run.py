@@ -157,7 +157,8 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
 
 def _write(output_dir: Path, args: ScoreArguments, run: RunReader, result, scores, embeddings, train_dataset,
            column: str, eval_rows: int, form: str, trust: dict | None) -> None:
-    metadata = {"method": args.method, "removal": args.removal, "schedule": result.schedule, "run_dir": str(args.run_dir)}
+    metadata = {"method": args.method, "removal": args.removal, "form": form, "schedule": result.schedule,
+                "run_dir": str(args.run_dir)}
     writers = {artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata)}
     if embeddings:  # the adjoint form and direct scorers have none
         writers[artifacts.EMBEDDINGS_NAME] = lambda path: save_file(embeddings, path, metadata=metadata)
