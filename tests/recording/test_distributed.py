@@ -57,6 +57,13 @@ def test_two_processes_record_the_global_batches_they_consumed(tmp_path):
     # Trainer treats it as normalised over the step: it multiplies it by the world size (2) and skips the division by
     # gradient accumulation (2); DDP then averages over the 2 processes. Each row weighs 2 / 4 / 2 = 1/4, not 1/16.
     torch.testing.assert_close(trajectory.row_weight, torch.full_like(trajectory.row_weight, 1 / 4))
+    # The recorded loss is the objective whose gradient the optimizer applied, sum_i w_i l_i over both processes'
+    # rows (recomputed from the recorded head inputs and head parameters), not that times the world size.
+    for step in range(trajectory.num_steps):
+        rows = trajectory.rows_of(step)
+        logits = trajectory.head_input[rows].double() @ trajectory.params["weight"][step].double().T + trajectory.params["bias"][step].double()
+        losses = torch.nn.functional.cross_entropy(logits, trajectory.labels[rows], reduction="none")
+        torch.testing.assert_close(trajectory.loss[step].double(), (trajectory.row_weight[rows] * losses).sum(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

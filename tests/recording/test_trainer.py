@@ -160,3 +160,43 @@ def test_resume_past_the_recorded_steps_is_refused(tmp_path):
     manifest = schema.Manifest.from_dict(json.loads((tmp_path / "run" / "manifest.json").read_text()))
     with pytest.raises(AccInfError, match="holds only steps 0..5"):
         RunWriter(tmp_path / "run", manifest).truncate(7)
+
+
+def test_a_diverging_run_stops_naming_the_step(tmp_run):
+    class PoisonLearningRate(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step == 2:
+                for group in optimizer.param_groups:
+                    group["lr"] = float("nan")
+
+    with pytest.raises(AccInfError, match="non-finite learning rate at optimizer step 2"):
+        record_run(tiny_bert(), synthetic_text_dataset(40), tmp_run, callbacks=[PoisonLearningRate()], optim="sgd")
+    assert json.loads((tmp_run / "manifest.json").read_text())["num_steps"] == 2  # the steps before it, kept
+    with pytest.raises(AccInfError, match="incomplete"):
+        RunReader(tmp_run)
+
+
+def test_multi_label_targets_are_refused_before_anything_is_written(tmp_run):
+    data = synthetic_text_dataset(8).map(lambda row: {"labels": [float(row["labels"]), 1.0 - float(row["labels"])]})
+    with pytest.raises(AccInfError, match="not one class index per row: multi-label"):
+        AccInfTrainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_run) + "-out", use_cpu=True, report_to=[]),
+                      train_dataset=data, recording=RecordingArguments(run_dir=str(tmp_run)))
+    assert not tmp_run.exists()
+
+
+def test_resuming_a_model_that_was_not_restored_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    data = synthetic_text_dataset(num_rows=24)
+    common = dict(save_strategy="steps", save_steps=2, output_dir=str(tmp_path / "out"))
+    with pytest.raises(KeyboardInterrupt):
+        record_run(tiny_bert(), data, tmp_path / "run", callbacks=[StopAt(3)], recording={"checkpoint_every": 10}, **common)
+    # transformers restores what the checkpoint's keys match; here the body stays as initialised elsewhere.
+    weights = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
+    state = load_file(weights)
+    key = next(k for k in state if k.startswith("bert.embeddings.word_embeddings"))
+    state[key] = state[key] + 0.5
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(AccInfError, match="does not match the run's own weights at step 2.*bert.embeddings.word_embeddings"):
+        record_run(tiny_bert(), data, tmp_path / "run", resume=str(tmp_path / "out" / "checkpoint-2"),
+                   recording={"checkpoint_every": 10}, **common)

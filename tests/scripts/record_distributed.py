@@ -6,7 +6,7 @@ import os
 import sys
 
 import torch
-from transformers import TrainingArguments, default_data_collator
+from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 from hf_accinf import AccInfTrainer, RecordingArguments
 from hf_accinf.examples import synthetic_text_dataset, tiny_bert
@@ -22,6 +22,17 @@ class LoggedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         self.served.append(int(index))
         return self.dataset[index]
+
+
+class ForgetReadsBeforeTraining(TrainerCallback):
+    """The recorder reads rows to hash the dataset (on_train_begin); only what the dataloader served counts."""
+
+    def __init__(self, dataset):
+        self.dataset, self.cleared = dataset, False
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if not self.cleared:
+            self.dataset.served, self.cleared = [], True
 
 
 class LoggedCollator:
@@ -43,6 +54,7 @@ def main(out_dir: str, use_cpu: bool) -> None:
     trainer = AccInfTrainer(
         model=tiny_bert(), args=args, train_dataset=dataset, data_collator=collator,
         recording=RecordingArguments(run_dir=os.path.join(out_dir, "run"), checkpoint_every=4),
+        callbacks=[ForgetReadsBeforeTraining(dataset)],
     )
     trainer.train()
     rank = trainer.args.process_index

@@ -81,3 +81,15 @@ def test_run_with_missing_files_is_refused(dense_and_sparse, tmp_path):
 def test_directory_without_manifest_is_refused(tmp_path):
     with pytest.raises(AccInfError, match="not an hf_accinf run directory"):
         RunReader(tmp_path)
+
+
+@pytest.mark.parametrize("damaged", ["manifest", "segment", "checkpoint"])
+def test_truncated_files_are_named_with_the_fix(dense_and_sparse, tmp_path, damaged):
+    run_dir = _copy_run(dense_and_sparse[1], tmp_path)
+    path = {"manifest": run_dir / schema.MANIFEST_NAME, "segment": next((run_dir / schema.STEPS_DIR).iterdir()),
+            "checkpoint": run_dir / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(0) / schema.MODEL_WEIGHTS_NAME}[damaged]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(AccInfError, match=f"{path}.*(damaged|truncated).*again"):
+        run = RunReader(run_dir)
+        run.trajectory()
+        run.load_checkpoint(0)
