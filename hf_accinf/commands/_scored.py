@@ -59,8 +59,11 @@ def parse(parser: HfArgumentParser, argv: list[str] | None):
 def new_parser(name: str, description: str, dataclasses: tuple, subparsers=None) -> HfArgumentParser:
     """An ``HfArgumentParser`` for ``dataclasses``, standalone or as subcommand ``name`` of ``subparsers``."""
     if subparsers is not None:
-        parser = subparsers.add_parser(name, help=description, description=description, parser_class=HfArgumentParser,
-                                       dataclass_types=dataclasses)
+        previous, subparsers._parser_class = subparsers._parser_class, HfArgumentParser  # argparse < 3.12 takes no parser_class
+        try:
+            parser = subparsers.add_parser(name, help=description, description=description, dataclass_types=dataclasses)
+        finally:
+            subparsers._parser_class = previous
     else:
         parser = HfArgumentParser(dataclasses, prog=f"hf-accinf {name}", description=description)
     parser.add_argument("--config", default=None, help="YAML file of argument defaults; flags given here override it.")

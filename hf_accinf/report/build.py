@@ -57,6 +57,7 @@ def build_report(dataset: Dataset, args: ReportArguments) -> Report:
     if not columns:
         raise AccInfError(f"No score columns in the dataset (columns {dataset.column_names}): attach scores with --scores_dir.")
     truth = _truth(args.truth, len(dataset))
+    plots.pyplot()  # matplotlib present, before any work
     target = Path(args.output_dir)
     if target.exists() and any(target.iterdir()):
         if not args.overwrite:

@@ -9,8 +9,13 @@ import numpy as np
 HELPFUL, HARMFUL = "#2a7ab0", "#c8442f"
 
 
-def _pyplot():
-    import matplotlib
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        from ..errors import AccInfError
+
+        raise AccInfError("Reports need matplotlib: pip install 'hf_accinf[report]'.") from error
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -21,7 +26,7 @@ def _pyplot():
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return path
 
 
@@ -36,7 +41,7 @@ def _scale(*arrays: np.ndarray) -> tuple[float, str]:
 
 def distributions(columns: dict[str, np.ndarray], path: Path) -> Path:
     """One histogram per score column; bars below zero (harmful) and above (helpful) coloured apart."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.4), squeeze=False)
     for axis, (name, values) in zip(axes[0], columns.items()):
         scale, suffix = _scale(values)
@@ -56,7 +61,7 @@ def distributions(columns: dict[str, np.ndarray], path: Path) -> Path:
 
 def agreement(columns: dict[str, np.ndarray], taus: dict[tuple[str, str], float], path: Path) -> Path:
     """Scatter of every pair of score columns, with Kendall's tau in the title."""
-    plt = _pyplot()
+    plt = pyplot()
     pairs = list(taus)
     figure, axes = plt.subplots(1, len(pairs), figsize=(4.0 * len(pairs), 3.8), squeeze=False)
     for axis, (first, second) in zip(axes[0], pairs):
@@ -73,7 +78,7 @@ def agreement(columns: dict[str, np.ndarray], taus: dict[tuple[str, str], float]
 
 def versus_truth(columns: dict[str, np.ndarray], truth: np.ndarray, metrics: dict[str, dict], path: Path) -> Path:
     """Estimate against ground truth for each score column, with the diagonal."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(columns), figsize=(4.0 * len(columns), 3.8), squeeze=False)
     for axis, (name, values) in zip(axes[0], columns.items()):
         scale, suffix = _scale(truth, values)
@@ -91,7 +96,7 @@ def versus_truth(columns: dict[str, np.ndarray], truth: np.ndarray, metrics: dic
 
 def trust(figures: dict[str, dict[str, float]], path: Path) -> Path:
     """Horizontal bars of the numeric trust figures of each column (from scores.json)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = sorted({key for values in figures.values() for key in values})
     figure, axis = plt.subplots(figsize=(8.0, 0.45 * len(names) * len(figures) + 1.2))
     height = 0.8 / len(figures)
@@ -111,7 +116,7 @@ def trust(figures: dict[str, dict[str, float]], path: Path) -> Path:
 
 def thumbnails(images: np.ndarray, captions: list[str], colours: list[str], title: str, path: Path) -> Path:
     """A grid of images (N, H, W) or (N, H, W, 3) with one caption each."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(len(images), 8)
     rows = int(np.ceil(len(images) / columns))
     figure, axes = plt.subplots(rows, columns, figsize=(1.45 * columns, 1.75 * rows + 0.4), squeeze=False)

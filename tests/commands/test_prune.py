@@ -30,3 +30,10 @@ def test_prune_command_writes_the_pruned_dataset_with_provenance(tmp_path, capsy
     assert prune.main(["--scores_dir", str(scores_dir), "--columns", "influence_x", "--keep_top", "3",
                        "--output_dir", str(tmp_path / "other")]) == 2
     assert "Unknown score column" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_a_config_key_typo_is_named(tmp_path, capsys):
+    config = tmp_path / "prune.yaml"
+    config.write_text("drop_fractoin: 0.25\n")
+    assert prune.main([f"--config={config}", "--dataset", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "unknown key(s) ['drop_fractoin']" in capsys.readouterr().err

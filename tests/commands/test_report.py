@@ -19,3 +19,20 @@ def test_report_command_writes_the_report_and_refuses_bad_truth(tmp_path, capsys
     assert report.main(["--scores_dir", str(scores_dir), "--output_dir", str(tmp_path / "r2"),
                         "--truth", str(tmp_path / "missing.npy")]) == 2
     assert "missing.npy does not exist" in capsys.readouterr().err
+
+
+def test_the_commands_register_as_subcommands_and_print_help(capsys):
+    import argparse
+
+    import pytest
+
+    from hf_accinf.commands import prune, push
+
+    root = argparse.ArgumentParser(prog="hf-accinf")
+    subparsers = root.add_subparsers(dest="command")
+    for module in (prune, push, report):
+        module.make_parser(subparsers)
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--help"])
+        assert exit_info.value.code == 0 and "--config" in capsys.readouterr().out
+    assert root.parse_args(["push", "--repo_id", "user/x", "--dataset", "d"]).repo_id == "user/x"
