@@ -203,7 +203,9 @@ class Replay:
         for size in sizes:
             positions = torch.arange(start, start + size)
             start += size
-            features = [{k: v for k, v in self.dataset[int(i)].items() if k in self.signature} for i in rows[positions]]
+            indices = rows[positions].tolist()
+            fetched = self.dataset.__getitems__(indices) if hasattr(self.dataset, "__getitems__") else [self.dataset[i] for i in indices]
+            features = [{k: v for k, v in item.items() if k in self.signature} for item in fetched]
             batch = self.collate_fn(features)
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             result.append((batch, positions))
