@@ -7,7 +7,9 @@ parameters (dimension ``P``); :meth:`HeadCurvature.unflatten` names them.
 For step ``t`` with batch rows ``r`` (weights ``w_r``), :class:`BatchCurvature` gives
 ``H_B X = sum_r w_r H_r X`` for a block of vectors (DESIGN.md section 3, the shared transition),
 the per-row gradients ``g_r`` and per-row products ``H_r x_r`` (the per-occurrence terms), and the
-batch gradient ``G_S = sum_r w_r g_r``.
+batch gradient ``G_S = sum_r w_r g_r``. The objective side (:meth:`HeadCurvature.objective_grad`,
+``example_grads``, ``shifted_losses``) takes an evaluation set in the backend's own input form, made by
+:meth:`HeadCurvature.evaluation_inputs`: head inputs for head backends, model inputs for the model backend.
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ class HeadCurvature(ABC):
         for name, positions in layout.items():
             flat[:, positions.long().flatten()] = named[name].reshape(count, -1).to(flat.dtype)
         return flat
+
+    def evaluation_inputs(self, model, head_name: str, dataset, collate_fn=None):
+        """``(inputs, labels)`` of an evaluation set in this backend's input form (here: the head's inputs,
+        eval mode), for :meth:`example_grads`, :meth:`objective_grad` and :meth:`shifted_losses`."""
+        from ..data.features import head_inputs
+
+        return head_inputs(model, head_name, dataset, collate_fn=collate_fn)
 
     @abstractmethod
     def example_grads(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
