@@ -1,9 +1,11 @@
-"""Which parameters influence is computed on: the chosen modules and the head that contains them.
+"""Which parameters influence is computed on: the scope, and the head the recorder captures.
 
-Influence is computed on the parameters of chosen modules (names or globs, default: the
-classification head). The recorder captures the inputs of the *head*, the one module that contains
-every chosen module and whose output are the model's logits, so that the estimators can replay the
-head exactly on the rows each step really used (DESIGN.md section 1, "chosen parameters").
+Influence is computed on the parameters of chosen modules, the *scope* (DESIGN.md sections 1 and 6b).
+At record time the recorder captures the inputs of the *head*, the one module that contains every
+chosen module and whose output are the model's logits (:func:`select_head`). At score time
+:func:`resolve_scope` turns ``modules`` into parameter names anywhere in the model: module names,
+globs, ``all``, or ``last:k`` (the last ``k`` transformer blocks and every parameter after them);
+:func:`describe_scopes` lists the choices for ``hf-accinf summary``.
 """
 
 from __future__ import annotations
@@ -89,3 +91,105 @@ def select_head(model: nn.Module, patterns: list[str] | None = None, head: str |
     head_params = [name for name, _ in modules[head].named_parameters()]
     chosen.sort(key=head_params.index)
     return HeadSelection(head_name=head, head=modules[head], chosen_parameters=tuple(chosen))
+
+
+ALL = "all"
+LAST_PREFIX = "last:"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The parameters that carry ``Delta`` (full ``named_parameters`` names, in the model's order)."""
+
+    parameters: tuple[str, ...]
+    patterns: tuple[str, ...]
+
+    def inside(self, module: str) -> tuple[str, ...] | None:
+        """The scope's names relative to ``module`` when every one lies inside it, else ``None``."""
+        prefix = module + "."
+        if module and all(name.startswith(prefix) for name in self.parameters):
+            return tuple(name[len(prefix):] for name in self.parameters)
+        return None
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` holding the model's repeated blocks (``encoder.layer`` of BERT and ViT):
+    the ModuleList with the most parameters, or ``None`` when the model has none."""
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0]
+    if not lists:
+        return None
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+def _last_blocks(model: nn.Module, spec: str) -> list[str]:
+    count = spec[len(LAST_PREFIX):]
+    if not count.isdigit() or int(count) < 1:
+        raise AccInfError(f"'{spec}': write last:k with k >= 1 (the last k blocks and everything above them).")
+    found = transformer_blocks(model)
+    if found is None:
+        raise AccInfError(f"'{spec}' needs a model whose blocks sit in one nn.ModuleList; "
+                          f"{type(model).__name__} has none. {_available(model)}.")
+    name, blocks = found
+    k = int(count)
+    if k > len(blocks):
+        raise AccInfError(f"'{spec}': {name} has only {len(blocks)} blocks; use last:1 .. last:{len(blocks)} or all.")
+    first = f"{name}.{len(blocks) - k}."
+    names = [param for param, _ in model.named_parameters()]
+    start = next(i for i, param in enumerate(names) if param.startswith(first))
+    # "Above" the blocks: every parameter registered after the first of the chosen blocks (HF models
+    # register embeddings, blocks, final norm/pooler, head in forward order).
+    return names[start:]
+
+
+def resolve_scope(model: nn.Module, patterns: list[str] | None, head: str | None = None) -> Scope:
+    """Resolve ``modules`` to parameter names: module names or globs (``bert.encoder.layer.1*``), ``all``,
+    ``last:k``. A name that matches no module of the model is also tried inside ``head`` (the recorded
+    head's own names, e.g. ``weight``). ``None``: the default classification head."""
+    patterns = list(patterns) if patterns else [default_head_name(model)]
+    modules = dict(model.named_modules())
+    order = [name for name, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern == ALL:
+            chosen.update(order)
+            continue
+        if pattern.startswith(LAST_PREFIX):
+            chosen.update(_last_blocks(model, pattern))
+            continue
+        hits = [name for name in modules if name and fnmatch.fnmatchcase(name, pattern)]
+        params = [name for name in order if fnmatch.fnmatchcase(name, pattern)]
+        if not hits and not params and head:
+            inner = f"{head}.{pattern}"
+            hits = [name for name in modules if fnmatch.fnmatchcase(name, inner)]
+            params = [name for name in order if fnmatch.fnmatchcase(name, inner)]
+        if not hits and not params:
+            raise AccInfError(f"No module of {type(model).__name__} matches '{pattern}'. {_available(model)}. "
+                              f"{describe_scopes(model)}")
+        chosen.update(params)
+        for hit in hits:
+            chosen.update(f"{hit}.{name}" for name, _ in modules[hit].named_parameters())
+    if not chosen:
+        raise AccInfError(f"The modules {patterns} hold no parameters. {_available(model)}.")
+    return Scope(parameters=tuple(name for name in order if name in chosen), patterns=tuple(patterns))
+
+
+def describe_scopes(model: nn.Module) -> str:
+    """The scope choices of ``model``, one per line, with their parameter counts (for ``hf-accinf summary``)."""
+    def count(names) -> int:
+        sizes = dict((name, p.numel()) for name, p in model.named_parameters())
+        return sum(sizes[name] for name in names)
+
+    try:
+        head = default_head_name(model)
+        lines = [f"  {head:<24} {count(resolve_scope(model, [head]).parameters):>10,d} parameters (head: the closed-form fast path)"]
+    except AccInfError:
+        lines = []
+    found = transformer_blocks(model)
+    if found is not None:
+        name, blocks = found
+        for k in range(1, len(blocks) + 1):
+            lines.append(f"  last:{k:<19} {count(_last_blocks(model, f'last:{k}')):>10,d} parameters "
+                         f"({name}.{len(blocks) - k}.. and everything above)")
+    lines.append(f"  {ALL:<24} {count(n for n, _ in model.named_parameters()):>10,d} parameters (the whole model)")
+    return "Scopes (--modules; names and globs of modules also work):\n" + "\n".join(lines)

@@ -1,9 +1,16 @@
-"""An influence problem: the trajectory, the head's curvature and the optimizer, as the engine needs them."""
+"""An influence problem: the trajectory, the scope's curvature and the optimizer, as the engine needs them.
+
+The scope (:func:`~hf_accinf.modules.resolve_scope`) picks the backend (DESIGN.md section 6b): a scope
+inside the recorded head keeps the head backends (closed form or ``torch.func`` on the recorded head
+inputs, the fast path); any other scope gets :class:`~hf_accinf.curvature.model.ModelCurvature`, which
+runs the whole model at ``theta_t`` from a :class:`~hf_accinf.curvature.model.TrajectoryStates`
+provider on the step's rows collated from the training dataset.
+"""
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -11,7 +18,9 @@ from torch import nn
 from .curvature.base import HeadCurvature
 from .curvature.functional import FunctionalHeadCurvature
 from .curvature.linear_head import LinearHeadCurvature
+from .curvature.model import ModelCurvature, TrajectoryStates
 from .errors import AccInfError
+from .modules import Scope, resolve_scope
 from .trajectory import RunReader, Trajectory
 from .trajectory.schema import ParamGroupSpec
 
@@ -41,6 +50,8 @@ class InfluenceProblem:
     curvature: HeadCurvature
     optimizer: OptimizerSpec
     num_samples: int
+    scope: Scope | None = None  # full parameter names; None for problems assembled by hand
+    final_parameters: Callable[[], dict[str, torch.Tensor]] | None = None  # in the curvature's naming
 
     def learning_rates(self, step: int) -> torch.Tensor:
         lrs = self.trajectory.lr[step]
@@ -61,23 +72,110 @@ def make_curvature(trajectory: Trajectory, head: nn.Module, chosen: list[str], l
     raise AccInfError(f"Unknown curvature backend '{backend}': use auto, linear or functional.")
 
 
+class CheckpointStates:
+    """:class:`TrajectoryStates` of a run checkpointed at every step (``checkpoint_every=1``): exact
+    ``theta_t`` from the checkpoints, each step's rows collated from the training dataset as one batch."""
+
+    def __init__(self, run: RunReader, dataset, collate_fn=None):
+        from transformers import default_data_collator
+
+        missing = sorted(set(range(run.num_steps + 1)) - set(run.manifest.checkpoints))
+        if missing:
+            raise AccInfError(
+                f"A scope outside the head needs every parameter at every step, but {run.run_dir} has "
+                f"checkpoints at {len(run.manifest.checkpoints)} of {run.num_steps + 1} steps (first missing: "
+                f"{missing[0]}). Record with RecordingArguments(checkpoint_every=1), pass a replay provider "
+                "(states=...), or choose modules inside the head."
+            )
+        self.run, self.dataset = run, dataset
+        self.collate_fn = collate_fn or default_data_collator
+        self.trajectory = run.trajectory()
+
+    def parameters_at(self, step: int) -> dict[str, torch.Tensor]:
+        return self.run.load_checkpoint(step)
+
+    def batch_inputs(self, step: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        rows = self.trajectory.batch(step).tolist()
+        batch = self.collate_fn([self.dataset[int(row)] for row in rows])
+        inputs = {key: value for key, value in batch.items() if key != "labels" and isinstance(value, torch.Tensor)}
+        return [(inputs, torch.arange(len(rows)))]
+
+
+def default_states(run: RunReader, train_dataset, collate_fn=None) -> TrajectoryStates:
+    """Exact ``theta_t`` for a deep scope: replay from the sparse checkpoints (DESIGN.md section 6b), or, for
+    runs recorded before replay existed, their checkpoints when there is one at every step."""
+    from .trajectory import schema
+    from .trajectory.replay import Replay
+
+    if run.manifest.schema_version >= schema.REPLAY_SCHEMA_VERSION:
+        return Replay(run, train_dataset, collate_fn)
+    run.check_dataset(train_dataset)
+    return CheckpointStates(run, train_dataset, collate_fn)
+
+
+def parameter_groups(run: RunReader, model: nn.Module, names: list[str]) -> dict[str, int]:
+    """The optimizer group of every scope parameter. The manifest names the head's; the others follow the
+    HF Trainer's rule (group 0: decayed, group 1: biases and norms), checked against the head's groups."""
+    from transformers import Trainer
+
+    recorded = {f"{run.manifest.head.module}.{name}": group for name, group in run.manifest.head.param_groups.items()}
+    count = len(run.manifest.param_groups)
+    if count == 1:
+        return {name: 0 for name in names}
+    decayed = set(Trainer.get_decay_parameter_names(None, model))
+    derived = {name: 0 if name in decayed else 1 for name in names + list(recorded)}
+    if count != 2 or any(derived[name] != group for name, group in recorded.items()):
+        raise AccInfError(
+            f"The run's optimizer has {count} parameter groups that do not follow the HF Trainer's decay / "
+            "no-decay split, so the groups of parameters outside the head are unknown. Score a scope inside "
+            f"the head ('{run.manifest.head.module}') or train with the Trainer's default optimizer grouping."
+        )
+    return {name: recorded.get(name, derived[name]) for name in names}
+
+
 def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device="cpu", backend: str = "auto",
-                     modules: list[str] | None = None, model: nn.Module | None = None) -> InfluenceProblem:
-    """Build the problem of a recorded run; ``modules`` narrows the recorded chosen parameters (names in the head);
-    ``model``: the run's model already built (:meth:`RunReader.build_model`), else built here."""
+                     modules: list[str] | None = None, train_dataset=None, collate_fn=None,
+                     states: TrajectoryStates | None = None, per_row: str = "auto",
+                     model: nn.Module | None = None) -> InfluenceProblem:
+    """Build the problem of a recorded run for the scope ``modules`` (see :func:`resolve_scope`; default:
+    the recorded chosen parameters). A scope inside the recorded head uses the head backends; any other
+    needs ``train_dataset`` (and its ``collate_fn``) and exact parameters at every step: ``states``, or a
+    run recorded with ``checkpoint_every=1``. ``model``: the run's model already built
+    (:meth:`RunReader.build_model`), else built here."""
     manifest = run.manifest
-    chosen = list(manifest.head.chosen)
-    if modules:
-        chosen = [name for name in chosen if any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in modules)]
-        if not chosen:
-            raise AccInfError(f"No recorded chosen parameter matches {modules}; recorded: {manifest.head.chosen}.")
     model = model if model is not None else run.build_model()
-    head = model.get_submodule(manifest.head.module)
+    head_name = manifest.head.module
+    if modules:
+        scope = resolve_scope(model, modules, head=head_name)
+    else:
+        scope = Scope(tuple(f"{head_name}.{name}" for name in manifest.head.chosen), (head_name,))
     trajectory = run.trajectory()
-    curvature = make_curvature(trajectory, head, chosen, manifest.loss["label_smoothing"], dtype, device, backend)
+    smoothing = manifest.loss["label_smoothing"]
+    relative = scope.inside(head_name)
+    if relative is not None and set(relative) <= set(manifest.head.chosen) and backend != "model":
+        chosen = list(relative)
+        head = model.get_submodule(head_name)
+        curvature = make_curvature(trajectory, head, chosen, smoothing, dtype, device, backend)
+        group_of = {name: manifest.head.param_groups[name] for name in chosen}
+
+        def final() -> dict[str, torch.Tensor]:
+            return run.head_parameters_at(run.num_steps)
+    else:
+        if train_dataset is None and states is None:
+            raise AccInfError(
+                f"The scope {list(scope.patterns)} reaches outside the recorded head '{head_name}': its curvature "
+                "runs the whole model on each step's rows, so pass the training dataset (and its collator)."
+            )
+        if states is None:
+            states = default_states(run, train_dataset, collate_fn)
+        names = list(scope.parameters)
+        curvature = ModelCurvature(trajectory, model, names, states, smoothing, dtype, device, per_row=per_row)
+        group_of = parameter_groups(run, model, names)
+
+        def final() -> dict[str, torch.Tensor]:
+            return run.load_checkpoint(run.num_steps)
     optimizer = OptimizerSpec(
-        name=manifest.optimizer_class, groups=manifest.param_groups,
-        group_of={name: manifest.head.param_groups[name] for name in chosen},
+        name=manifest.optimizer_class, groups=manifest.param_groups, group_of=group_of,
         max_grad_norm=manifest.training["max_grad_norm"],
     )
-    return InfluenceProblem(trajectory, curvature, optimizer, manifest.dataset["length"])
+    return InfluenceProblem(trajectory, curvature, optimizer, manifest.dataset["length"], scope, final)

@@ -7,7 +7,9 @@ parameters (dimension ``P``); :meth:`HeadCurvature.unflatten` names them.
 For step ``t`` with batch rows ``r`` (weights ``w_r``), :class:`BatchCurvature` gives
 ``H_B X = sum_r w_r H_r X`` for a block of vectors (DESIGN.md section 3, the shared transition),
 the per-row gradients ``g_r`` and per-row products ``H_r x_r`` (the per-occurrence terms), and the
-batch gradient ``G_S = sum_r w_r g_r``.
+batch gradient ``G_S = sum_r w_r g_r``. The objective side (:meth:`HeadCurvature.objective_grad`,
+``example_grads``, ``shifted_losses``) takes an evaluation set in the backend's own input form, made by
+:meth:`HeadCurvature.evaluation_inputs`: head inputs for head backends, model inputs for the model backend.
 """
 
 from __future__ import annotations
@@ -79,6 +81,18 @@ class HeadCurvature(ABC):
                               "the method needs a run recorded with the optimizer it models.")
         named = {name: source[name + suffix][step][None] for name in self.chosen}
         return self.flatten_named(named)[0].to(self.device, self.dtype)
+
+    def evaluation_inputs(self, model, head_name: str, dataset, collate_fn=None, tokenizer=None):
+        """``(inputs, labels)`` of an evaluation set in this backend's input form (here: the head's inputs,
+        eval mode, batches collated as the Trainer would), for :meth:`example_grads`, :meth:`objective_grad`
+        and :meth:`shifted_losses`."""
+        from ..data.features import head_inputs
+
+        return head_inputs(model, head_name, dataset, collate_fn=collate_fn, tokenizer=tokenizer)
+
+    def parameters_at(self, step: int) -> dict[str, torch.Tensor]:
+        """The parameters this backend's objective side takes, before step ``step`` (head backends: the head's)."""
+        return {name: values[step] for name, values in self.trajectory.params.items()}
 
     @abstractmethod
     def example_grads(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

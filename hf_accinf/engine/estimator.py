@@ -57,6 +57,15 @@ def estimate_influence(problem: InfluenceProblem, method: UpdateRule | str = "ac
     plan = build_plan(trajectory, start, stop, device)
     mean_batch = float(trajectory.row_offsets[-1]) / max(trajectory.num_steps, 1)
     choice, costs = choose_schedule(plan, stop - start, rule.state_dim, mean_batch)
+    # The propagator holds about three S x S matrices (F, G, identity): refused above the memory budget.
+    propagator_gb = 3 * rule.state_dim**2 * torch.finfo(dtype).bits / 8 / 2**30
+    if propagator_gb > memory_budget_gb:
+        if schedule == "propagator":
+            raise AccInfError(
+                f"The propagator needs {propagator_gb:.1f} GiB for its S x S matrices (S = {rule.state_dim}), more "
+                f"than --memory_budget_gb {memory_budget_gb}: use --schedule sweep (or auto), or a smaller scope."
+            )
+        choice, costs["propagator_memory_gb"] = "sweep", round(propagator_gb, 2)
     if schedule == "auto":
         schedule = choice
     elif schedule not in ("sweep", "propagator"):

@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..config import ScoreArguments
 from ..data.columns import add_score_column
-from ..data.features import check_eval_labels, head_inputs
+from ..curvature.model import ModelCurvature
+from ..data.features import check_eval_labels
+from ..modules import resolve_scope
 from ..engine import CorrectionPolicy, InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores, choose_form
 from ..engine.objective import scores_from_embeddings
@@ -46,13 +48,16 @@ class ScoreResult:
 
 
 def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
-              collate_fn=None, progress: bool = True, model=None, tokenizer=None) -> ScoreResult | None:
+              collate_fn=None, progress: bool = True, model=None, tokenizer=None, states=None) -> ScoreResult | None:
     """Estimate every training row's influence on the mean loss of ``eval_dataset``.
 
     ``model``: the model (or a factory, see :meth:`RunReader.build_model`) when the recorded class cannot
     be imported, e.g. one defined in the training script. ``tokenizer``: pads text evaluation batches as
     the Trainer would (``DataCollatorWithPadding``); ``collate_fn`` replaces the collator entirely.
     Under ``accelerate launch`` without a ``shard``, the processes form one group from the environment.
+    A scope outside the recorded head (``args.modules``, e.g. ``last:1`` or ``all``) runs the whole model
+    on each step's rows of ``train_dataset`` (collated by ``collate_fn``) at ``theta_t`` from ``states``
+    (default: replay from the run's checkpoints) and evaluates the objective through the whole model.
     Returns the result on the main process (``None`` on the others).
     """
     own_shard = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -60,13 +65,13 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
         shard = ShardContext.from_accelerate(cpu=not torch.cuda.is_available())
     shard = shard or ShardContext.single()
     try:
-        return _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer)
+        return _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer, states)
     finally:
         if own_shard:
             shard.close()
 
 
-def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer) -> ScoreResult | None:
+def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer, states) -> ScoreResult | None:
     output_dir = Path(args.output_dir or artifacts.default_output_dir(args.run_dir))
     artifacts.check_output_dir(output_dir, args.overwrite)
     run = RunReader(args.run_dir)
@@ -75,21 +80,22 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     policy = CorrectionPolicy(args.correction, args.correction_p, args.correction_seed,
                               args.windows(args.stage_steps), args.windows(args.stage_epochs))
     built = run.build_model(model=model)
-    problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built)
+    problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built,
+                               train_dataset=train_dataset, collate_fn=collate_fn, states=states)
     method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
     form, reason = ("direct", "the method scores one objective directly") if method.output == "scores" else \
         choose_form(args.form, method.accumulative, args.score_kind, policy if method.accumulative else None)
     logger.info("form %s: %s", form, reason)
 
-    inputs, labels = head_inputs(built, run.manifest.head.module, eval_dataset, collate_fn=collate_fn, tokenizer=tokenizer)
+    curvature = problem.curvature
+    inputs, labels = curvature.evaluation_inputs(built, run.manifest.head.module, eval_dataset, collate_fn, tokenizer)
     check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
-    final = run.head_parameters_at(run.num_steps)
-    curvature, trajectory = problem.curvature, problem.trajectory
+    final = problem.final_parameters()
     began = time.perf_counter()
     embeddings, trust = {}, None
     if form == "direct":
-        scores = method.scores(lambda step: curvature.objective_grad(
-            {name: values[step] for name, values in trajectory.params.items()}, inputs, labels), progress and shard.is_main)
+        scores = method.scores(lambda step: curvature.objective_grad(curvature.parameters_at(step), inputs, labels),
+                               progress and shard.is_main)
         result = InfluenceResult(None, "direct", time.perf_counter() - began)
     elif form == "adjoint":
         gradient = curvature.objective_grad(final, inputs, labels)
@@ -107,7 +113,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
                             progress=progress).to_dict()
     column = f"influence_{args.method.replace('-', '_')}"
-    _write(output_dir, args, run, result, scores, embeddings, train_dataset, column, len(labels), form, trust)
+    _write(output_dir, args, run, problem, result, scores, embeddings, train_dataset, column, len(labels), form, trust)
     return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column, form, trust)
 
 
@@ -140,22 +146,35 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
     """``(test rows, training rows)``: the predicted change of each test example's loss without each training
     row, ``grad l_v(theta_T) . Delta^j_T``, from saved embeddings: no replay of the trajectory.
 
-    The parameters are those the embeddings were saved for (their recorded ``modules``), unless given."""
+    The scope is read back from the scores' summary; ``modules``, if given, must name the same parameters."""
     run = RunReader(run_dir)
     scores_dir = scores_dir or artifacts.default_output_dir(run_dir)
-    if not artifacts.scores_exist(scores_dir):
-        raise AccInfError(f"No embeddings at {scores_dir}: run `hf-accinf score --run_dir {run_dir}` first.")
+    summary = artifacts.load_summary(scores_dir)
+    if artifacts.EMBEDDINGS_NAME not in summary.get("files", [artifacts.EMBEDDINGS_NAME]) or \
+            not (Path(scores_dir) / artifacts.EMBEDDINGS_NAME).is_file():
+        raise AccInfError(f"No embeddings at {scores_dir}: run `hf-accinf score --run_dir {run_dir} --form forward` "
+                          "first (the adjoint form and direct scorers write scores only).")
     saved = artifacts.load_embeddings(scores_dir)
     built = run.build_model(model=model)
-    problem = problem_from_run(run, modules=modules or list(saved), model=built)
-    embeddings = problem.curvature.flatten_named(saved)
-    inputs, labels = head_inputs(built, run.manifest.head.module, test_dataset, collate_fn=collate_fn, tokenizer=tokenizer)
+    head_name = run.manifest.head.module
+    scope = summary.get("scope") or [f"{head_name}.{name}" for name in saved]
+    if modules and list(resolve_scope(built, modules, head=head_name).parameters) != list(scope):
+        raise AccInfError(f"The embeddings at {scores_dir} were scored for {scope}, not for {modules}. "
+                          "Leave modules out (the saved scope is used) or score again with these modules.")
+    if summary.get("backend") == "model":
+        curvature = ModelCurvature(None, built, scope, None, run.manifest.loss["label_smoothing"])
+        final = run.load_checkpoint(run.num_steps)
+    else:
+        curvature = problem_from_run(run, modules=list(scope), model=built).curvature
+        final = run.head_parameters_at(run.num_steps)
+    embeddings = curvature.flatten_named(saved)
+    inputs, labels = curvature.evaluation_inputs(built, head_name, test_dataset, collate_fn, tokenizer)
     check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
-    gradients = problem.curvature.example_grads(run.head_parameters_at(run.num_steps), inputs, labels)
+    gradients = curvature.example_grads(final, inputs, labels)
     return gradients @ embeddings.to(gradients.dtype).T
 
 
-def _write(output_dir: Path, args: ScoreArguments, run: RunReader, result, scores, embeddings, train_dataset,
+def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, result, scores, embeddings, train_dataset,
            column: str, eval_rows: int, form: str, trust: dict | None) -> None:
     metadata = {"method": args.method, "removal": args.removal, "form": form, "schedule": result.schedule,
                 "run_dir": str(args.run_dir)}
@@ -170,7 +189,9 @@ def _write(output_dir: Path, args: ScoreArguments, run: RunReader, result, score
         "hf_accinf_version": __version__,
         "run": {"run_dir": str(args.run_dir), "model_class": manifest.model_class, "num_steps": manifest.num_steps,
                 "dataset_content_hash": manifest.dataset.get("content_hash"), "dataset_length": manifest.dataset["length"]},
-        "method": args.method, "removal": args.removal, "modules": list(embeddings), "column": column,
+        "method": args.method, "removal": args.removal, "modules": args.modules, "column": column,
+        "scope": list(problem.scope.parameters) if problem.scope else None,
+        "backend": "model" if isinstance(problem.curvature, ModelCurvature) else "head",
         "evaluation_rows": eval_rows, "arguments": args.to_dict(), "form": form, "trust": trust,
         "schedule": result.schedule,
         "seconds": result.seconds, "cost_model": result.cost_model,
