@@ -7,6 +7,7 @@ this process's shard, and on the main process writes the artifact set of :mod:`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -176,8 +177,10 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
 
 def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, result, scores, embeddings, train_dataset,
            column: str, eval_rows: int, form: str, trust: dict | None) -> None:
+    scope = list(problem.scope.parameters) if problem.scope else list(embeddings)
+    backend = "model" if isinstance(problem.curvature, ModelCurvature) else "head"
     metadata = {"method": args.method, "removal": args.removal, "form": form, "schedule": result.schedule,
-                "run_dir": str(args.run_dir)}
+                "run_dir": str(args.run_dir), "scope": json.dumps(scope), "backend": backend}
     writers = {artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata)}
     if embeddings:  # the adjoint form and direct scorers have none
         writers[artifacts.EMBEDDINGS_NAME] = lambda path: save_file(embeddings, path, metadata=metadata)
@@ -190,8 +193,7 @@ def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, resu
         "run": {"run_dir": str(args.run_dir), "model_class": manifest.model_class, "num_steps": manifest.num_steps,
                 "dataset_content_hash": manifest.dataset.get("content_hash"), "dataset_length": manifest.dataset["length"]},
         "method": args.method, "removal": args.removal, "modules": args.modules, "column": column,
-        "scope": list(problem.scope.parameters) if problem.scope else None,
-        "backend": "model" if isinstance(problem.curvature, ModelCurvature) else "head",
+        "scope": scope, "backend": backend,
         "evaluation_rows": eval_rows, "arguments": args.to_dict(), "form": form, "trust": trust,
         "schedule": result.schedule,
         "seconds": result.seconds, "cost_model": result.cost_model,
