@@ -70,6 +70,11 @@ class ScoreArguments:
     modules: list[str] | None = field(default=None, metadata={"help": "Narrow the recorded chosen parameters."})
     score_kind: str = field(default="linear", metadata={"help": "linear (gradient dot embedding) or evaluated."})
     dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the propagation."})
+    verify: int = field(
+        default=0, metadata={"help": "Retrain this many random rows out by replay (weight 0 and 0.5) and report the "
+                                     "agreement of the scores with those exact counterfactuals (0: skip)."}
+    )
+    verify_seed: int = field(default=0, metadata={"help": "Seed of the rows --verify retrains."})
     memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory for per-sample states before chunking."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to write (default: <run_dir>/scores)."})
     overwrite: bool = field(
@@ -94,6 +99,8 @@ class ScoreArguments:
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         if self.form not in ("auto", "forward", "adjoint"):
             raise ValueError(f"form must be auto, forward or adjoint, got {self.form}")
+        if self.verify < 0 or self.verify == 1:
+            raise ValueError(f"verify needs at least 2 rows (or 0 to skip), got {self.verify}.")
         if self.trust_probes < 0 or self.trust_iterations < 0:
             raise ValueError("trust_probes and trust_iterations must be >= 0.")
         if (self.stage_steps or self.stage_epochs) and self.correction != "stage":

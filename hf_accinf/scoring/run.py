@@ -21,7 +21,7 @@ from .. import __version__
 from ..config import ScoreArguments
 from ..data.columns import add_score_column
 from ..curvature.model import ModelCurvature
-from ..data.features import check_eval_labels
+from ..data.features import check_eval_labels, eval_collator
 from ..modules import resolve_scope
 from ..engine import CorrectionPolicy, InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores, choose_form
@@ -46,6 +46,8 @@ class ScoreResult:
     column: str
     form: str = "forward"
     trust: dict | None = None  # engine.trust.TrustReport.to_dict(): growth, epoch_growth, expansive, ratios
+    verify: dict | None = None  # evaluation.verify.verify(): agreement with K rows retrained out by replay
+    replay: dict | None = None  # trajectory.replay.ReplayReport.to_dict() when the scope needed replay
 
 
 def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
@@ -113,9 +115,24 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     if args.trust_probes > 0 and form != "direct":
         trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
                             progress=progress).to_dict()
+    checks = {"trust": trust, "verify": None, "replay": None}
+    if args.verify:
+        from ..evaluation.verify import verify
+
+        logger.info("verify: retraining %d rows out by replay (weight 0 and 0.5), %d steps each",
+                    args.verify, run.num_steps)
+        checks["verify"] = verify(run, train_dataset, collate_fn, eval_dataset, scores, args.verify, args.verify_seed,
+                                  eval_collate_fn=eval_collator(built, tokenizer, collate_fn))
+        logger.info("verify: Kendall tau %.3f, Pearson r %.3f, sign agreement %.2f (linearity ceiling tau %.3f)",
+                    checks["verify"]["kendall_tau"], checks["verify"]["pearson_r"], checks["verify"]["sign_agreement"],
+                    checks["verify"]["linearity_ceiling"]["kendall_tau"])
+    states = getattr(curvature, "states", None)
+    if hasattr(states, "report"):
+        checks["replay"] = states.report().to_dict()
     column = f"influence_{args.method.replace('-', '_')}"
-    _write(output_dir, args, run, problem, result, scores, embeddings, train_dataset, column, len(labels), form, trust)
-    return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column, form, trust)
+    _write(output_dir, args, run, problem, result, scores, embeddings, train_dataset, column, len(labels), form, checks)
+    return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column, form, trust,
+                       checks["verify"], checks["replay"])
 
 
 def check_finite(trajectory: Trajectory) -> None:
@@ -176,7 +193,7 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
 
 
 def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, result, scores, embeddings, train_dataset,
-           column: str, eval_rows: int, form: str, trust: dict | None) -> None:
+           column: str, eval_rows: int, form: str, checks: dict) -> None:
     scope = list(problem.scope.parameters) if problem.scope else list(embeddings)
     backend = "model" if isinstance(problem.curvature, ModelCurvature) else "head"
     metadata = {"method": args.method, "removal": args.removal, "form": form, "schedule": result.schedule,
@@ -194,7 +211,7 @@ def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, resu
                 "dataset_content_hash": manifest.dataset.get("content_hash"), "dataset_length": manifest.dataset["length"]},
         "method": args.method, "removal": args.removal, "modules": args.modules, "column": column,
         "scope": scope, "backend": backend,
-        "evaluation_rows": eval_rows, "arguments": args.to_dict(), "form": form, "trust": trust,
+        "evaluation_rows": eval_rows, "arguments": args.to_dict(), "form": form, **checks,
         "schedule": result.schedule,
         "seconds": result.seconds, "cost_model": result.cost_model,
         "most_harmful": order[:10].tolist(), "most_helpful": order.flip(0)[:10].tolist(),
