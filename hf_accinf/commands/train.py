@@ -87,14 +87,21 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataSource, Traini
 
 
 def _pop_config(argv: list[str]) -> tuple[list[str], str | None]:
-    for position, value in enumerate(argv):
+    """Take ``--config x.yaml`` or ``--config=x.yaml`` out of ``argv``."""
+    rest, found = [], []
+    values = iter(argv)
+    for value in values:
         if value == "--config":
-            if position + 1 >= len(argv):
+            found.append(next(values, None))
+            if found[-1] is None:
                 raise AccInfError("--config needs a YAML file.")
-            return argv[:position] + argv[position + 2:], argv[position + 1]
-        if value.startswith("--config="):
-            return argv[:position] + argv[position + 1:], value.split("=", 1)[1]
-    return argv, None
+        elif value.startswith("--config="):
+            found.append(value.split("=", 1)[1])
+        else:
+            rest.append(value)
+    if len(found) > 1:
+        raise AccInfError(f"--config given {len(found)} times ({', '.join(found)}): pass one YAML file.")
+    return rest, found[0] if found else None
 
 
 def _read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -198,7 +205,7 @@ def num_labels_of(model_args: ModelArguments, names: list[str] | None, splits) -
         return model_args.num_labels
     if names:
         return len(names)
-    values = np.concatenate([np.asarray(split[source_column], dtype=np.int64) for split, source_column in splits])
+    values = np.concatenate([np.asarray(list(split[source_column]), dtype=np.int64) for split, source_column in splits])
     return int(values.max()) + 1
 
 

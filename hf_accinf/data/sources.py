@@ -203,7 +203,7 @@ def label_names_of(source: DataSource, dataset: Dataset) -> list[str] | None:
 def labels_as_ids(dataset: Dataset, source: DataSource, names: list[str] | None, num_labels: int) -> Dataset:
     """Rename the label column to ``labels`` holding ids in ``[0, num_labels)``; refuse anything else."""
     column = source.label_column
-    values = dataset[column]
+    values = list(dataset[column])
     if values and isinstance(values[0], str):
         if not names:
             raise AccInfError(f"Label column {column!r} holds strings: set class_names.")
@@ -243,15 +243,24 @@ def preprocess(dataset: Dataset, source: DataSource, tokenizer=None) -> Dataset:
         def tokenize(batch):
             return tokenizer(batch[column], truncation=True, max_length=max_length)
 
-        return dataset.map(tokenize, batched=True, desc="tokenizing")
+        return dataset.map(tokenize, batched=True, desc="tokenizing", new_fingerprint=_fingerprint(dataset, source))
     transform = image_transform(source)
     column = source.image_column
 
     def pixels(batch):
         return {"pixel_values": transform(batch[column])}
 
-    processed = dataset.map(pixels, batched=True, desc="resizing images")
+    processed = dataset.map(pixels, batched=True, desc="resizing images", new_fingerprint=_fingerprint(dataset, source))
     return processed.with_format("torch", columns=[*IMAGE_INPUTS, LABELS], output_all_columns=True)
+
+
+def _fingerprint(dataset: Dataset, source: DataSource) -> str:
+    """Named from the input and the recipe, so that datasets need not pickle the tokenizer to hash the map."""
+    import hashlib
+    import json
+
+    recipe = json.dumps([dataset._fingerprint, source.to_dict()], sort_keys=True, default=str)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
 def image_transform(source: DataSource):
