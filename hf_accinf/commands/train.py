@@ -52,7 +52,6 @@ class ModelArguments:
         default=None, metadata={"help": "Config values to set (YAML mapping), e.g. dropout probabilities or sizes."}
     )
     num_labels: int | None = field(default=None, metadata={"help": "Number of classes (default: from the data)."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model directory)."})
 
     def __post_init__(self) -> None:
         if (self.model_name_or_path is None) == (self.model_type is None):
@@ -175,9 +174,9 @@ def set_labels(config, names: list[str] | None, num_labels: int) -> None:
 def complete_source(source: DataSource, model_args: ModelArguments, config) -> DataSource:
     """Fill the preprocessing the model decides: tokenizer and length, or image size, channels, normalization."""
     if source.modality == "text":
-        if model_args.model_type is not None and model_args.tokenizer_name is None:
-            raise AccInfError("A new text model (model_type) needs tokenizer_name: a tokenizer directory.")
-        source.tokenizer = model_args.tokenizer_name or model_args.model_name_or_path
+        if model_args.model_type is not None and source.tokenizer is None:
+            raise AccInfError("A new text model (model_type) needs tokenizer: a tokenizer directory.")
+        source.tokenizer = source.tokenizer or model_args.model_name_or_path
         source.max_length = source.max_length or 128
     else:
         source.image_size = source.image_size or int(getattr(config, "image_size", 0) or 0) or None

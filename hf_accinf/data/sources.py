@@ -53,7 +53,7 @@ class DataSource:
     eval_rows: int | None = field(default=None, metadata={"help": "Evaluation rows."})
     eval_split: str | None = field(default=None, metadata={"help": "Split of the evaluation rows (default: held out of `split`)."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the row permutation that makes the split."})
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory, package:... path or Hub id."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer: a directory, package:<module>/<dir> or cached Hub id (default: the model's)."})
     max_length: int | None = field(default=None, metadata={"help": "Tokens per row after truncation."})
     image_size: int | None = field(default=None, metadata={"help": "Side of the square model input image."})
     num_channels: int | None = field(default=None, metadata={"help": "Channels of the model input image."})

