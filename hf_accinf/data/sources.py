@@ -270,11 +270,11 @@ def image_transform(source: DataSource):
     std = torch.tensor(source.image_std or [0.5] * channels).view(1, -1, 1, 1)
 
     def transform(images: list) -> torch.Tensor:
-        arrays = [np.asarray(image, dtype=np.float32) for image in images]
+        arrays = [np.asarray(image) for image in images]
         if any(a.shape != arrays[0].shape for a in arrays):
             raise AccInfError("Images of different sizes in one batch: resize them to one size first.")
-        batch = torch.from_numpy(np.stack(arrays))
-        if batch.max() > 1.0:
+        batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
+        if arrays[0].dtype.kind in "ui":  # 8-bit pixels (PIL images); floats are taken as already in [0, 1]
             batch = batch / 255.0
         batch = batch[:, None] if batch.dim() == 3 else batch.permute(0, 3, 1, 2)  # (B, C, H, W)
         if batch.shape[1] != channels:

@@ -89,8 +89,11 @@ def test_image_transform_resizes_and_normalizes():
     assert out.shape == (2, 3, 16, 16)
     expected = (torch.tensor([0.75, 0.75, 0.75]) - torch.tensor([0.5, 0.25, 0.0])) / torch.tensor([0.5, 0.25, 1.0])
     torch.testing.assert_close(out[0], expected.view(3, 1, 1).expand(3, 16, 16))
-    colour = sources.image_transform(source)([rgb])
+    from PIL import Image
+
+    colour = sources.image_transform(source)([rgb, Image.fromarray(rgb)])
     torch.testing.assert_close(colour[0, 2], torch.full((16, 16), 0.2))
+    torch.testing.assert_close(colour[1], colour[0])                     # PIL images are 8-bit pixels too
 
 
 def test_collator_keeps_model_inputs_and_pads_text():
