@@ -1,4 +1,4 @@
-"""Offline example data and tiny models: the quickstart's default job and the test fixtures.
+"""Offline example data and tiny models for the tests and the paper scripts (the quickstart is configs/quickstart.yaml).
 
 Nothing here downloads: images are scikit-learn's bundled 8x8 digits, text is synthetic token
 sequences, and models are built from config objects.

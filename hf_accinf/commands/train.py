@@ -52,7 +52,6 @@ class ModelArguments:
         default=None, metadata={"help": "Config values to set (YAML mapping), e.g. dropout probabilities or sizes."}
     )
     num_labels: int | None = field(default=None, metadata={"help": "Number of classes (default: from the data)."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model directory)."})
 
     def __post_init__(self) -> None:
         if (self.model_name_or_path is None) == (self.model_type is None):
@@ -87,14 +86,21 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataSource, Traini
 
 
 def _pop_config(argv: list[str]) -> tuple[list[str], str | None]:
-    for position, value in enumerate(argv):
+    """Take ``--config x.yaml`` or ``--config=x.yaml`` out of ``argv``."""
+    rest, found = [], []
+    values = iter(argv)
+    for value in values:
         if value == "--config":
-            if position + 1 >= len(argv):
+            found.append(next(values, None))
+            if found[-1] is None:
                 raise AccInfError("--config needs a YAML file.")
-            return argv[:position] + argv[position + 2:], argv[position + 1]
-        if value.startswith("--config="):
-            return argv[:position] + argv[position + 1:], value.split("=", 1)[1]
-    return argv, None
+        elif value.startswith("--config="):
+            found.append(value.split("=", 1)[1])
+        else:
+            rest.append(value)
+    if len(found) > 1:
+        raise AccInfError(f"--config given {len(found)} times ({', '.join(found)}): pass one YAML file.")
+    return rest, found[0] if found else None
 
 
 def _read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -168,13 +174,15 @@ def set_labels(config, names: list[str] | None, num_labels: int) -> None:
 def complete_source(source: DataSource, model_args: ModelArguments, config) -> DataSource:
     """Fill the preprocessing the model decides: tokenizer and length, or image size, channels, normalization."""
     if source.modality == "text":
-        if model_args.model_type is not None and model_args.tokenizer_name is None:
-            raise AccInfError("A new text model (model_type) needs tokenizer_name: a tokenizer directory.")
-        source.tokenizer = model_args.tokenizer_name or model_args.model_name_or_path
+        if model_args.model_type is not None and source.tokenizer is None:
+            raise AccInfError("A new text model (model_type) needs tokenizer: a tokenizer directory.")
+        source.tokenizer = source.tokenizer or model_args.model_name_or_path
         source.max_length = source.max_length or 128
     else:
         source.image_size = source.image_size or int(getattr(config, "image_size", 0) or 0) or None
         source.num_channels = source.num_channels or int(getattr(config, "num_channels", 3))
+        if not source.image_size:
+            raise AccInfError("Set image_size: the model config does not say which image size it takes.")
         if source.image_mean is None and model_args.model_name_or_path is not None:
             source.image_mean, source.image_std = _processor_normalization(model_args.model_name_or_path)
     if source.dataset and not source.dataset.startswith((sources.EMBEDDED_PREFIX, sources.PACKAGE_PREFIX)):
@@ -193,13 +201,30 @@ def _processor_normalization(spec: str) -> tuple[list[float] | None, list[float]
     return values.get("image_mean"), values.get("image_std")
 
 
-def num_labels_of(model_args: ModelArguments, names: list[str] | None, splits) -> int:
+def num_labels_of(model_args: ModelArguments, names: list[str] | None, splits: list, column: str) -> int:
     if model_args.num_labels is not None:
         return model_args.num_labels
     if names:
         return len(names)
-    values = np.concatenate([np.asarray(split[source_column], dtype=np.int64) for split, source_column in splits])
-    return int(values.max()) + 1
+    return int(max(np.asarray(list(split[column]), dtype=np.int64).max() for split in splits)) + 1
+
+
+def load_data(model_args: ModelArguments, source: DataSource, main_process: bool):
+    """Rows, checked labels, model inputs: ``(train, eval or None, tokenizer or None, class names, num_labels)``."""
+    if main_process:
+        logger.info("loading data %s (%s split)", source.dataset, source.split)
+    raw_train, raw_eval = sources.raw_splits(source)
+    splits = [raw_train] + ([raw_eval] if raw_eval is not None else [])
+    names = sources.label_names_of(source, raw_train)
+    num_labels = num_labels_of(model_args, names, splits, source.label_column)
+    tokenizer = sources.load_tokenizer(source.tokenizer) if source.modality == "text" else None
+    labelled = [sources.labels_as_ids(split, source, names, num_labels) for split in splits]
+    if main_process:
+        logger.info("preprocessing %s rows (%s)", " + ".join(str(len(split)) for split in labelled),
+                    f"tokenizer {source.tokenizer}, max_length {source.max_length}" if tokenizer is not None
+                    else f"images resized to {source.image_size}x{source.image_size}, {source.num_channels} channel(s)")
+    processed = [sources.preprocess(split, source, tokenizer) for split in labelled]
+    return processed[0], processed[1] if len(processed) > 1 else None, tokenizer, names, num_labels
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -248,25 +273,8 @@ def train(argv: list[str]):
     main_process = training.process_index == 0
     config = load_config(model_args)
     complete_source(source, model_args, config)
-    if main_process:
-        logger.info("loading data %s (%s split)", source.dataset, source.split)
-    raw_train, raw_eval = sources.raw_splits(source)
-    names = sources.label_names_of(source, raw_train)
-    splits = [(raw_train, source.label_column)] + ([(raw_eval, source.label_column)] if raw_eval is not None else [])
-    num_labels = num_labels_of(model_args, names, splits)
-    tokenizer = sources.load_tokenizer(source.tokenizer) if source.modality == "text" else None
-    if source.modality == "image" and not source.image_size:
-        raise AccInfError("Set image_size: the model config does not say which image size it takes.")
-    train_set = sources.labels_as_ids(raw_train, source, names, num_labels)
-    eval_set = sources.labels_as_ids(raw_eval, source, names, num_labels) if raw_eval is not None else None
+    train_set, eval_set, tokenizer, names, num_labels = load_data(model_args, source, main_process)
     set_labels(config, names, num_labels)
-    if main_process:
-        logger.info("preprocessing %d training and %d evaluation rows (%s)", len(train_set),
-                    0 if eval_set is None else len(eval_set),
-                    f"tokenizer {source.tokenizer}, max_length {source.max_length}" if tokenizer is not None
-                    else f"images resized to {source.image_size}x{source.image_size}, {source.num_channels} channel(s)")
-    train_set = sources.preprocess(train_set, source, tokenizer)
-    eval_set = sources.preprocess(eval_set, source, tokenizer) if eval_set is not None else None
 
     model = build_model(model_args, config, source, training.seed)
     if main_process:

@@ -53,7 +53,7 @@ class DataSource:
     eval_rows: int | None = field(default=None, metadata={"help": "Evaluation rows."})
     eval_split: str | None = field(default=None, metadata={"help": "Split of the evaluation rows (default: held out of `split`)."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the row permutation that makes the split."})
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory, package:... path or Hub id."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer: a directory, package:<module>/<dir> or cached Hub id (default: the model's)."})
     max_length: int | None = field(default=None, metadata={"help": "Tokens per row after truncation."})
     image_size: int | None = field(default=None, metadata={"help": "Side of the square model input image."})
     num_channels: int | None = field(default=None, metadata={"help": "Channels of the model input image."})
@@ -203,7 +203,7 @@ def label_names_of(source: DataSource, dataset: Dataset) -> list[str] | None:
 def labels_as_ids(dataset: Dataset, source: DataSource, names: list[str] | None, num_labels: int) -> Dataset:
     """Rename the label column to ``labels`` holding ids in ``[0, num_labels)``; refuse anything else."""
     column = source.label_column
-    values = dataset[column]
+    values = list(dataset[column])
     if values and isinstance(values[0], str):
         if not names:
             raise AccInfError(f"Label column {column!r} holds strings: set class_names.")
@@ -243,15 +243,24 @@ def preprocess(dataset: Dataset, source: DataSource, tokenizer=None) -> Dataset:
         def tokenize(batch):
             return tokenizer(batch[column], truncation=True, max_length=max_length)
 
-        return dataset.map(tokenize, batched=True, desc="tokenizing")
+        return dataset.map(tokenize, batched=True, desc="tokenizing", new_fingerprint=_fingerprint(dataset, source))
     transform = image_transform(source)
     column = source.image_column
 
     def pixels(batch):
         return {"pixel_values": transform(batch[column])}
 
-    processed = dataset.map(pixels, batched=True, desc="resizing images")
+    processed = dataset.map(pixels, batched=True, desc="resizing images", new_fingerprint=_fingerprint(dataset, source))
     return processed.with_format("torch", columns=[*IMAGE_INPUTS, LABELS], output_all_columns=True)
+
+
+def _fingerprint(dataset: Dataset, source: DataSource) -> str:
+    """Named from the input and the recipe, so that datasets need not pickle the tokenizer to hash the map."""
+    import hashlib
+    import json
+
+    recipe = json.dumps([dataset._fingerprint, source.to_dict()], sort_keys=True, default=str)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
 def image_transform(source: DataSource):
@@ -261,11 +270,11 @@ def image_transform(source: DataSource):
     std = torch.tensor(source.image_std or [0.5] * channels).view(1, -1, 1, 1)
 
     def transform(images: list) -> torch.Tensor:
-        arrays = [np.asarray(image, dtype=np.float32) for image in images]
+        arrays = [np.asarray(image) for image in images]
         if any(a.shape != arrays[0].shape for a in arrays):
             raise AccInfError("Images of different sizes in one batch: resize them to one size first.")
-        batch = torch.from_numpy(np.stack(arrays))
-        if batch.max() > 1.0:
+        batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
+        if arrays[0].dtype.kind in "ui":  # 8-bit pixels (PIL images); floats are taken as already in [0, 1]
             batch = batch / 255.0
         batch = batch[:, None] if batch.dim() == 3 else batch.permute(0, 3, 1, 2)  # (B, C, H, W)
         if batch.shape[1] != channels:
