@@ -31,6 +31,20 @@ def record_run(model, dataset, run_dir, recording: dict | None = None, resume=No
     return trainer
 
 
+def record_digits_run(out, rows: int, epochs: int = 2):
+    """A tiny ViT trained with SGD (momentum, decay, clipping) on ``rows`` digits, recorded into ``out/accinf``;
+    the training rows and 400 held-out digits saved under ``out/train`` and ``out/eval``."""
+    from hf_accinf.examples import digits_dataset, tiny_vit
+
+    train, held_out = digits_dataset(rows, seed=0), digits_dataset(400, seed=0, offset=rows)
+    train.save_to_disk(str(out / "train"))
+    held_out.save_to_disk(str(out / "eval"))
+    record_run(tiny_vit(seed=0, hidden_size=64), train, out / "accinf", optim="sgd", optim_args="momentum=0.9",
+               learning_rate=0.05, weight_decay=0.01, max_grad_norm=1.0, per_device_train_batch_size=32,
+               num_train_epochs=epochs)
+    return out / "accinf", ["--train_data", str(out / "train"), "--eval_data", str(out / "eval")]
+
+
 def free_port() -> int:
     """A TCP port nobody listens on, for one launched process group."""
     with socket.socket() as probe:

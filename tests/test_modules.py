@@ -1,7 +1,6 @@
 """Scope resolution: names, globs, ``all`` and ``last:k`` on BERT, ViT and a custom ModuleList model."""
 
 import pytest
-import torch
 from torch import nn
 
 from hf_accinf.errors import AccInfError

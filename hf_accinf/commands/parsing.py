@@ -23,7 +23,11 @@ CONFIG_HELP = "YAML file of option values (keys are the options below, without d
 def build_parser(name: str, description: str, dataclass_types: tuple, subparsers=None) -> HfArgumentParser:
     """An ``HfArgumentParser`` for ``hf-accinf <name>`` (or a subparser of ``subparsers``) with ``--config``."""
     if subparsers is not None:
-        parser = subparsers.add_parser(name, help=description, description=description, dataclass_types=dataclass_types)
+        previous, subparsers._parser_class = subparsers._parser_class, HfArgumentParser  # argparse < 3.12: no parser_class
+        try:
+            parser = subparsers.add_parser(name, help=description, description=description, dataclass_types=dataclass_types)
+        finally:
+            subparsers._parser_class = previous
     else:
         parser = HfArgumentParser(dataclass_types, prog=f"hf-accinf {name}", description=description)
     parser.add_argument("--config", metavar="YAML", default=None, help=CONFIG_HELP)
@@ -70,7 +74,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 def parse(parser: HfArgumentParser, argv: list[str] | None) -> tuple:
-    """The command's dataclasses (and a namespace of its extra arguments, if it has any)."""
+    """The command's dataclasses (and a namespace of its extra arguments, if it has any beyond ``--config``)."""
     config, argv = split_config(list(argv or []))
     if config:
         parser.set_defaults(**load_config(config, parser))
@@ -81,4 +85,6 @@ def parse(parser: HfArgumentParser, argv: list[str] | None) -> tuple:
     extra = outputs[-1] if isinstance(outputs[-1], argparse.Namespace) else None
     if extra is not None:
         vars(extra).pop("config", None)
-    return outputs
+        if not vars(extra):
+            return tuple(outputs[:-1])
+    return tuple(outputs)

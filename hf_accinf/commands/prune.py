@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from ..data.columns import write_scored_dataset
 from ..data.prune import PruneArguments, prune_dataset
-from ._scored import ScoredDataArguments, new_parser, parse, run_main
+from ._scored import ScoredDataArguments
+from .parsing import build_parser, parse
 
 DESCRIPTION = "Drop the most harmful fraction of rows (or keep the top k) by a score column or a mix of columns."
 
@@ -25,7 +26,7 @@ class PruneOutputArguments:
 
 
 def make_parser(subparsers=None):
-    return new_parser("prune", DESCRIPTION, (ScoredDataArguments, PruneArguments, PruneOutputArguments), subparsers)
+    return build_parser("prune", DESCRIPTION, (ScoredDataArguments, PruneArguments, PruneOutputArguments), subparsers)
 
 
 def run(argv: list[str] | None = None):
@@ -39,7 +40,8 @@ def run(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(run, argv)
+    run(argv)
+    return 0
 
 
 if __name__ == "__main__":

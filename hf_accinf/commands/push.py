@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from ..data.hub import push_scored_dataset
 from ..errors import AccInfError
-from ._scored import ScoredDataArguments, new_parser, parse, run_main
+from ._scored import ScoredDataArguments
+from .parsing import build_parser, parse
 
 DESCRIPTION = "Push a scored dataset with its card (score columns, sign convention, provenance) to the Hub."
 
@@ -27,7 +28,7 @@ class PushArguments:
 
 
 def make_parser(subparsers=None):
-    return new_parser("push", DESCRIPTION, (ScoredDataArguments, PushArguments), subparsers)
+    return build_parser("push", DESCRIPTION, (ScoredDataArguments, PushArguments), subparsers)
 
 
 def run(argv: list[str] | None = None) -> str:
@@ -40,7 +41,8 @@ def run(argv: list[str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(run, argv)
+    run(argv)
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from ..report import ReportArguments, build_report
-from ._scored import ScoredDataArguments, new_parser, parse, run_main
+from ._scored import ScoredDataArguments
+from .parsing import build_parser, parse
 
 DESCRIPTION = "Write report.md/report.html with plots: score distributions, top rows, agreement, trust, truth."
 
 
 def make_parser(subparsers=None):
-    return new_parser("report", DESCRIPTION, (ScoredDataArguments, ReportArguments), subparsers)
+    return build_parser("report", DESCRIPTION, (ScoredDataArguments, ReportArguments), subparsers)
 
 
 def run(argv: list[str] | None = None):
@@ -21,7 +22,8 @@ def run(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(run, argv)
+    run(argv)
+    return 0
 
 
 if __name__ == "__main__":

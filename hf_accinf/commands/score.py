@@ -6,21 +6,19 @@ Every argument and input is checked before the long work (see :func:`hf_accinf.s
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..config import ScoreArguments
 from ..data.loading import DataArguments, load_eval_data, load_model_factory, load_tokenizer, load_training_data
+from ..data.sources import load_recorded_data
 from ..errors import AccInfError
 from .parsing import build_parser, parse
 
 NAME = "score"
 DESCRIPTION = "estimate every training row's influence from a recorded run"
-QUICKSTART_JOB = "quickstart_job.json"  # written by the quickstart `hf-accinf train`
 
 
 @dataclass
@@ -32,19 +30,6 @@ def make_parser(subparsers=None):
     return build_parser(NAME, DESCRIPTION, (ScoreArguments, DataArguments, LaunchArguments), subparsers)
 
 
-def _quickstart_datasets(run_dir: str):
-    from ..examples import digits_dataset
-
-    job_file = Path(run_dir, QUICKSTART_JOB)
-    if not job_file.is_file():
-        raise AccInfError(
-            f"{run_dir} was not recorded by the quickstart `hf-accinf train`: pass --train_data and --eval_data "
-            "(datasets saved with Dataset.save_to_disk)."
-        )
-    job = json.loads(job_file.read_text())
-    return digits_dataset(job["num_rows"], seed=job["seed"]), digits_dataset(400, seed=job["seed"], offset=job["num_rows"])
-
-
 def main(argv: list[str] | None = None) -> int:
     from ..engine import ShardContext
     from ..scoring import score_run
@@ -53,24 +38,33 @@ def main(argv: list[str] | None = None) -> int:
 
     args, data, launch = parse(make_parser(), argv)[:3]
     load_manifest(args.run_dir)  # a wrong run directory is named before any data is read
+    collate = None
     if data.train_data or data.eval_data:
         if not (data.train_data and data.eval_data):
-            raise AccInfError("Pass both --train_data and --eval_data (or neither, for the quickstart run).")
+            raise AccInfError("Pass both --train_data and --eval_data (or neither, for a run recorded by "
+                              "`hf-accinf train`, whose data source the manifest records).")
         tokenizer = load_tokenizer(data.tokenizer)
         train, held_out = load_training_data(data), load_eval_data(data, tokenizer)
     else:
         tokenizer = load_tokenizer(data.tokenizer)
-        train, held_out = _quickstart_datasets(args.run_dir)
+        train, held_out, collate = load_recorded_data(args.run_dir)
+        if held_out is None:
+            raise AccInfError(f"{args.run_dir} records no evaluation split: pass --train_data and --eval_data.")
     model = load_model_factory(data.model)
     shard = ShardContext.from_accelerate(cpu=launch.cpu or not torch.cuda.is_available())
     try:
-        result = score_run(args, train, held_out, shard, model=model, tokenizer=tokenizer)
+        result = score_run(args, train, held_out, shard, collate_fn=collate, model=model, tokenizer=tokenizer)
     finally:
         shard.close()
     if result is not None:
         order = torch.argsort(result.scores)
         print(f"{args.method} ({args.removal} removal, {result.form} form, {result.schedule} schedule) on "
               f"{len(result.scores)} rows in {result.seconds:.2f} s; wrote {result.output_dir}")
+        if result.verify is not None:
+            check = result.verify
+            print(f"verify on {check['k']} rows retrained out: Kendall tau {check['kendall_tau']:.3f}, Pearson r "
+                  f"{check['pearson_r']:.3f}, sign agreement {check['sign_agreement']:.2f} (linearity ceiling tau "
+                  f"{check['linearity_ceiling']['kendall_tau']:.3f})")
         if result.trust is not None:
             print(f"trust: tangent growth {result.trust['growth']:.3g} over the run "
                   f"({'EXPANSIVE, above' if result.trust['expansive'] else 'below'} {result.trust['threshold']:g})")

@@ -4,7 +4,7 @@ The arguments are four dataclasses parsed by ``HfArgumentParser`` (:class:`Model
 :class:`~hf_accinf.data.sources.DataSource`, ``TrainingArguments`` passed through unchanged, and
 :class:`~hf_accinf.config.RecordingArguments`); ``--config x.yaml`` supplies defaults that flags
 override. The data source goes into the manifest (``dataset.source``) so that ``score``, ``prune``,
-``report`` and ``push`` reload the same rows with :func:`~hf_accinf.data.sources.load_training_data`.
+``report`` and ``push`` reload the same rows with :func:`~hf_accinf.data.sources.load_recorded_data`.
 Every input is checked (config keys, model directory, columns, labels) before the model loads.
 
 >>> main(["--config", "configs/quickstart.yaml"])  # doctest: +SKIP
@@ -13,23 +13,21 @@ Every input is checked (config keys, model directory, columns, labels) before th
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from ..config import RecordingArguments
 from ..data import sources
 from ..data.sources import DataSource
 from ..errors import AccInfError
+from .parsing import build_parser, parse
 
 logger = logging.getLogger("hf_accinf.train")
 
@@ -61,65 +59,15 @@ class ModelArguments:
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
-    parser = HfArgumentParser(
-        (ModelArguments, DataSource, TrainingArguments, RecordingArguments),
-        prog="hf-accinf train", description=DESCRIPTION, add_help=subparsers is None,
-    )
-    parser.add_argument("--config", default=None, help="YAML file of argument values (flags override them).")
-    if subparsers is not None:
-        return subparsers.add_parser("train", parents=[parser], help=DESCRIPTION, description=DESCRIPTION)
-    return parser
+    return build_parser("train", DESCRIPTION, (ModelArguments, DataSource, TrainingArguments, RecordingArguments),
+                        subparsers)
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataSource, TrainingArguments, RecordingArguments]:
-    parser = make_parser()
-    argv, config = _pop_config(list(argv))
-    if config is not None:
-        parser.set_defaults(**_read_config(config, parser))
-    try:
-        model_args, source, training, recording, _ = parser.parse_args_into_dataclasses(args=argv)
-    except (TypeError, ValueError) as error:
-        raise AccInfError(f"Invalid argument: {error}") from error
+    model_args, source, training, recording = parse(make_parser(), argv)[:4]
     if source.dataset is None:
         raise AccInfError("Set dataset: embedded:digits, embedded:rotten_tomatoes, a data file or a save_to_disk directory.")
     return model_args, source, training, recording
-
-
-def _pop_config(argv: list[str]) -> tuple[list[str], str | None]:
-    """Take ``--config x.yaml`` or ``--config=x.yaml`` out of ``argv``."""
-    rest, found = [], []
-    values = iter(argv)
-    for value in values:
-        if value == "--config":
-            found.append(next(values, None))
-            if found[-1] is None:
-                raise AccInfError("--config needs a YAML file.")
-        elif value.startswith("--config="):
-            found.append(value.split("=", 1)[1])
-        else:
-            rest.append(value)
-    if len(found) > 1:
-        raise AccInfError(f"--config given {len(found)} times ({', '.join(found)}): pass one YAML file.")
-    return rest, found[0] if found else None
-
-
-def _read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise AccInfError(f"Config file {path} does not exist.")
-    try:
-        values = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise AccInfError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(values, dict):
-        raise AccInfError(f"{path} must hold a mapping of argument names to values.")
-    known = {action.dest for action in parser._actions} - {"help", "config"}
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else " `hf-accinf train --help` lists the arguments."
-            raise AccInfError(f"Unknown key {key!r} in {path}.{hint}")
-    return values
 
 
 # -- model ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 ``hf-accinf train`` describes its data as a :class:`DataSource` (where the rows come from, which
 columns mean what, how they were split and preprocessed) and records it as the manifest's
-``dataset.source``. :func:`load_training_data` rebuilds the same training and evaluation rows from
+``dataset.source``. :func:`load_recorded_data` rebuilds the same training and evaluation rows from
 that record alone and checks them against the recorded content hash, so ``score``, ``prune``,
 ``report`` and ``push`` need no data arguments. No DESIGN.md equation lives here: this is the input
 side of the trajectory (DESIGN.md section 1: the rows whose removal is estimated).
@@ -315,10 +315,10 @@ def build_datasets(source: DataSource, num_labels: int, tokenizer=None) -> tuple
 
 
 # -- back from a run directory -----------------------------------------------------------------
-def load_training_data(run_dir: str | Path):
+def load_recorded_data(run_dir: str | Path):
     """``(train_dataset, eval_dataset or None, collate_fn)`` exactly as ``hf-accinf train`` recorded them.
 
-    >>> train, held_out, collate = load_training_data("runs/quickstart/accinf")  # doctest: +SKIP
+    >>> train, held_out, collate = load_recorded_data("runs/quickstart/accinf")  # doctest: +SKIP
     """
     from ..trajectory.schema import content_hash, load_manifest
 

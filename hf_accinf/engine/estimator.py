@@ -14,7 +14,7 @@ import torch
 
 from ..errors import AccInfError
 from ..methods.base import UpdateRule
-from ..methods.registry import METHODS, build_method
+from ..methods.registry import build_method
 from ..problem import InfluenceProblem
 from .plan import build_plan, choose_schedule
 from .policies import CorrectionPolicy

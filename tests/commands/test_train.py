@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from hf_accinf import AccInfError, RunReader, ScoreArguments, score_run
 from hf_accinf.commands import train as train_command
 from hf_accinf.data import sources
-from hf_accinf.data.sources import load_training_data
+from hf_accinf.data.sources import load_recorded_data
 from hf_accinf.trajectory.schema import STATUS_COMPLETE, content_hash
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -51,7 +51,7 @@ def _check_reloads_the_trained_rows(run_dir: Path) -> None:
     """The reloaded rows are the trained ones: same content hash, the recorded labels at the recorded
     indices, and the initial model applied to them gives the head inputs recorded at the first step."""
     run = RunReader(run_dir)
-    train, held_out, collate = load_training_data(run_dir)
+    train, held_out, collate = load_recorded_data(run_dir)
     assert content_hash(train) == run.manifest.dataset["content_hash"] and len(train) == run.manifest.dataset["length"]
     assert held_out is not None and len(held_out) == run.manifest.dataset["source"]["eval_rows"]
     trajectory = run.trajectory()
@@ -128,14 +128,14 @@ def test_local_csv_new_model_and_a_changed_file_is_refused(tmp_path, caplog):
     _check_reloads_the_trained_rows(run_dir)
     csv.write_text(csv.read_text().replace("number 7,", "number seven,"))
     with pytest.raises(AccInfError, match="differ from those recorded"):
-        load_training_data(run_dir)
+        load_recorded_data(run_dir)
 
 
 def test_sgd_run_scores_from_the_recorded_source(tmp_path):
     """Scoring (SGD until the Adam family lands) with the reloaded data: rows seen only at the warm-up
     step, where the learning rate is 0, have exactly zero influence; the others do not."""
     run_dir = _train([*DIGITS_CI, "--optim", "sgd"], tmp_path)
-    train, held_out, _ = load_training_data(run_dir)
+    train, held_out, _ = load_recorded_data(run_dir)
     result = score_run(ScoreArguments(run_dir=str(run_dir), method="sgd-ie", output_dir=str(tmp_path / "scores")), train, held_out)
     trajectory = RunReader(run_dir).trajectory()
     first, second = trajectory.batch(0), trajectory.batch(1)

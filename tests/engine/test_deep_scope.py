@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
 from hf_accinf import RunReader
-from hf_accinf.engine import CorrectionPolicy, estimate_influence
+from hf_accinf.engine import estimate_influence
 from hf_accinf.errors import AccInfError
 from hf_accinf.examples import digits_dataset, synthetic_text_dataset
 from hf_accinf.curvature.model import ModelCurvature

@@ -1,7 +1,6 @@
 """The scoring output set: refused foreign directories, only own files replaced, all-or-nothing writes,
 permissions from the umask, and metadata naming the run and the method."""
 
-import json
 import os
 import stat
 

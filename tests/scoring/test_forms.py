@@ -10,22 +10,21 @@ from hf_accinf.cli import main
 from hf_accinf.config import ScoreArguments
 from hf_accinf.examples import digits_dataset
 from hf_accinf.scoring import score_run
+from tests.conftest import record_digits_run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def recorded(tmp_path_factory):
     out = tmp_path_factory.mktemp("forms")
-    assert main(["train", "--output_dir", str(out), "--num_rows", "64", "--num_train_epochs", "2"]) == 0
-    return out / "accinf"
+    return record_digits_run(out, 64)
 
 
-def test_adjoint_and_forward_forms_write_the_same_scores(run_dir):
+def test_adjoint_and_forward_forms_write_the_same_scores(recorded):
+    run_dir, data = recorded
     outputs = {}
     for form in ("forward", "auto"):
-        (run_dir / form).mkdir()
-        (run_dir / form / "embeddings.safetensors").write_bytes(b"stale")  # an earlier run's: must not survive
         assert main(["score", "--run_dir", str(run_dir), "--method", "sgd-ie", "--form", form,
-                     "--output_dir", str(run_dir / form)]) == 0
+                     "--output_dir", str(run_dir / form), *data]) == 0
         outputs[form] = (load_file(run_dir / form / "scores.safetensors")["scores"],
                          json.loads((run_dir / form / "scores.json").read_text()))
     (forward, forward_json), (adjoint, adjoint_json) = outputs["forward"], outputs["auto"]
@@ -33,6 +32,10 @@ def test_adjoint_and_forward_forms_write_the_same_scores(run_dir):
     assert (adjoint - forward).abs().max() <= 1e-9 * forward.abs().max()
     assert not (run_dir / "auto" / "embeddings.safetensors").exists()
     assert load_file(run_dir / "forward" / "embeddings.safetensors")["weight"].shape[0] == 64
+    # Rescoring the forward run's directory in the adjoint form replaces the whole set: no stale embeddings.
+    assert main(["score", "--run_dir", str(run_dir), "--method", "sgd-ie", "--form", "adjoint", "--overwrite",
+                 "--output_dir", str(run_dir / "forward"), *data]) == 0
+    assert not (run_dir / "forward" / "embeddings.safetensors").exists()
     for summary in (forward_json, adjoint_json):
         trust = summary["trust"]
         assert trust["growth"] > 0 and len(trust["epoch_growth"]) == 2
@@ -41,7 +44,8 @@ def test_adjoint_and_forward_forms_write_the_same_scores(run_dir):
     assert forward_json["trust"]["growth"] == pytest.approx(adjoint_json["trust"]["growth"], rel=1e-12)
 
 
-def test_an_accumulative_method_in_the_adjoint_form_is_refused_before_any_work(run_dir):
+def test_an_accumulative_method_in_the_adjoint_form_is_refused_before_any_work(recorded):
+    run_dir = recorded[0]
     args = ScoreArguments(run_dir=str(run_dir), method="acc-sgd-ie", form="adjoint", output_dir=str(run_dir / "acc"))
     with pytest.raises(AccInfError, match="--form forward"):
         score_run(args, digits_dataset(64), digits_dataset(10, offset=64))

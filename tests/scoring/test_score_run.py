@@ -15,15 +15,15 @@ from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_bert
 from hf_accinf.engine.objective import scores_from_embeddings
 from hf_accinf.problem import problem_from_run
 from hf_accinf.scoring import attribution_matrix, score_run
-from tests.conftest import record_run
+from tests.conftest import record_digits_run, record_run
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    assert main(["train", "--output_dir", str(out), "--num_rows", "96", "--num_train_epochs", "2"]) == 0
-    assert main(["score", "--run_dir", str(out / "accinf")]) == 0
-    return out / "accinf"
+    run_dir, data = record_digits_run(out, 96)
+    assert main(["score", "--run_dir", str(run_dir), *data]) == 0
+    return run_dir
 
 
 def test_quickstart_writes_scores_embeddings_and_a_score_column(quickstart):
