@@ -35,7 +35,6 @@ def make_problem(model=None, num_samples=10, features=4, classes=2, batch_size=4
     y = torch.randint(0, classes, (num_samples,), generator=generator)
     batches = shuffled_batches(num_samples, batch_size, epochs, seed, repeat_row)
     lrs = [0.5 * (1 + 0.1 * (t % 3)) for t in range(len(batches))]
-    template = type(model)(*model.children()) if isinstance(model, nn.Sequential) else None
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     trajectory, spec = train_sgd(model, x, y, batches, lrs, momentum, weight_decay, max_grad_norm, nesterov)
     chosen = chosen or [name for name, _ in model.named_parameters()]
