@@ -4,7 +4,9 @@
 
 Runs a plain ``transformers.Trainer`` and an ``AccInfTrainer`` (default recording settings) on the
 same model, data and seed, alternating, and prints the median wall time of ``train()`` of each, the
-overhead, and the size of the run directory. The machine is printed with the table.
+overhead, the size of the run directory and the part of it that only replay needs (optimizer state at the
+checkpoints, the random state of every micro-batch), and the time of ``Replay.check()`` (every checkpoint
+interval replayed and compared). The machine is printed with the table.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-from hf_accinf import AccInfTrainer, RecordingArguments
+from safetensors import safe_open
+
+from hf_accinf import AccInfTrainer, RecordingArguments, RunReader
+from hf_accinf.trajectory import schema
+from hf_accinf.trajectory.replay import Replay
 from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_vit
 
 
@@ -55,6 +61,15 @@ def run_once(recorded: bool, make_model, data, epochs: float, work: Path) -> tup
     return elapsed, disk
 
 
+def replay_bytes(run_dir: Path) -> int:
+    total = sum(p.stat().st_size for p in run_dir.rglob(schema.OPTIMIZER_STATE_NAME))
+    for segment in (run_dir / schema.STEPS_DIR).glob("*.safetensors"):
+        with safe_open(segment, framework="pt") as handle:
+            total += sum(handle.get_tensor(k).nbytes for k in (schema.RNG_CPU, schema.RNG_CUDA, schema.MICRO_SIZE)
+                         if k in handle.keys())
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
@@ -63,8 +78,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print("| case | plain Trainer (s) | AccInfTrainer (s) | overhead | run directory |")
-    print("|---|---|---|---|---|")
+    print("| case | plain Trainer (s) | AccInfTrainer (s) | overhead | run directory | of which for replay | Replay.check() (s) |")
+    print("|---|---|---|---|---|---|---|")
     for name, make_model, data in cases():
         work = Path(tempfile.mkdtemp(prefix="bench-recording-"))
         try:
@@ -75,7 +90,12 @@ def main() -> None:
                 seconds, disk = run_once(True, make_model, data, options.epochs, work)
                 recorded.append(seconds)
             p, r = statistics.median(plain), statistics.median(recorded)
-            print(f"| {name}, {options.epochs:g} epochs | {p:.2f} | {r:.2f} | {100 * (r - p) / p:+.1f}% | {disk / 2**20:.2f} MiB |")
+            start = time.perf_counter()
+            report = Replay(RunReader(work / "run"), data).check()
+            check = time.perf_counter() - start
+            extra = replay_bytes(work / "run")
+            print(f"| {name}, {options.epochs:g} epochs | {p:.2f} | {r:.2f} | {100 * (r - p) / p:+.1f}% | "
+                  f"{disk / 2**20:.2f} MiB | {extra / 2**20:.2f} MiB | {check:.2f} (error {report.max_rel:.1e}) |")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """The propagation engine: sweep and propagator schedules, correction policies, sharding."""
 
-from .estimator import METHODS, InfluenceResult, estimate_influence, make_rule
+from .estimator import InfluenceResult, estimate_influence, make_rule
 from .policies import CorrectionPolicy
 from .sharding import ShardContext
 
-__all__ = ["METHODS", "CorrectionPolicy", "InfluenceResult", "ShardContext", "estimate_influence", "make_rule"]
+__all__ = ["CorrectionPolicy", "InfluenceResult", "ShardContext", "estimate_influence", "make_rule"]

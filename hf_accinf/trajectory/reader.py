@@ -4,7 +4,8 @@ Parameters at step ``t`` (:meth:`RunReader.parameters_at`): the head's parameter
 so they are returned exactly as the optimizer saw them before step ``t``. All other parameters are
 linearly interpolated between the two surrounding checkpoints; their error is measured against a
 densely checkpointed run in ``tests/trajectory/test_reader.py`` and documented in docs/RECORDING.md. The
-estimators never use interpolated values: the head inputs of every step are recorded as computed.
+estimators never use interpolated values: the head inputs of every step are recorded as computed. Exact
+values of every parameter at every step come from :class:`~.replay.Replay` (schema >= 2).
 """
 
 from __future__ import annotations
