@@ -134,6 +134,7 @@ def _has_accelerator() -> bool:
 
 
 def summary(run_dir: str | Path) -> str:
+    from .modules import describe_scopes
     from .trajectory import RunReader
 
     run = RunReader(run_dir)
@@ -154,6 +155,7 @@ def summary(run_dir: str | Path) -> str:
         f"clipped steps   {int((trajectory.clip_coef < 1).sum())} of {manifest.num_steps}",
         f"training loss   {float(trajectory.loss[0]):.4f} first step, {float(trajectory.loss[-1]):.4f} last step",
         f"checkpoints     {manifest.checkpoints}",
+        describe_scopes(run.build_model()),
     ]
     return "\n".join(lines)
 

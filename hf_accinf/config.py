@@ -46,7 +46,11 @@ class ScoreArguments:
     stage_steps: list[str] | None = field(default=None, metadata={"help": "Step windows start:stop (correction=stage)."})
     stage_epochs: list[str] | None = field(default=None, metadata={"help": "Epoch windows start:stop (correction=stage)."})
     schedule: str = field(default="auto", metadata={"help": "auto (cost model), sweep or propagator."})
-    modules: list[str] | None = field(default=None, metadata={"help": "Narrow the recorded chosen parameters."})
+    modules: list[str] | None = field(default=None, metadata={"help": (
+        "Scope: the parameters that carry Delta. Module names or globs, 'all' (the whole model), or 'last:k' (the "
+        "last k transformer blocks and everything above them); default: the recorded head. A scope inside the "
+        "head uses the closed-form fast path; any other runs the whole model on each step's rows (needs the "
+        "training data and exact parameters at every step). `hf-accinf summary RUN_DIR` lists the choices.")})
     score_kind: str = field(default="linear", metadata={"help": "linear (gradient dot embedding) or evaluated."})
     dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the propagation."})
     memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory for per-sample states before chunking."})
