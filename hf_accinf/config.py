@@ -67,7 +67,11 @@ class ScoreArguments:
     trust_iterations: int = field(
         default=1, metadata={"help": "Power iterations (two extra passes over the run each) of the trust check."}
     )
-    modules: list[str] | None = field(default=None, metadata={"help": "Narrow the recorded chosen parameters."})
+    modules: list[str] | None = field(default=None, metadata={"help": (
+        "Scope: the parameters that carry Delta. Module names or globs, 'all' (the whole model), or 'last:k' (the "
+        "last k transformer blocks and everything above them); default: the recorded head. A scope inside the "
+        "head uses the closed-form fast path; any other runs the whole model on each step's rows (needs the "
+        "training data and exact parameters at every step). `hf-accinf summary RUN_DIR` lists the choices.")})
     score_kind: str = field(default="linear", metadata={"help": "linear (gradient dot embedding) or evaluated."})
     dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the propagation."})
     verify: int = field(

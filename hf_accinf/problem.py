@@ -9,6 +9,7 @@ provider on the step's rows collated from the training dataset.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +24,8 @@ from .errors import AccInfError
 from .modules import Scope, resolve_scope
 from .trajectory import RunReader, Trajectory
 from .trajectory.schema import ParamGroupSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -169,6 +172,10 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
         if states is None:
             states = default_states(run, train_dataset, collate_fn)
         names = list(scope.parameters)
+        if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+            logger.warning("The model has dropout; the model backend runs it in eval mode (no dropout), so the "
+                           "linearization is around a trajectory without the training masks (train with dropout off "
+                           "for fidelity, or replay the masks).")
         curvature = ModelCurvature(trajectory, model, names, states, smoothing, dtype, device, per_row=per_row)
         group_of = parameter_groups(run, model, names)
 

@@ -16,6 +16,9 @@ DESCRIPTION = "describe a run directory"
 @dataclass
 class SummaryArguments:
     run_dir: str | None = field(default=None, metadata={"help": "Run directory (also accepted as the positional RUN_DIR)."})
+    check_replay: bool = field(default=False, metadata={"help": (
+        "Replay every checkpoint interval from the recorded data source (runs recorded by `hf-accinf train`) and "
+        "report how far the replay is from the next checkpoint (the exact trajectory deep scopes use).")})
 
 
 def make_parser(subparsers=None):
@@ -24,7 +27,8 @@ def make_parser(subparsers=None):
     return parser
 
 
-def summary(run_dir: str | Path) -> str:
+def summary(run_dir: str | Path, check_replay: bool = False) -> str:
+    from ..modules import describe_scopes
     from ..trajectory import RunReader
 
     run = RunReader(run_dir)
@@ -45,8 +49,22 @@ def summary(run_dir: str | Path) -> str:
         f"clipped steps   {int((trajectory.clip_coef < 1).sum())} of {manifest.num_steps}",
         f"training loss   {float(trajectory.loss[0]):.4f} first step, {float(trajectory.loss[-1]):.4f} last step",
         f"checkpoints     {manifest.checkpoints}",
+        describe_scopes(run.build_model()),
     ]
+    if check_replay:
+        lines.append(_replay_line(run))
     return "\n".join(lines)
+
+
+def _replay_line(run) -> str:
+    from ..data.sources import load_recorded_data
+    from ..trajectory.replay import Replay
+
+    train, _, collate = load_recorded_data(run.run_dir)
+    report = Replay(run, train, collate).check()
+    verdict = "within" if report.ok else "ABOVE"
+    return (f"replay          max relative error {report.max_rel:.2e} over {len(report.intervals)} checkpoint "
+            f"intervals ({verdict} the tolerance {report.tolerance:g})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = extra.path or arguments.run_dir
     if not run_dir:
         raise AccInfError("Which run directory? hf-accinf summary RUN_DIR")
-    print(summary(run_dir))
+    print(summary(run_dir, arguments.check_replay))
     return 0
 
 

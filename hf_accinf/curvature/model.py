@@ -53,6 +53,9 @@ class TrajectoryStates(Protocol):
         """The step's model inputs as collated micro-batches (no labels), each with the positions of its
         rows among the step's recorded rows (``trajectory.rows_of(step)``)."""
 
+    # Optional, for optimizer rules that read their state (Adam): ``optimizer_state_at(step)`` mapping
+    # ``"<parameter>.<state key>"`` to the state before step ``step`` (the trajectory's naming).
+
 
 def _logits(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
@@ -225,6 +228,11 @@ class ModelCurvature(HeadCurvature):
                                  weights[where.to(weights.device)]))
             positions.append(where.cpu())
         return ModelBatch(self, params, micros, positions)
+
+    def optimizer_state(self, step: int, key: str) -> torch.Tensor:
+        """The optimizer's ``key`` state (e.g. ``exp_avg``) of the scope before ``step``, flattened: (P,)."""
+        state = self.states.optimizer_state_at(step)
+        return self.flatten({name: state[f"{name}.{key}"] for name in self.chosen})
 
     def at_step(self, step: int) -> ModelBatch:
         rows = self.trajectory.rows_of(step)
