@@ -431,6 +431,10 @@ class TrajectoryRecorder(TrainerCallback):
         ]
         dataset = trainer.train_dataset
         config = getattr(model, "config", None)
+        content = schema.content_hash(dataset)
+        if content is None:
+            logger.warning("The training rows cannot be hashed (not tensors, or random transforms): scoring will "
+                           "check only the dataset's length.")
 
         return Manifest(
             model_class=f"{type(model).__module__}.{type(model).__qualname__}",
@@ -471,7 +475,7 @@ class TrajectoryRecorder(TrainerCallback):
             dataset={
                 "length": len(dataset),
                 "fingerprint": getattr(dataset, "_fingerprint", None),
-                "content_hash": schema.content_hash(dataset),
+                "content_hash": content,
                 "type": type(dataset).__name__,
                 "source": trainer.recording.data_source,
             },

@@ -211,7 +211,8 @@ class RunReader:
             return
         actual = schema.content_hash(dataset) if expected else None
         if expected is None or actual is None:
-            which = "the run recorded no content hash" if expected is None else "this dataset's rows cannot be read as tensors"
+            which = ("the run recorded no content hash: its rows could not be read as tensors, or read differently "
+                     "each time" if expected is None else "this dataset's rows cannot be read as tensors")
             logger.warning(
                 "Only the length of the training dataset was checked (%s): make sure it holds the rows the run "
                 "was trained on, in the same order, or scores land on the wrong rows.", which,

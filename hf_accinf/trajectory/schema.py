@@ -82,7 +82,8 @@ def content_hash(dataset) -> str | None:
     A ``datasets.Dataset`` hashes its Arrow rows (column names, types and values; never the schema
     metadata, whose fingerprint changes on reload). A map-style torch dataset hashes the tensors of its
     rows (all of them up to :data:`TORCH_HASH_ROWS`, else that many evenly spaced rows, always the
-    first and the last). ``None`` when the rows cannot be read as tensors, arrays or numbers.
+    first and the last). ``None`` when the rows cannot be read as tensors, arrays or numbers, or read
+    differently twice (random transforms).
     """
     import hashlib
 
@@ -105,6 +106,8 @@ def content_hash(dataset) -> str | None:
     size = len(dataset)
     count = min(size, TORCH_HASH_ROWS)
     indices = torch.linspace(0, size - 1, count).round().long().unique().tolist() if size else []
+    if indices and not _deterministic(dataset, indices[0]):
+        return None  # random transforms: the same row reads differently each time
     digest.update(f"rows={size};sampled={len(indices)}".encode())
     for index in indices:
         try:
@@ -114,6 +117,22 @@ def content_hash(dataset) -> str | None:
         if not _digest_value(digest, row):
             return None
     return digest.hexdigest()
+
+
+def _deterministic(dataset, index: int) -> bool:
+    import hashlib
+
+    digests = []
+    for _ in range(2):
+        digest = hashlib.sha256()
+        try:
+            readable = _digest_value(digest, dataset[index])
+        except Exception:  # noqa: BLE001 - unreadable rows: no hash
+            return False
+        if not readable:
+            return False
+        digests.append(digest.digest())
+    return digests[0] == digests[1]
 
 
 def _digest_value(digest, value) -> bool:

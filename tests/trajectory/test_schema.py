@@ -39,3 +39,14 @@ def test_torch_datasets_are_hashed_by_their_row_tensors():
     assert content_hash(Rows([1, 2, 3])) == content_hash(Rows([1, 2, 3]))
     assert content_hash(Rows([1, 2, 3])) != content_hash(Rows([2, 1, 3]))
     assert content_hash(Rows(list(range(10_000)))) != content_hash(Rows(list(range(9_999)) + [5]))
+
+
+def test_rows_that_read_differently_each_time_get_no_hash():
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return {"pixel_values": torch.rand(2, 2), "labels": index % 2}
+
+    assert content_hash(Augmented()) is None
