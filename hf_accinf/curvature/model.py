@@ -229,11 +229,6 @@ class ModelCurvature(HeadCurvature):
             positions.append(where.cpu())
         return ModelBatch(self, params, micros, positions)
 
-    def optimizer_state(self, step: int, key: str) -> torch.Tensor:
-        """The optimizer's ``key`` state (e.g. ``exp_avg``) of the scope before ``step``, flattened: (P,)."""
-        state = self.states.optimizer_state_at(step)
-        return self.flatten({name: state[f"{name}.{key}"] for name in self.chosen})
-
     def at_step(self, step: int) -> ModelBatch:
         rows = self.trajectory.rows_of(step)
         return self._batch(self.states.parameters_at(step), self.states.batch_inputs(step),
