@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..config import ScoreArguments
-from ..data.columns import add_score_column
+from ..data.columns import ScoreArtifact, add_score_column
 from ..curvature.model import ModelCurvature
 from ..data.features import check_eval_labels, eval_collator
 from ..modules import resolve_scope
@@ -202,7 +202,8 @@ def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, resu
     if embeddings:  # the adjoint form and direct scorers have none
         writers[artifacts.EMBEDDINGS_NAME] = lambda path: save_file(embeddings, path, metadata=metadata)
     if hasattr(train_dataset, "save_to_disk"):
-        writers[artifacts.DATASET_DIR] = lambda path: add_score_column(train_dataset, scores, column).save_to_disk(str(path))
+        writers[artifacts.DATASET_DIR] = lambda path: add_score_column(
+            train_dataset, scores, column, ScoreArtifact(scores, summary, output_dir).provenance()).save_to_disk(str(path))
     order = torch.argsort(scores)
     manifest = run.manifest
     summary = {
