@@ -38,19 +38,19 @@ def test_version(capsys):
 
 def test_config_file_supplies_defaults_that_flags_override(tmp_path):
     config = tmp_path / "job.yaml"
-    config.write_text("num_rows: 10\nlearning_rate: 0.5\nmodules: [classifier]\n")
-    job, recording = parse(train.make_parser(), [f"--config={config}", "--learning_rate", "0.25"])[:2]
-    assert (job.num_rows, job.learning_rate, recording.modules) == (10, 0.25, ["classifier"])
-    job = parse(train.make_parser(), ["--config", str(config)])[0]
-    assert job.learning_rate == 0.5
+    config.write_text("train_rows: 10\nlearning_rate: 0.5\nmodules: [classifier]\n")
+    _, source, training, recording = parse(train.make_parser(), [f"--config={config}", "--learning_rate", "0.25"])[:4]
+    assert (source.train_rows, training.learning_rate, recording.modules) == (10, 0.25, ["classifier"])
+    training = parse(train.make_parser(), ["--config", str(config)])[2]
+    assert training.learning_rate == 0.5
 
 
 def test_a_typo_in_a_config_key_is_named(tmp_path, capsys):
     config = tmp_path / "job.yaml"
-    config.write_text("num_rowz: 10\n")
+    config.write_text("train_rowz: 10\n")
     assert main(["train", "--config", str(config)]) == 2
-    assert "Unknown key 'num_rowz'" in capsys.readouterr().err
-    with pytest.raises(AccInfError, match="Unknown key 'num_rowz'.*Did you mean 'num_rows'"):
+    assert "Unknown key 'train_rowz'" in capsys.readouterr().err
+    with pytest.raises(AccInfError, match="Unknown key 'train_rowz'.*Did you mean 'train_rows'"):
         parse(train.make_parser(), ["--config", str(config)])
 
 
