@@ -43,9 +43,9 @@ class ScoreArguments:
     """How ``hf-accinf score`` / :func:`~hf_accinf.score_run` estimates influence from a recorded run."""
 
     run_dir: str = field(default="runs/quickstart/accinf", metadata={"help": "Recorded run directory."})
-    method: str = field(default="acc-sgd-ie", metadata={
-        "help": "sgd-ie, acc-sgd-ie (SGD runs), adam-ie, acc-adam-ie (Adam/AdamW runs) or tracin (any); "
-                "the list is hf_accinf.methods.registry.METHODS."})
+    method: str = field(default="auto", metadata={
+        "help": "auto (the ACC method of the run's optimizer: acc-sgd-ie for SGD, acc-adam-ie for Adam/AdamW), "
+                "sgd-ie, acc-sgd-ie, adam-ie, acc-adam-ie or tracin; the list is hf_accinf.methods.registry.METHODS."})
     removal: str = field(default="exact", metadata={"help": "exact or first-order removal (DESIGN.md section 4)."})
     frozen_preconditioner: bool = field(
         default=False, metadata={"help": "Adam family ablation: hold Adam's v at its recorded value (Delta_v = 0)."})
@@ -111,7 +111,7 @@ class ScoreArguments:
             raise ValueError("stage_steps/stage_epochs need correction='stage'.")
         if self.correction_p != 1.0 and self.correction != "random":
             raise ValueError("correction_p needs correction='random'.")
-        if not self.method.startswith("acc-") and self.correction != "all":
+        if self.method != "auto" and not self.method.startswith("acc-") and self.correction != "all":
             raise ValueError(f"{self.method} applies no correction; correction policies belong to the acc- methods.")
 
     def windows(self, values: list[str] | None) -> list[tuple[int, int]]:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         shard.close()
     if result is not None:
         order = torch.argsort(result.scores)
-        print(f"{args.method} ({args.removal} removal, {result.form} form, {result.schedule} schedule) on "
+        print(f"{result.method} ({args.removal} removal, {result.form} form, {result.schedule} schedule) on "
               f"{len(result.scores)} rows in {result.seconds:.2f} s; wrote {result.output_dir}")
         if result.verify is not None:
             check = result.verify

@@ -7,6 +7,7 @@ this process's shard, and on the main process writes the artifact set of :mod:`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from ..engine.adjoint import adjoint_scores, choose_form
 from ..engine.objective import scores_from_embeddings
 from ..engine.trust import trust_check
 from ..errors import AccInfError
-from ..methods.registry import build_method
+from ..methods.registry import build_method, default_method
 from ..problem import problem_from_run
 from ..trajectory import RunReader, Trajectory
 from . import artifacts
@@ -48,6 +49,7 @@ class ScoreResult:
     trust: dict | None = None  # engine.trust.TrustReport.to_dict(): growth, epoch_growth, expansive, ratios
     verify: dict | None = None  # evaluation.verify.verify(): agreement with K rows retrained out by replay
     replay: dict | None = None  # trajectory.replay.ReplayReport.to_dict() when the scope needed replay
+    method: str = ""  # the method that ran (method="auto" resolved)
 
 
 def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
@@ -78,6 +80,10 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     output_dir = Path(args.output_dir or artifacts.default_output_dir(args.run_dir))
     artifacts.check_output_dir(output_dir, args.overwrite)
     run = RunReader(args.run_dir)
+    if args.method == "auto":
+        args = dataclasses.replace(args, method=default_method(run.manifest.optimizer_class))
+        logger.info("method %s (the accumulative method of the run's optimizer %s)", args.method,
+                    run.manifest.optimizer_class)
     run.check_dataset(train_dataset)
     check_finite(run.trajectory())
     policy = CorrectionPolicy(args.correction, args.correction_p, args.correction_seed,
@@ -132,7 +138,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     column = f"influence_{args.method.replace('-', '_')}"
     _write(output_dir, args, run, problem, result, scores, embeddings, train_dataset, column, len(labels), form, checks)
     return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column, form, trust,
-                       checks["verify"], checks["replay"])
+                       checks["verify"], checks["replay"], args.method)
 
 
 def check_finite(trajectory: Trajectory) -> None:
