@@ -75,7 +75,7 @@ def test_sgd_methods_refuse_an_adamw_run(tmp_run):
     data = synthetic_text_dataset(24)
     record_run(tiny_bert(), data, tmp_run)
     with pytest.raises(AccInfError, match="acc-sgd-ie models runs trained with SGD; this run used AdamW. Methods for this run: adam-ie, acc-adam-ie"):
-        score_run(ScoreArguments(run_dir=str(tmp_run)), data, data)
+        score_run(ScoreArguments(run_dir=str(tmp_run), method="acc-sgd-ie"), data, data)
 
 
 def test_unknown_method_is_refused(quickstart):
