@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                             try:
                                 result = score_run(arguments, case.train, case.eval, collate_fn=case.collate_fn, progress=False)
                             except Exception as error:  # a scope/form a method does not support: say so in the table
-                                table.append(f"| {scope} | {form} | {method} | refused: {str(error)[:80]} | | | | | |")
+                                table.append(f"| {scope} | {form} | {method} | refused: {str(error)[:160]} | | | | | |")
+                                print(table[-1], flush=True)
                                 continue
                             seconds = time.perf_counter() - began
                             figures = agreement(result.scores.double().numpy()[rows], zero)
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                                          f"{seconds / train_seconds:.1f} |")
                             print(table[-1], flush=True)
                 lines += table + [""]
-                print("\n".join(table[:3]))
+                print("\n".join(table[:3]), flush=True)
     if options.output:
         Path(options.output).write_text("\n".join(lines) + "\n")
 

@@ -85,7 +85,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         logger.info("method %s (the accumulative method of the run's optimizer %s)", args.method,
                     run.manifest.optimizer_class)
     run.check_dataset(train_dataset)
-    check_finite(run.trajectory())
+    check_finite(run.trajectory(), clipped=float(run.manifest.training.get("max_grad_norm") or 0.0) > 0)
     policy = CorrectionPolicy(args.correction, args.correction_p, args.correction_seed,
                               args.windows(args.stage_steps), args.windows(args.stage_epochs))
     built = run.build_model(model=model)
@@ -141,9 +141,12 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
                        checks["verify"], checks["replay"], args.method)
 
 
-def check_finite(trajectory: Trajectory) -> None:
-    """Refuse a trajectory with a non-finite loss, learning rate, gradient or head parameter, naming the step."""
-    per_step = {"loss": trajectory.loss, "learning rate": trajectory.lr, "gradient norm": trajectory.grad_norm}
+def check_finite(trajectory: Trajectory, clipped: bool = True) -> None:
+    """Refuse a trajectory with a non-finite loss, learning rate, gradient or head parameter, naming the step.
+    Without clipping the Trainer computes no gradient norm (recorded as NaN): it is not checked then."""
+    per_step = {"loss": trajectory.loss, "learning rate": trajectory.lr}
+    if clipped:
+        per_step["gradient norm"] = trajectory.grad_norm
     per_step.update({f"gradient of '{name}'": value for name, value in trajectory.grads.items()})
     per_step.update({f"parameter '{name}'": value for name, value in trajectory.params.items()})
     for what, values in per_step.items():
