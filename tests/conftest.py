@@ -13,7 +13,7 @@ from hf_accinf import AccInfTrainer, RecordingArguments
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread; two are 15-35x slower on a shared 2-core machine
 
 
 def record_run(model, dataset, run_dir, recording: dict | None = None, resume=None, callbacks=(), **training):

@@ -46,4 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from ..cli import run_command
+
+    sys.exit(run_command("push", sys.argv[1:]))

@@ -38,7 +38,7 @@ def test_version(capsys):
 
 def test_config_file_supplies_defaults_that_flags_override(tmp_path):
     config = tmp_path / "job.yaml"
-    config.write_text("train_rows: 10\nlearning_rate: 0.5\nmodules: [classifier]\n")
+    config.write_text("model_type: vit\ndataset: embedded:digits\ntrain_rows: 10\nlearning_rate: 0.5\nmodules: [classifier]\n")
     _, source, training, recording = parse(train.make_parser(), [f"--config={config}", "--learning_rate", "0.25"])[:4]
     assert (source.train_rows, training.learning_rate, recording.modules) == (10, 0.25, ["classifier"])
     training = parse(train.make_parser(), ["--config", str(config)])[2]

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from hf_accinf.cli import main
 from hf_accinf.commands import report
 from hf_accinf.examples import digits_dataset
 from tests.data.helpers import fake_run_dir, fake_scores_dir
@@ -13,10 +14,10 @@ def test_report_command_writes_the_report_and_refuses_bad_truth(tmp_path, capsys
     digits_dataset(30).save_to_disk(str(scores_dir / "dataset"))
     np.save(tmp_path / "truth.npy", scores + 0.1)
     out = tmp_path / "report"
-    assert report.main(["--scores_dir", str(scores_dir), "--output_dir", str(out), "--truth", str(tmp_path / "truth.npy")]) == 0
+    assert main(["report", "--scores_dir", str(scores_dir), "--output_dir", str(out), "--truth", str(tmp_path / "truth.npy")]) == 0
     text = (out / "report.md").read_text()
     assert "acc-sgd-ie" in text and "(truth.png)" in text and (out / "truth.png").is_file()
-    assert report.main(["--scores_dir", str(scores_dir), "--output_dir", str(tmp_path / "r2"),
+    assert main(["report", "--scores_dir", str(scores_dir), "--output_dir", str(tmp_path / "r2"),
                         "--truth", str(tmp_path / "missing.npy")]) == 2
     assert "missing.npy does not exist" in capsys.readouterr().err
 
