@@ -39,6 +39,9 @@ def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     config, rest, index = None, [], 0
     while index < len(argv):
         item = argv[index]
+        if item == "--config" or item.startswith("--config="):
+            if config is not None:
+                raise AccInfError(f"--config given 2 times ({config} and another): pass one YAML file.")
         if item == "--config":
             if index + 1 >= len(argv):
                 raise AccInfError("--config needs a YAML file: --config x.yaml")

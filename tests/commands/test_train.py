@@ -148,7 +148,7 @@ def test_sgd_run_scores_from_the_recorded_source(tmp_path):
     ([*DIGITS_CI, "--num_labels", "5"], r"Label values \[.*\] of column 'label' lie outside 0..4"),
     ([*TEXT_CI, "--model_name_or_path", "./no/such/model"], "Model directory ./no/such/model does not exist"),
     ([*DIGITS_CI, "--model_name_or_path", "./x"], "Set exactly one of model_name_or_path"),
-    (["--config=/no/such.yaml"], "Config file /no/such.yaml does not exist"),
+    (["--config=/no/such.yaml"], "[Cc]onfig file /no/such.yaml does not exist"),
     ([*DIGITS_CI, "--config", "x.yaml"], "--config given 2 times"),
 ], ids=["missing-column", "labels-outside-num-labels", "missing-model-dir", "two-models", "missing-config", "two-configs"])
 def test_bad_arguments_are_refused_before_training(tmp_path, args, message):
@@ -161,5 +161,5 @@ def test_unknown_config_key_is_named_with_a_suggestion(tmp_path):
     config = yaml.safe_load((CONFIGS / "digits_vit.yaml").read_text())
     config["learning_rat"] = 0.1
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(AccInfError, match=r"Unknown key 'learning_rat' in .*typo.yaml. Did you mean 'learning_rate'\?"):
+    with pytest.raises(AccInfError, match=r"Unknown key 'learning_rat' in .*typo.yaml.*Did you mean 'learning_rate'\?"):
         train_command.main(["--config", str(tmp_path / "typo.yaml")])
