@@ -1,7 +1,10 @@
-"""The propagation engine: sweep and propagator schedules, correction policies, sharding."""
+"""The propagation engine: sweep and propagator schedules, the adjoint form, correction policies, sharding, trust."""
 
+from .adjoint import adjoint_scores, choose_form
 from .estimator import METHODS, InfluenceResult, estimate_influence
 from .policies import CorrectionPolicy
 from .sharding import ShardContext
+from .trust import TrustReport, trust_check
 
-__all__ = ["METHODS", "CorrectionPolicy", "InfluenceResult", "ShardContext", "estimate_influence"]
+__all__ = ["METHODS", "CorrectionPolicy", "InfluenceResult", "ShardContext", "TrustReport", "adjoint_scores",
+           "choose_form", "estimate_influence", "trust_check"]
