@@ -40,7 +40,7 @@ def test_each_scoring_run_becomes_a_column_with_its_provenance(scored):
     assert columns["influence_acc_sgd_ie"]["method"] == "acc-sgd-ie"
     assert columns["influence_acc_sgd_ie"]["run"] == {"run_dir": str(run), "manifest_sha256": manifest_sha}
     assert columns["influence_acc_sgd_ie"]["trust"] == {"kendall_tau": 0.9}
-    assert columns["influence_sgd_ie"]["form"] == "linear" and columns["influence_sgd_ie"]["trust"] is None
+    assert columns["influence_sgd_ie"]["score_kind"] == "linear" and columns["influence_sgd_ie"]["trust"] is None
     assert "< 0 harmful" in columns["influence_sgd_ie"]["sign"]
     assert data.info.description.startswith("The user's own description.")
 

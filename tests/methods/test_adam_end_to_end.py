@@ -40,11 +40,17 @@ def test_the_run_records_adamw_moments_and_step_counts(default_recipe):
 @pytest.mark.parametrize("method", ["adam-ie", "acc-adam-ie", "tracin"])
 def test_adam_family_and_tracin_score_the_default_recipe(default_recipe, method, tmp_path):
     run_dir, data = default_recipe
-    result = score_run(ScoreArguments(run_dir=str(run_dir), method=method, output_dir=str(tmp_path)), data, data,
-                       progress=False)
+    form = "auto" if method == "tracin" else "forward"
+    result = score_run(ScoreArguments(run_dir=str(run_dir), method=method, form=form, output_dir=str(tmp_path)), data,
+                       data, progress=False)
     assert result.scores.shape == (24,) and torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
     assert (tmp_path / "scores.safetensors").is_file()
     assert (tmp_path / "embeddings.safetensors").is_file() == (method != "tracin")
+    if method == "adam-ie":  # the adjoint form through AdamW gives the forward form's classical scores
+        adjoint = score_run(ScoreArguments(run_dir=str(run_dir), method=method, form="adjoint",
+                                           output_dir=str(tmp_path / "adjoint")), data, data, progress=False)
+        assert adjoint.form == "adjoint"
+        torch.testing.assert_close(adjoint.scores, result.scores, rtol=1e-9, atol=1e-12 * float(result.scores.abs().max()))
     if method == "tracin":  # TracIn by hand: sum over steps of w_r eta_t grad L(theta_t) . g_r(theta_t)
         run = RunReader(run_dir)
         problem = problem_from_run(run)
