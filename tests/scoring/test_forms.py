@@ -50,3 +50,19 @@ def test_an_accumulative_method_in_the_adjoint_form_is_refused_before_any_work(r
     with pytest.raises(AccInfError, match="--form forward"):
         score_run(args, digits_dataset(64), digits_dataset(10, offset=64))
     assert not (run_dir / "acc").exists()
+
+
+def test_verify_retrains_rows_out_and_writes_the_agreement(recorded, tmp_path):
+    """``--verify K``: the figures in scores.json are those of K rows retrained out by replay (an oracle of its own,
+    evaluation.verify), and the scores they judge are the ones written."""
+    from scipy import stats
+
+    run_dir, data = recorded
+    assert main(["score", "--run_dir", str(run_dir), "--method", "sgd-ie", "--modules", "all", "--form", "adjoint",
+                 "--verify", "6", "--trust_probes", "0", "--output_dir", str(tmp_path / "scores"), *data]) == 0
+    summary = json.loads((tmp_path / "scores" / "scores.json").read_text())
+    check, scores = summary["verify"], load_file(tmp_path / "scores" / "scores.safetensors")["scores"]
+    assert check["k"] == 6 and len(check["rows"]) == 6 and summary["replay"]["ok"]
+    assert check["estimate"] == scores[check["rows"]].tolist()
+    assert abs(check["kendall_tau"] - stats.kendalltau(check["estimate"], check["truth"]).statistic) < 1e-12
+    assert summary["scope"][-1] == "classifier.bias" and len(summary["scope"]) > 2  # the whole model
