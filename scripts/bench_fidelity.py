@@ -42,7 +42,7 @@ SCOPES = {"head": ["classifier"], "last block": ["last:1"], "whole model": ["all
 RECIPES = {
     # SGD as in the paper; the HF default AdamW recipe (warm-up, linear decay, clipping at 1.0).
     "sgd": dict(optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0),
-    "adamw": dict(optim="adamw_torch", learning_rate=2e-3, lr_scheduler_type="linear", warmup_ratio=0.1,
+    "adamw": dict(optim="adamw_torch", learning_rate=2e-3, lr_scheduler_type="linear", warmup_steps=0.1,
                   max_grad_norm=1.0, weight_decay=0.01),
 }
 
@@ -112,8 +112,9 @@ def train(case: Case, recipe: str, run_dir: Path, epochs: int, batch: int) -> fl
     return time.perf_counter() - began
 
 
-def truth(case: Case, run: RunReader, rows: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
-    """Exact changes of the mean eval loss with each row at weight 0 and 0.5, and the seconds they took."""
+def truth(case: Case, run: RunReader, rows: list[int]) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Exact changes of the mean eval loss with each row at weight 0 and 0.5, the seconds they took, and the
+    trained model's mean eval loss."""
     replay = Replay(run, case.train, case.collate_fn)
     began = time.perf_counter()
 
@@ -123,7 +124,7 @@ def truth(case: Case, run: RunReader, rows: list[int]) -> tuple[np.ndarray, np.n
     base = losses([None])[0]
     zero = losses([{row: 0.0} for row in rows]) - base
     half = losses([{row: 0.5} for row in rows]) - base
-    return zero.numpy(), half.numpy(), time.perf_counter() - began
+    return zero.numpy(), half.numpy(), time.perf_counter() - began, float(base)
 
 
 def agreement(estimate: np.ndarray, target: np.ndarray) -> dict[str, float]:
@@ -159,10 +160,14 @@ def main(argv: list[str] | None = None) -> None:
                 train_seconds = train(case, recipe, run_dir, options.epochs, options.batch)
                 run = RunReader(run_dir)
                 rows = torch.randperm(options.rows, generator=torch.Generator().manual_seed(0))[: options.truth_rows].tolist()
-                zero, half, truth_seconds = truth(case, run, rows)
+                zero, half, truth_seconds, eval_loss = truth(case, run, rows)
+                losses = run.trajectory().loss
                 ceiling = agreement(2 * half, zero)
                 title = f"## {case.name}, recipe {recipe} ({RECIPES[recipe]['optim']}), trained whole"
                 table = [title, "",
+                         f"Training loss {float(losses[0]):.3f} (first step) -> {float(losses[-1]):.3f} (last step), mean "
+                         f"evaluation loss {eval_loss:.3f} (chance: ln {case.model.config.num_labels} = "
+                         f"{np.log(case.model.config.num_labels):.3f}). "
                          f"Training {train_seconds:.1f} s; exact retraining of {len(rows)} rows x 2 weights by replay "
                          f"{truth_seconds:.1f} s. Linearity ceiling (truth(0) vs 2 truth(0.5)): tau {ceiling['tau']:.3f}, "
                          f"r {ceiling['r']:.3f}.", "",
@@ -193,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                             print(table[-1], flush=True)
                 lines += table + [""]
                 print("\n".join(table[:3]), flush=True)
-    if options.output:
-        Path(options.output).write_text("\n".join(lines) + "\n")
+                if options.output:  # after every case: a long run keeps what it has measured
+                    Path(options.output).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
