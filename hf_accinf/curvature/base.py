@@ -106,3 +106,23 @@ class HeadCurvature(ABC):
     def shifted_losses(self, params: dict[str, torch.Tensor], shifts: torch.Tensor, inputs: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over ``inputs`` at ``params`` moved by each row of ``shifts`` (K, P): (K,)."""
+
+
+class FlatLayout:
+    """The layout of backends whose vectors are the chosen parameters flattened and concatenated in order
+    (``chosen`` names, their ``shapes`` and ``sizes``; ``device`` and ``dtype``)."""
+
+    chosen: list[str]
+    shapes: dict[str, torch.Size]
+    sizes: list[int]
+
+    def flatten(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([named[name].to(self.device, self.dtype).reshape(-1) for name in self.chosen])
+
+    def unflatten(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(vectors, self.sizes, dim=-1)
+        return {name: part.reshape(*vectors.shape[:-1], *shape) for (name, shape), part in zip(self.shapes.items(), parts)}
+
+    def expand(self, per_parameter: dict[str, float]) -> torch.Tensor:
+        return torch.cat([torch.full((size,), float(per_parameter[name]), dtype=self.dtype, device=self.device)
+                          for name, size in zip(self.chosen, self.sizes)])

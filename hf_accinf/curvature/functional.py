@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from ..losses import cross_entropy_rows, mean_weights, target_distribution
 from ..trajectory import Trajectory
-from .base import BatchCurvature, HeadCurvature
+from .base import BatchCurvature, FlatLayout, HeadCurvature
 
 
 class FunctionalBatch(BatchCurvature):
@@ -49,7 +49,7 @@ class FunctionalBatch(BatchCurvature):
         return vmap(one)(vectors, self.inputs[rows], self.targets[rows])
 
 
-class FunctionalHeadCurvature(HeadCurvature):
+class FunctionalHeadCurvature(FlatLayout, HeadCurvature):
     def __init__(self, trajectory: Trajectory, head: nn.Module, chosen: list[str], label_smoothing: float = 0.0,
                  dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"):
         self.trajectory, self.chosen = trajectory, list(chosen)
@@ -62,13 +62,6 @@ class FunctionalHeadCurvature(HeadCurvature):
         self._inputs = trajectory.head_input.to(self.device, dtype)
         self._labels = trajectory.labels.to(self.device)
         self._weights = trajectory.row_weight.to(self.device, dtype)
-
-    def flatten(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([named[name].to(self.device, self.dtype).reshape(-1) for name in self.chosen])
-
-    def unflatten(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = torch.split(vectors, self.sizes, dim=-1)
-        return {name: part.reshape(*vectors.shape[:-1], *shape) for (name, shape), part in zip(self.shapes.items(), parts)}
 
     def logits(self, flat: torch.Tensor, fixed: dict, inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(self.head, {**fixed, **self.unflatten(flat)}, (inputs,))
@@ -86,10 +79,6 @@ class FunctionalHeadCurvature(HeadCurvature):
         rows = self.trajectory.rows_of(step)
         params = {name: values[step] for name, values in self.trajectory.params.items()}
         return self._batch(params, self._inputs[rows], self._labels[rows], self._weights[rows])
-
-    def expand(self, per_parameter: dict[str, float]) -> torch.Tensor:
-        return torch.cat([torch.full((size,), float(per_parameter[name]), dtype=self.dtype, device=self.device)
-                          for name, size in zip(self.chosen, self.sizes)])
 
     def example_grads(self, params, inputs, labels) -> torch.Tensor:
         inputs = inputs.to(self.device, self.dtype)

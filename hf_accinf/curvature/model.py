@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from ..losses import cross_entropy_rows, mean_weights, target_distribution
 from ..trajectory import Trajectory
-from .base import BatchCurvature, HeadCurvature
+from .base import BatchCurvature, FlatLayout, HeadCurvature
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class ModelBatch(BatchCurvature):
         return self._dispatch(rows, vectors)
 
 
-class ModelCurvature(HeadCurvature):
+class ModelCurvature(FlatLayout, HeadCurvature):
     """The model backend. ``scope``: full parameter names; ``states``: ``theta_t`` and the step's inputs
     (may be ``None`` when only the objective side is used: ``objective_grad``, ``example_grads``)."""
 
@@ -188,17 +188,6 @@ class ModelCurvature(HeadCurvature):
         if trajectory is not None:
             self._labels = trajectory.labels.to(self.device)
             self._weights = trajectory.row_weight.to(self.device, dtype)
-
-    def flatten(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([named[name].to(self.device, self.dtype).reshape(-1) for name in self.chosen])
-
-    def unflatten(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = torch.split(vectors, self.sizes, dim=-1)
-        return {name: part.reshape(*vectors.shape[:-1], *shape) for (name, shape), part in zip(self.shapes.items(), parts)}
-
-    def expand(self, per_parameter: dict[str, float]) -> torch.Tensor:
-        return torch.cat([torch.full((size,), float(per_parameter[name]), dtype=self.dtype, device=self.device)
-                          for name, size in zip(self.chosen, self.sizes)])
 
     def logits(self, flat: torch.Tensor, fixed: dict, inputs: dict) -> torch.Tensor:
         return _logits(functional_call(self.model, {**fixed, **self.unflatten(flat)}, (), inputs))
