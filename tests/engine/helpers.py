@@ -43,3 +43,25 @@ def make_problem(model=None, num_samples=10, features=4, classes=2, batch_size=4
     problem = InfluenceProblem(trajectory, curvature, spec, num_samples)
     problem.model, problem.features, problem.labels, problem.initial = model, x, y, initial
     return problem
+
+
+def oracle_occurrence(step, state, delta, w, ids, j: int, c: float, removal: str):
+    """The naive per-sample oracle's tangent move at step ``state`` (DESIGN.md section 4), from ``torch.func.jvp``
+    of a functional optimizer ``step(state, weights)``: the shared transition where ``j`` is absent, else
+    exact removal (``J_s step(w^-j) delta + step(w^-j) - step(w)``, ``J_s step(w)`` for the classical twin)
+    or first-order removal (``J_s step delta + J_w step (-e_j) + c`` times the mixed derivative)."""
+    from torch.func import jvp
+
+    if not bool((ids == j).any()):
+        return jvp(lambda s: step(s, w), (state,), (delta,))[1]
+    w_removed = torch.where(ids == j, torch.zeros_like(w), w)
+    if removal == "exact":
+        transition_weights = w_removed if c else w
+        return (jvp(lambda s: step(s, transition_weights), (state,), (delta,))[1]
+                + step(state, w_removed) - step(state, w))
+    direction = w_removed - w
+    moved = jvp(lambda s: step(s, w), (state,), (delta,))[1]
+    injected = jvp(lambda v: step(state, v), (w,), (direction,))[1]
+    mixed = jvp(lambda e: jvp(lambda s: step(s, w + e * direction), (state,), (delta,))[1],
+                (torch.zeros((), dtype=torch.float64),), (torch.ones((), dtype=torch.float64),))[1]
+    return moved + injected + c * mixed

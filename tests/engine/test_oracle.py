@@ -7,13 +7,13 @@ looping over samples and steps in Python; it shares no code with the engine's up
 
 import pytest
 import torch
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad
 
 from hf_accinf.engine import CorrectionPolicy, estimate_influence
 from hf_accinf.engine.plan import build_plan
 from hf_accinf.engine.sweep import adjoint_scores
 from hf_accinf.engine.estimator import make_rule
-from tests.engine.helpers import make_problem
+from tests.engine.helpers import make_problem, oracle_occurrence
 
 
 def oracle_embeddings(problem, removal: str, coefficient) -> torch.Tensor:
@@ -56,23 +56,7 @@ def oracle_embeddings(problem, removal: str, coefficient) -> torch.Tensor:
                 new_buf = mu * bu + g + decay * th
                 return torch.cat([th - lr * new_buf, new_buf])
 
-            occurs = bool((ids == j).any())
-            if not occurs:
-                delta = jvp(lambda s: step(s, w), (state,), (delta,))[1]
-                continue
-            w_removed = torch.where(ids == j, torch.zeros_like(w), w)
-            c = coefficient(j, t)
-            if removal == "exact":
-                transition_weights = w_removed if c else w
-                delta = (jvp(lambda s: step(s, transition_weights), (state,), (delta,))[1]
-                         + step(state, w_removed) - step(state, w))
-            else:
-                direction = w_removed - w
-                moved = jvp(lambda s: step(s, w), (state,), (delta,))[1]
-                injected = jvp(lambda v: step(state, v), (w,), (direction,))[1]
-                mixed = jvp(lambda e: jvp(lambda s: step(s, w + e * direction), (state,), (delta,))[1],
-                            (torch.zeros((), dtype=torch.float64),), (torch.ones((), dtype=torch.float64),))[1]
-                delta = moved + injected + c * mixed
+            delta = oracle_occurrence(step, state, delta, w, ids, j, coefficient(j, t), removal)
         results.append(delta[: len(theta)])
     return torch.stack(results)
 

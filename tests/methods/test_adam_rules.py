@@ -8,7 +8,7 @@ first-order removal with the full mixed ACC derivative (DESIGN.md section 4).
 
 import pytest
 import torch
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad
 
 from hf_accinf.engine import CorrectionPolicy, estimate_influence
 from hf_accinf.engine.plan import build_plan
@@ -17,6 +17,7 @@ from hf_accinf.errors import AccInfError
 from hf_accinf.evaluation.optim import optimizer_step
 from hf_accinf.methods.base import StepOps
 from hf_accinf.methods.registry import build_method
+from tests.engine.helpers import oracle_occurrence
 from tests.methods.helpers import make_adam_problem
 
 
@@ -71,22 +72,7 @@ def oracle_embeddings(problem, removal: str, coefficient, frozen: bool = False) 
             else:
                 step = raw_step
 
-            if not bool((ids == j).any()):
-                delta = jvp(lambda s: step(s, w), (state,), (delta,))[1]
-                continue
-            w_removed = torch.where(ids == j, torch.zeros_like(w), w)
-            c = coefficient(j, t)
-            if removal == "exact":
-                transition_weights = w_removed if c else w
-                delta = (jvp(lambda s: step(s, transition_weights), (state,), (delta,))[1]
-                         + step(state, w_removed) - step(state, w))
-            else:
-                direction = w_removed - w
-                moved = jvp(lambda s: step(s, w), (state,), (delta,))[1]
-                injected = jvp(lambda v: step(state, v), (w,), (direction,))[1]
-                mixed = jvp(lambda e: jvp(lambda s: step(s, w + e * direction), (state,), (delta,))[1],
-                            (torch.zeros((), dtype=torch.float64),), (torch.ones((), dtype=torch.float64),))[1]
-                delta = moved + injected + c * mixed
+            delta = oracle_occurrence(step, state, delta, w, ids, j, coefficient(j, t), removal)
         results.append(delta[:size])
     return torch.stack(results)
 

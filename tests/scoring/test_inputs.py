@@ -117,6 +117,7 @@ def test_launched_processes_without_a_shard_context_share_the_work(run_dir, tmp_
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     returned = [json.loads((out.parent / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world_size"] for r in returned] == [2, 2]  # the two processes formed one group
     assert [r["result"] for r in returned] == [True, False]  # only the main process writes and returns
     single = score_run(ScoreArguments(run_dir=str(run_dir), output_dir=str(tmp_path / "single")),
                        digits_dataset(**TRAIN), digits_dataset(**EVAL), progress=False)
