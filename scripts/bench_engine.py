@@ -225,9 +225,11 @@ def main() -> None:
     parser.add_argument("--policy-size", type=int, default=10000)
     parser.add_argument("--adam-size", type=int, default=2000)
     parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (named in the output; two can be 15-35x slower than one on a shared 2-core machine)")
     options = parser.parse_args()
     dtype = getattr(torch, options.dtype)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(options.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
     sections = {

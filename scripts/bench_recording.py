@@ -74,8 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (named in the output; two can be 15-35x slower than one on a shared 2-core machine)")
     options = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(options.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print("| case | plain Trainer (s) | AccInfTrainer (s) | overhead | run directory | of which for replay | Replay.check() (s) |")
