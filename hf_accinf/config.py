@@ -45,10 +45,15 @@ class ScoreArguments:
     run_dir: str = field(default="runs/quickstart/accinf", metadata={"help": "Recorded run directory."})
     method: str = field(default="auto", metadata={
         "help": "auto (the ACC method of the run's optimizer: acc-sgd-ie for SGD, acc-adam-ie for Adam/AdamW), "
-                "sgd-ie, acc-sgd-ie, adam-ie, acc-adam-ie or tracin; the list is hf_accinf.methods.registry.METHODS."})
+                "sgd-ie, acc-sgd-ie, adam-ie, acc-adam-ie, dvemb, acc-dvemb (projected, any optimizer and scope) or tracin; "
+                "the list is hf_accinf.methods.registry.METHODS."})
     removal: str = field(default="exact", metadata={"help": "exact or first-order removal (DESIGN.md section 4)."})
     frozen_preconditioner: bool = field(
         default=False, metadata={"help": "Adam family ablation: hold Adam's v at its recorded value (Delta_v = 0)."})
+    projection_dim: int = field(default=512, metadata={
+        "help": "dvemb/acc-dvemb: dimension k of the random projection of per-row gradients (0: none, k = P). "
+                "Memory per row is k numbers whatever the scope."})
+    projection_seed: int = field(default=0, metadata={"help": "dvemb/acc-dvemb: seed of the Gaussian projection."})
     correction: str = field(default="all", metadata={"help": "ACC correction policy: all, random or stage."})
     correction_p: float = field(default=1.0, metadata={"help": "Probability of a correction (correction=random)."})
     correction_seed: int = field(default=0, metadata={"help": "Seed of the correction coins."})
@@ -72,7 +77,9 @@ class ScoreArguments:
         "last k transformer blocks and everything above them); default: the recorded head. A scope inside the "
         "head uses the closed-form fast path; any other runs the whole model on each step's rows (needs the "
         "training data and exact parameters at every step). `hf-accinf summary RUN_DIR` lists the choices.")})
-    score_kind: str = field(default="linear", metadata={"help": "linear (gradient dot embedding) or evaluated."})
+    score_kind: str = field(default="linear", metadata={
+        "help": "linear (objective gradient dot embedding: the predicted loss change), cosine (LESS-style cosine "
+                "of the two) or evaluated (the objective at the moved parameters; parameter-space methods)."})
     dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the propagation."})
     verify: int = field(
         default=0, metadata={"help": "Retrain this many random rows out by replay (weight 0 and 0.5) and report the "
@@ -88,9 +95,11 @@ class ScoreArguments:
 
     def __post_init__(self) -> None:
         for name, allowed in (("removal", ("exact", "first-order")), ("correction", ("all", "random", "stage")),
-                              ("schedule", ("auto", "sweep", "propagator")), ("score_kind", ("linear", "evaluated"))):
+                              ("schedule", ("auto", "sweep", "propagator")), ("score_kind", ("linear", "cosine", "evaluated"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown {name} '{getattr(self, name)}': use {', '.join(allowed)}.")
+        if self.projection_dim < 0:
+            raise ValueError(f"projection_dim must be >= 0 (0: no projection), got {self.projection_dim}.")
         if self.memory_budget_gb <= 0:
             raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}.")
         if not 0.0 <= self.correction_p <= 1.0:

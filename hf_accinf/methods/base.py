@@ -55,6 +55,7 @@ class UpdateRule(ABC):
     param_dim: int
     output: str = "embeddings"
     accumulative: bool = False  # set by the registry: whether correction policies apply
+    parameter_space: bool = True  # whether embeddings are parameter changes (False: a projected space)
 
     def embed_gradient(self, gradient: torch.Tensor) -> torch.Tensor:
         """An objective gradient (..., P) in the embeddings' space: the identity for parameter-space rules."""

@@ -27,6 +27,10 @@ class MethodOptions:
     frozen_preconditioner: bool = field(
         default=False, metadata={"help": "Adam family: hold v at its recorded value (Delta_v = 0), an ablation."}
     )
+    projection_dim: int = field(default=512, metadata={"help": "DVEmb family: dimension k of the projected gradients "
+                                                                "(0: no projection)."})
+    projection_seed: int = field(default=0, metadata={"help": "DVEmb family: seed of the Gaussian projection."})
+    memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory a method may keep (projection, caches)."})
 
     @classmethod
     def of(cls, args: Any = None, **overrides) -> "MethodOptions":
@@ -59,6 +63,12 @@ def _adam(problem, options: MethodOptions):
     return AdamRule(problem, removal=options.removal, frozen_preconditioner=options.frozen_preconditioner)
 
 
+def _dvemb(problem, options: MethodOptions):
+    from .dvemb import DVEmbRule
+
+    return DVEmbRule(problem, options.projection_dim, options.projection_seed, options.memory_budget_gb)
+
+
 def _tracin(problem, options: MethodOptions):
     from .tracin import TracIn
 
@@ -70,6 +80,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("acc-sgd-ie", "ACC-SGD-IE", ("SGD",), True, "embeddings", _sgd),
     MethodSpec("adam-ie", "Adam-IE", ("Adam", "AdamW"), False, "embeddings", _adam),
     MethodSpec("acc-adam-ie", "ACC-Adam-IE", ("Adam", "AdamW"), True, "embeddings", _adam),
+    MethodSpec("dvemb", "DVEmb", ("SGD", "Adam", "AdamW"), False, "embeddings", _dvemb),
+    MethodSpec("acc-dvemb", "ACC-DVEmb", ("SGD", "Adam", "AdamW"), True, "embeddings", _dvemb),
     MethodSpec("tracin", "TracIn", ("SGD", "Adam", "AdamW"), False, "scores", _tracin),
 )}
 

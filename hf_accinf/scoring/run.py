@@ -26,15 +26,18 @@ from ..data.features import check_eval_labels, eval_collator
 from ..modules import resolve_scope
 from ..engine import CorrectionPolicy, InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores, choose_form
-from ..engine.objective import scores_from_embeddings
+from ..engine.objective import check_score_kind, scores_from_embeddings
 from ..engine.trust import trust_check
 from ..errors import AccInfError
+from ..methods.projection import GradientProjection
 from ..methods.registry import build_method, default_method
 from ..problem import problem_from_run
 from ..trajectory import RunReader, Trajectory
 from . import artifacts
 
 logger = logging.getLogger(__name__)
+
+PROJECTED_NAME = "projected"  # the one embeddings tensor of projected methods (DVEmb), (N, projection_dim)
 
 
 @dataclass
@@ -92,6 +95,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built,
                                train_dataset=train_dataset, collate_fn=collate_fn, states=states)
     method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
+    if method.output == "embeddings":
+        check_score_kind(args.score_kind, method)
     form, reason = ("direct", "the method scores one objective directly") if method.output == "scores" else \
         choose_form(args.form, method.accumulative, args.score_kind, policy if method.accumulative else None)
     logger.info("form %s: %s", form, reason)
@@ -107,7 +112,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
                                progress and shard.is_main)
         result = InfluenceResult(None, "direct", time.perf_counter() - began)
     elif form == "adjoint":
-        gradient = curvature.objective_grad(final, inputs, labels)
+        gradient = method.embed_gradient(curvature.objective_grad(final, inputs, labels))
         scores = adjoint_scores(method, problem, gradient, shard, progress, policy if method.accumulative else None)
         result = InfluenceResult(None, "backward", time.perf_counter() - began)
     else:
@@ -116,8 +121,10 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     if not shard.is_main:
         return None
     if form == "forward":
-        scores = scores_from_embeddings(curvature, result.embeddings, final, inputs, labels, args.score_kind)
-        embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()}
+        scores = scores_from_embeddings(curvature, result.embeddings, final, inputs, labels, args.score_kind,
+                                        rule=method)
+        embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()} \
+            if method.parameter_space else {PROJECTED_NAME: result.embeddings.contiguous()}
     if args.trust_probes > 0 and form != "direct":
         trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
                             progress=progress).to_dict()
@@ -194,10 +201,15 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
     else:
         curvature = problem_from_run(run, modules=list(scope), model=built).curvature
         final = run.head_parameters_at(run.num_steps)
-    embeddings = curvature.flatten_named(saved)
+    projected = PROJECTED_NAME in saved
+    embeddings = saved[PROJECTED_NAME] if projected else curvature.flatten_named(saved)
     inputs, labels = curvature.evaluation_inputs(built, head_name, test_dataset, collate_fn, tokenizer)
     check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
     gradients = curvature.example_grads(final, inputs, labels)
+    if projected:  # the same seeded projection the scores used (a pure function of P, k and the seed)
+        arguments = summary["arguments"]
+        gradients = GradientProjection(curvature.dim, int(arguments["projection_dim"]), int(arguments["projection_seed"]),
+                                       gradients.dtype, gradients.device)(gradients)
     return gradients @ embeddings.to(gradients.dtype).T
 
 

@@ -34,10 +34,10 @@ def test_the_run_records_adamw_moments_and_step_counts(default_recipe):
     assert run.manifest.optimizer_class == "AdamW"
     assert torch.equal(trajectory.optimizer_step_count, torch.arange(trajectory.num_steps))  # count before each step
     assert all(trajectory.states[f"{name}.exp_avg"][0].abs().max() == 0 for name in run.manifest.head.chosen)
-    assert method_names(run.manifest.optimizer_class) == ["adam-ie", "acc-adam-ie", "tracin"]
+    assert method_names(run.manifest.optimizer_class) == ["adam-ie", "acc-adam-ie", "dvemb", "acc-dvemb", "tracin"]
 
 
-@pytest.mark.parametrize("method", ["adam-ie", "acc-adam-ie", "tracin"])
+@pytest.mark.parametrize("method", ["adam-ie", "acc-adam-ie", "dvemb", "acc-dvemb", "tracin"])
 def test_adam_family_and_tracin_score_the_default_recipe(default_recipe, method, tmp_path):
     run_dir, data = default_recipe
     form = "auto" if method == "tracin" else "forward"
@@ -75,7 +75,7 @@ def test_cli_scores_with_acc_adam_ie(default_recipe, tmp_path):
     assert main(["score", "--run_dir", str(run_dir), "--method", "acc-adam-ie", "--train_data", str(tmp_path / "train"),
                  "--eval_data", str(tmp_path / "train"), "--output_dir", str(tmp_path / "scores")]) == 0
     assert load_file(tmp_path / "scores" / "scores.safetensors")["scores"].shape == (24,)
-    with pytest.raises(AccInfError, match="Methods for this run: adam-ie, acc-adam-ie, tracin"):
+    with pytest.raises(AccInfError, match="Methods for this run: adam-ie, acc-adam-ie, dvemb, acc-dvemb, tracin"):
         score_run(ScoreArguments(run_dir=str(run_dir), method="sgd-ie"), data, data)
 
 
@@ -84,3 +84,30 @@ def test_trainer_warns_at_construction_for_an_unmodelled_optimizer(tmp_path):
     with pytest.warns(UserWarning, match="no hf_accinf method models"):
         AccInfTrainer(model=tiny_bert(), args=args, train_dataset=synthetic_text_dataset(8),
                       recording=RecordingArguments(run_dir=str(tmp_path / "run")))
+
+
+@pytest.mark.parametrize("modules", [None, ["all"]])
+def test_dvemb_scores_any_scope_and_its_saved_embeddings_score_new_test_sets(default_recipe, modules, tmp_path):
+    """Projected embeddings (N x k) on the head and on the whole model; ``attribution_matrix`` rebuilds the
+    seeded projection and reproduces the scores from the saved embeddings without replaying the run."""
+    from hf_accinf.scoring.run import attribution_matrix
+
+    run_dir, data = default_recipe
+    args = ScoreArguments(run_dir=str(run_dir), method="acc-dvemb", projection_dim=16, modules=modules,
+                          output_dir=str(tmp_path), trust_probes=2)
+    result = score_run(args, data, data, progress=False)
+    assert result.form == "forward" and torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
+    assert list(result.embeddings) == ["projected"] and result.embeddings["projected"].shape == (24, 16)
+    matrix = attribution_matrix(str(run_dir), data, scores_dir=str(tmp_path))
+    torch.testing.assert_close(matrix.mean(0), result.scores, rtol=1e-6, atol=1e-10 * float(result.scores.abs().max()))
+    with pytest.raises(AccInfError, match="projected"):
+        score_run(ScoreArguments(run_dir=str(run_dir), method="dvemb", score_kind="evaluated",
+                                 output_dir=str(tmp_path / "evaluated")), data, data, progress=False)
+    if modules is None:  # the classical twin by one backward pass gives the forward form's scores
+        forward = score_run(ScoreArguments(run_dir=str(run_dir), method="dvemb", projection_dim=16, form="forward",
+                                           output_dir=str(tmp_path / "forward")), data, data, progress=False)
+        adjoint = score_run(ScoreArguments(run_dir=str(run_dir), method="dvemb", projection_dim=16,
+                                           output_dir=str(tmp_path / "adjoint")), data, data, progress=False)
+        assert adjoint.form == "adjoint"
+        torch.testing.assert_close(adjoint.scores, forward.scores, rtol=1e-9,
+                                   atol=1e-12 * float(forward.scores.abs().max()))

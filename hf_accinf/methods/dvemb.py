@@ -1,0 +1,152 @@
+"""Data value embeddings (DESIGN.md section 5; Wang et al., ICLR 2025): DVEmb and ACC-DVEmb.
+
+Per-row gradients ``g_r`` of the scope at ``theta_t`` are projected, ``g~_r = R g_r`` (:mod:`.projection`),
+and the batch curvature is replaced by its empirical-Fisher form built from them, so every state lives in
+``k`` dimensions whatever the scope: the projected forward form for deep scopes (DESIGN.md section 6b).
+A state ``x`` (``R Delta``) moves by
+
+    x' = (1 - d_t) x - sum_r w_r u~_r (g~_r . x)                         (shared transition M_t)
+         + sum_{r of j} w_r u~_r (1 + c g~_r . x)                       (occurrence of j: injection, ACC)
+
+with ``u~_r = R u_r`` the projected *update direction* of row ``r``: ``u_r = a_t eta_t W_t P_t g_r``.
+For plain SGD ``u_r = eta_t g_r`` and this is dattri's DVEmb; the other factors make it follow what the
+HF Trainer ran: ``a_t`` the recorded clip coefficient; ``W_t`` the total weight momentum gives a gradient
+over the rest of the run (``1/(1 - mu)`` for SGD momentum; for Adam's bias-corrected first moment at bias
+count ``k``, ``sum_n (1 - b1) b1^n / (1 - b1^(k+n))``, 1 late in training, about 3.3 at the first step with
+b1 = 0.9); ``P_t = 1 / (sqrt(vhat_t) + eps)`` Adam's preconditioner after the step (1 for SGD), held at
+its recorded value (as LESS does). ``d_t`` is the decay of the state: ``eta lam`` (AdamW, decoupled),
+``eta W lam`` (SGD or Adam L2); the projection only carries a scalar decay, so where the chosen parameters
+decay at different rates (HF exempts biases and norms) their mean is used and this is logged.
+``c = 1`` at re-occurrences is ACC-DVEmb: the removed row's own rank-one curvature ``w_j u~_j g~_j^T``
+(the paper's section 7); ``c = 0`` is DVEmb.
+
+Against dattri's implementation (``dattri/algorithm/dvemb.py``, read for the comparison): the same
+recursion, run there as one backward pass with a ``k x k`` matrix (our propagator schedule does that for
+any method). Differences, all deliberate: dattri draws ``R`` with entries ``N(0, 1/k)`` and scales the
+projected gradient by ``1/sqrt(k)`` again (``E[R^T R] = I/k``, which shrinks the curvature term k-fold
+against the injection); it divides the per-sample gradients by ``b`` on both factors of the curvature
+(``eta/b^2 sum g g^T`` instead of the batch mean ``eta/b sum g g^T``); its backward product ``G M`` (not
+``G M^T``) applies the step transitions in reverse time order, which only matters because they do not
+commute. Here ``R`` is scaled once, the weights are the recorded per-row loss weights ``w_r``
+(``1/b`` for a mean loss, repeats counted), the transitions run in time order, and the factors above
+follow the recorded optimizer. Embeddings are ``N x k`` (dattri keeps one per epoch; ours are the whole
+run's, as every other method's), and an objective's gradient enters their space by :meth:`embed_gradient`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..losses import clip_coefficient
+from ..problem import InfluenceProblem
+from .base import StepOps, UpdateRule
+from .projection import GradientProjection
+
+logger = logging.getLogger(__name__)
+
+
+def momentum_weight(beta1: float, count: int, tolerance: float = 1e-12) -> float:
+    """Total weight ``sum_n (1 - b1) b1^n / (1 - b1^(count + n))`` of a gradient in Adam's bias-corrected
+    first moment over all later steps (``count``: the bias-correction count of the step, from 1)."""
+    if beta1 <= 0.0:
+        return 1.0
+    terms = int(math.log(tolerance) / math.log(beta1)) + 1
+    n = torch.arange(terms, dtype=torch.float64)
+    return float(((1 - beta1) * beta1**n / (1 - beta1 ** (count + n))).sum())
+
+
+class DVEmbStep(StepOps):
+    def __init__(self, rule: "DVEmbRule", step: int):
+        self.update, self.gradient, self.weight, self.decay = rule.factors(step)
+
+    def apply(self, states: torch.Tensor) -> torch.Tensor:
+        return (1 - self.decay) * states - ((states @ self.gradient.T) * self.weight) @ self.update
+
+    def apply_adjoint(self, states: torch.Tensor) -> torch.Tensor:
+        return (1 - self.decay) * states - ((states @ self.update.T) * self.weight) @ self.gradient
+
+    def occurrence(self, states, row_owner, rows, coefficient) -> torch.Tensor:
+        result = self.apply(states)
+        curvature = (states[row_owner] * self.gradient[rows]).sum(-1)
+        scale = self.weight[rows] * (1 + coefficient[row_owner] * curvature)
+        return result.index_add_(0, row_owner, scale[:, None] * self.update[rows])
+
+
+class DVEmbRule(UpdateRule):
+    """DVEmb / ACC-DVEmb for runs trained with SGD, Adam or AdamW, on any scope."""
+
+    parameter_space = False
+
+    def __init__(self, problem: InfluenceProblem, projection_dim: int = 512, projection_seed: int = 0,
+                 memory_budget_gb: float = 4.0):
+        self.problem = problem
+        curvature, spec = problem.curvature, problem.optimizer
+        self.projection = GradientProjection(curvature.dim, projection_dim, projection_seed, curvature.dtype,
+                                             curvature.device, memory_gb=memory_budget_gb / 4)
+        self.param_dim = self.state_dim = self.projection.dim
+        self.adam = spec.name in ("Adam", "AdamW")
+
+        def per_parameter(read) -> torch.Tensor:
+            return curvature.expand({name: float(read(spec.groups[index])) for name, index in spec.group_of.items()})
+
+        decay = per_parameter(lambda group: group.weight_decay or 0.0)
+        if self.adam:
+            self.beta1 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[0])
+            self.beta2 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[1])
+            self.eps = per_parameter(lambda group: group.eps if group.eps is not None else 1e-8)
+            self.decoupled = spec.name == "AdamW"
+        else:
+            momentum = per_parameter(lambda group: group.momentum or 0.0)
+            self.sgd_weight = 1 / (1 - momentum)
+            self.decoupled = False
+        self.decay_rate = decay
+        if bool((decay != decay[0]).any()):
+            logger.info("dvemb: the chosen parameters decay at different rates; the projected state decays at "
+                        "their mean (DESIGN.md section 5)")
+        self._cache: dict[int, tuple] = {}
+        self._cache_limit = int(memory_budget_gb / 4 * 2**30)
+        self._cached_bytes = 0
+
+    def embed_gradient(self, gradient: torch.Tensor) -> torch.Tensor:
+        return self.projection(gradient)
+
+    def _direction_scale(self, step: int, batch) -> torch.Tensor:
+        """``a_t eta_t W_t P_t`` per coordinate (the module docstring), and the state's decay ``d_t``."""
+        problem = self.problem
+        lr = problem.learning_rates(step)
+        clip = clip_coefficient(float(problem.trajectory.grad_norm[step]), problem.optimizer.max_grad_norm)
+        if not self.adam:
+            return clip * lr * self.sgd_weight, (lr * self.sgd_weight * self.decay_rate).mean()
+        curvature = problem.curvature
+        count = int(problem.trajectory.optimizer_step_count[step]) + 1
+        gradient = clip * batch.batch_grad
+        if not self.decoupled and bool((self.decay_rate != 0).any()):
+            gradient = gradient + self.decay_rate * curvature.optimizer_state(step, "param")
+        v_next = self.beta2 * curvature.optimizer_state(step, "exp_avg_sq") + (1 - self.beta2) * gradient * gradient
+        preconditioner = 1 / ((v_next / (1 - self.beta2**count)).sqrt() + self.eps)
+        weight = torch.ones_like(self.beta1)
+        for value in self.beta1.unique().tolist():
+            weight[self.beta1 == value] = momentum_weight(value, count)
+        direction = lr * weight * preconditioner
+        decay = lr * self.decay_rate if self.decoupled else direction * self.decay_rate
+        return clip * direction, decay.mean()
+
+    def factors(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Projected update directions ``u~`` (b, k), projected gradients ``g~`` (b, k), row weights and decay."""
+        if step in self._cache:
+            return self._cache[step]
+        batch = self.problem.curvature.at_step(step)
+        gradients = batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
+        scale, decay = self._direction_scale(step, batch)
+        result = (self.projection(gradients * scale), self.projection(gradients), batch.row_weight, float(decay))
+        size = 2 * result[0].numel() * result[0].element_size()
+        if self._cached_bytes + size <= self._cache_limit:
+            self._cache[step] = result
+            self._cached_bytes += size
+        return result
+
+    def at_step(self, step: int) -> DVEmbStep:
+        return DVEmbStep(self, step)

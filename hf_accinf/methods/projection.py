@@ -1,0 +1,57 @@
+"""The seeded random projection of DVEmb (DESIGN.md section 5): ``g~ = R g`` with ``R`` (k x P) Gaussian.
+
+Entries of ``R`` are ``N(0, 1/k)``, so ``E[R^T R] = I`` and ``(R a) . (R b)`` is an unbiased estimate of
+``a . b`` (Johnson-Lindenstrauss): dot products, the only thing DVEmb takes from gradients, survive the
+projection. ``R`` is a pure function of ``(P, k, seed)``: it is drawn in float64 on the CPU, in column
+blocks of :data:`BLOCK` whose generator is seeded by ``(seed, block)``, so that any process, device, dtype or
+later session (``attribution_matrix``) rebuilds the same matrix. It is kept whole when it fits the memory
+it is given; otherwise each call regenerates it block by block (slower, logged once), never holding more
+than one ``k x BLOCK`` block. ``k = 0`` is the identity (no projection), for tests and small scopes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 1 << 16  # columns of R drawn by one generator
+
+
+class GradientProjection:
+    def __init__(self, input_dim: int, output_dim: int, seed: int = 0, dtype: torch.dtype = torch.float64,
+                 device="cpu", memory_gb: float = 1.0):
+        if output_dim < 0:
+            raise ValueError(f"projection_dim must be >= 0 (0: no projection), got {output_dim}.")
+        self.input_dim, self.seed, self.dtype, self.device = input_dim, seed, dtype, device
+        self.identity = output_dim == 0
+        self.dim = input_dim if self.identity else output_dim
+        self._matrix: torch.Tensor | None = None
+        if not self.identity:
+            size_gb = output_dim * input_dim * torch.finfo(dtype).bits / 8 / 2**30
+            if size_gb <= memory_gb:
+                self._matrix = torch.cat([block for _, block in self._blocks()], dim=1)
+            else:
+                logger.info("projection matrix (%d x %d, %.1f GiB) exceeds %.1f GiB: regenerated in blocks at "
+                            "each use", output_dim, input_dim, size_gb, memory_gb)
+
+    def _blocks(self):
+        """``(start, R[:, start:start + BLOCK])`` for every column block, drawn deterministically."""
+        for start in range(0, self.input_dim, BLOCK):
+            width = min(BLOCK, self.input_dim - start)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + start // BLOCK)
+            block = torch.randn(self.dim, width, generator=generator, dtype=torch.float64) / self.dim**0.5
+            yield start, block.to(self.device, self.dtype)
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``R v`` for each row of ``vectors`` (..., P) -> (..., k)."""
+        if self.identity:
+            return vectors
+        if self._matrix is not None:
+            return vectors @ self._matrix.to(vectors.dtype).T
+        result = torch.zeros(*vectors.shape[:-1], self.dim, dtype=vectors.dtype, device=vectors.device)
+        for start, block in self._blocks():
+            result += vectors[..., start : start + block.shape[1]] @ block.to(vectors.dtype).T
+        return result

@@ -1,0 +1,188 @@
+"""DVEmb / ACC-DVEmb (DESIGN.md section 5) against a naive transcription, one sample and one step at a time.
+
+The oracle recomputes everything itself in float64: per-row gradients by autograd at the recorded
+parameters, the clip coefficient from the recorded norm, Adam's preconditioner from the recorded second
+moment, the momentum weight by summing the bias-corrected recursion, and the recursion of the module
+docstring of :mod:`hf_accinf.methods.dvemb` sample by sample, without or with the projection.
+"""
+
+import pytest
+import torch
+from torch.func import functional_call, grad
+
+from hf_accinf.engine import CorrectionPolicy, estimate_influence
+from hf_accinf.engine.plan import build_plan
+from hf_accinf.engine.sweep import adjoint_scores
+from hf_accinf.errors import AccInfError
+from hf_accinf.engine.objective import scores_from_embeddings
+from hf_accinf.losses import clip_coefficient
+from hf_accinf.methods.base import StepOps
+from hf_accinf.methods.dvemb import momentum_weight
+from hf_accinf.methods.projection import GradientProjection
+from hf_accinf.methods.registry import build_method
+from tests.engine.helpers import make_problem
+from tests.methods.helpers import make_adam_problem
+
+
+def simulated_momentum_weight(beta1: float, count: int, steps: int = 2000) -> float:
+    """A unit gradient at bias count ``count`` only: the sum of Adam's ``mhat`` over the following steps."""
+    m, total = 0.0, 0.0
+    for k in range(count, count + steps):
+        m = beta1 * m + (1 - beta1) * (1.0 if k == count else 0.0)
+        total += m / (1 - beta1**k)
+    return total
+
+
+def oracle_embeddings(problem, coefficient, matrix=None) -> torch.Tensor:
+    """Per sample j, per step t: x' = (1 - d) x - sum_r w_r u~_r (g~_r . x) + [j in B_t] sum_{r of j} w_r u~_r (1 + c g~_r . x)."""
+    trajectory, spec = problem.trajectory, problem.optimizer
+    model, chosen = problem.model, list(spec.group_of)
+    adam = spec.name in ("Adam", "AdamW")
+
+    def flatten(named):
+        return torch.cat([named[n].flatten() for n in chosen])
+
+    steps = []
+    for t in range(trajectory.num_steps):
+        rows = trajectory.rows_of(t)
+        x, y, w = trajectory.head_input[rows], trajectory.labels[rows], trajectory.row_weight[rows]
+        params = {n: v[t] for n, v in trajectory.params.items()}
+
+        def row_loss(theta, xi, yi):
+            logits = functional_call(model, {**params, **theta}, (xi[None],))
+            return torch.nn.functional.cross_entropy(logits, yi[None])
+
+        theta = {n: params[n] for n in chosen}
+        g = torch.stack([flatten(grad(row_loss)(theta, x[i], y[i])) for i in range(len(w))])
+        lr = flatten({n: torch.full_like(params[n], float(trajectory.lr[t, spec.group_of[n]])) for n in chosen})
+        decay = flatten({n: torch.full_like(params[n], spec.groups[spec.group_of[n]].weight_decay) for n in chosen})
+        clip = clip_coefficient(float(trajectory.grad_norm[t]), spec.max_grad_norm)
+        if adam:
+            group = spec.groups[0]
+            (b1, b2), eps = group.betas, group.eps
+            count = int(trajectory.optimizer_step_count[t]) + 1
+            batch_grad = clip * (w[:, None] * g).sum(0)
+            v = b2 * flatten({n: trajectory.states[f"{n}.exp_avg_sq"][t] for n in chosen}) + (1 - b2) * batch_grad**2
+            direction = lr * simulated_momentum_weight(b1, count) / ((v / (1 - b2**count)).sqrt() + eps)
+            d = (lr * decay).mean()
+        else:
+            mu = spec.groups[0].momentum or 0.0
+            direction, d = lr / (1 - mu), (lr * decay / (1 - mu)).mean()
+        u = clip * direction * g
+        if matrix is not None:
+            g, u = g @ matrix, u @ matrix
+        steps.append((trajectory.batch(t), w, g, u, d))
+
+    results = []
+    for j in range(problem.num_samples):
+        state = torch.zeros(steps[0][2].shape[1], dtype=torch.float64)
+        for t, (ids, w, g, u, d) in enumerate(steps):
+            moved = (1 - d) * state - sum(w[r] * u[r] * (g[r] @ state) for r in range(len(ids)))
+            for r in range(len(ids)):
+                if int(ids[r]) == j:
+                    moved = moved + w[r] * u[r] * (1 + coefficient(j, t) * (g[r] @ state))
+            state = moved
+        results.append(state)
+    return torch.stack(results)
+
+
+@pytest.fixture(scope="module")
+def adamw():
+    return make_adam_problem("AdamW", num_samples=8)
+
+
+@pytest.fixture(scope="module")
+def sgd():
+    return make_problem(num_samples=8, momentum=0.9, weight_decay=0.01, max_grad_norm=0.3)
+
+
+def test_momentum_weight_is_the_bias_corrected_sum():
+    for count in (1, 2, 5, 40, 500):
+        assert momentum_weight(0.9, count) == pytest.approx(simulated_momentum_weight(0.9, count), rel=1e-10)
+    assert momentum_weight(0.9, 10_000) == pytest.approx(1.0, rel=1e-9)
+    assert momentum_weight(0.0, 3) == 1.0
+
+
+POLICIES = {"dvemb": lambda: CorrectionPolicy("none"), "acc-dvemb": lambda: CorrectionPolicy("all")}
+
+
+@pytest.mark.parametrize("which", ["adamw", "sgd"])
+@pytest.mark.parametrize("method", ["dvemb", "acc-dvemb"])
+def test_identity_projection_equals_the_unprojected_computation(which, method, request):
+    """``projection_dim=0``: the recursion in parameter space itself (clipping, warm-up, decay on weights
+    only, a repeated row), both schedules, to 1e-8."""
+    problem = request.getfixturevalue(which)
+    assert (problem.trajectory.clip_coef < 1).any()
+    accumulative = method == "acc-dvemb"
+    expected = oracle_embeddings(problem, lambda j, t: float(accumulative))
+    rule = build_method(problem, method, projection_dim=0)
+    assert rule.state_dim == problem.curvature.dim
+    for schedule in ("sweep", "propagator"):
+        result = estimate_influence(problem, rule, policy=POLICIES[method](), schedule=schedule, progress=False)
+        torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dvemb", "acc-dvemb"])
+def test_projected_recursion_matches_the_oracle(adamw, method):
+    rule = build_method(adamw, method, projection_dim=5, projection_seed=7)
+    matrix = rule.projection(torch.eye(adamw.curvature.dim, dtype=torch.float64))  # R^T, (P, k)
+    expected = oracle_embeddings(adamw, lambda j, t: float(method == "acc-dvemb"), matrix)
+    for schedule in ("sweep", "propagator"):
+        result = estimate_influence(adamw, rule, policy=POLICIES[method](), schedule=schedule, progress=False)
+        torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-12)
+    assert result.embeddings.shape == (adamw.num_samples, 5)
+
+
+def test_random_acc_draws_the_shared_coins(adamw):
+    policy = CorrectionPolicy("random", p=0.5, seed=3)
+    coin = lambda j, t: float(policy.coefficients(torch.tensor([j]), t, 0)[0])  # noqa: E731
+    expected = oracle_embeddings(adamw, coin)
+    rule = build_method(adamw, "acc-dvemb", projection_dim=0)
+    for schedule in ("sweep", "propagator"):
+        result = estimate_influence(adamw, rule, policy=CorrectionPolicy("random", p=0.5, seed=3), schedule=schedule,
+                                    progress=False)
+        torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_adjoint_is_the_vjp_and_forms_agree(adamw):
+    rule = build_method(adamw, "dvemb", projection_dim=6)
+    vectors = torch.randn(4, rule.state_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for step in range(adamw.trajectory.num_steps):
+        ops = rule.at_step(step)
+        torch.testing.assert_close(ops.apply_adjoint(vectors), StepOps.apply_adjoint(ops, vectors), rtol=1e-12, atol=1e-14)
+    objective = rule.embed_gradient(torch.randn(adamw.curvature.dim, dtype=torch.float64))
+    forward = estimate_influence(adamw, rule, progress=False).embeddings @ objective
+    plan = build_plan(adamw.trajectory, 0, adamw.num_samples)
+    adjoint = adjoint_scores(rule, plan, CorrectionPolicy("none"), adamw.trajectory.epoch,
+                             rule.final_objective_state(objective))
+    torch.testing.assert_close(adjoint, forward, rtol=1e-9, atol=1e-13)
+
+
+def test_projection_is_seeded_unbiased_and_the_same_in_blocks(monkeypatch):
+    cached = GradientProjection(300, 64, seed=4)
+    again = GradientProjection(300, 64, seed=4)
+    vectors = torch.randn(3, 300, dtype=torch.float64)
+    torch.testing.assert_close(cached(vectors), again(vectors), rtol=0, atol=0)
+    assert not torch.allclose(cached(vectors), GradientProjection(300, 64, seed=5)(vectors))
+    monkeypatch.setattr("hf_accinf.methods.projection.BLOCK", 128)  # three generator blocks, regenerated per call
+    blocked = GradientProjection(300, 64, seed=4, memory_gb=0.0)
+    assert blocked._matrix is None
+    assert not torch.allclose(blocked(vectors), cached(vectors))  # other blocks, other draws: still one seed
+    torch.testing.assert_close(blocked(vectors), GradientProjection(300, 64, seed=4, memory_gb=1.0)(vectors))
+    wide = GradientProjection(50, 20_000, seed=0)  # E[R^T R] = I: dot products survive on average
+    gram = wide(torch.eye(50, dtype=torch.float64))
+    torch.testing.assert_close(gram @ gram.T, torch.eye(50, dtype=torch.float64), atol=0.05, rtol=0)
+
+
+def test_scores_are_dot_products_in_the_projected_space(adamw):
+    rule = build_method(adamw, "acc-dvemb", projection_dim=4)
+    embeddings = estimate_influence(adamw, rule, progress=False).embeddings
+    x, y = adamw.features, adamw.labels
+    final = {n: v[-1] for n, v in adamw.trajectory.params.items()}
+    gradient = rule.embed_gradient(adamw.curvature.objective_grad(final, x, y))
+    torch.testing.assert_close(scores_from_embeddings(adamw.curvature, embeddings, final, x, y, rule=rule),
+                               embeddings @ gradient)
+    cosine = scores_from_embeddings(adamw.curvature, embeddings, final, x, y, "cosine", rule=rule)
+    torch.testing.assert_close(cosine, embeddings @ gradient / (embeddings.norm(dim=1) * gradient.norm()))
+    with pytest.raises(AccInfError, match="projected"):
+        scores_from_embeddings(adamw.curvature, embeddings, final, x, y, "evaluated", rule=rule)
