@@ -10,7 +10,7 @@
 3. ACC-SGD-IE against SGD-IE, randomized (p = 0.5) and stage-limited (first epoch) corrections;
 4. achieved GFLOP/s of the per-step transition against a plain ``torch.matmul`` of the same shape;
 5. cost per method of the registry on the same head trained with AdamW (warm-up, linear decay,
-   clipping 1.0), both schedules (``--adam-size`` rows).
+   clipping 1.0): both schedules of the forward form and the adjoint form (``--adam-size`` rows).
 
 The machine is printed first. Every figure comes from this one run.
 """
@@ -195,25 +195,36 @@ def bench_flops(dtype: torch.dtype, repeats: int = 30) -> None:
           f"({100 * transition_rate / matmul_rate:.0f}% of matmul) |")
 
 
-def bench_methods(size: int, dtype: torch.dtype) -> None:
-    """Every registered method that models AdamW, on one AdamW run, forward form in both schedules."""
+def bench_methods(size: int, dtype: torch.dtype, projection_dim: int) -> None:
+    """Every registered method that models AdamW, on one AdamW run: the forward form in both schedules and,
+    for classical methods, the adjoint form (one objective)."""
+    from hf_accinf.engine.adjoint import adjoint_scores
+
     problem = linear_head_problem(size, dtype, optimizer="AdamW")
     print(f"\n### 5. Cost per method on an AdamW run (N = {size}, linear head {WIDTH} x {CLASSES}, batch {BATCH}, "
           f"{EPOCHS} epochs, {str(dtype).replace('torch.', '')})\n")
-    print("| method | removal | state | sweep (s) | propagator (s) |\n|---|---|---|---|---|")
+    print("| method | variant | state S | sweep (s) | propagator (s) | adjoint (s) |\n|---|---|---|---|---|---|")
     objective = torch.randn(problem.curvature.dim, dtype=dtype)
     for name in method_names("AdamW"):
         if METHODS[name].output == "scores":
             _, seconds = timed(build_method(problem, name).scores, lambda step: objective)
-            print(f"| {METHODS[name].display} | - | - | {seconds:.2f} (direct scores) | - |")
+            print(f"| {METHODS[name].display} | direct scores | - | - | - | {seconds:.2f} |")
             continue
-        variants = [("exact", False), ("first-order", False)] + ([("exact", True)] if name.startswith("acc-") else [])
-        for removal, frozen in variants:
-            rule = build_method(problem, name, removal=removal, frozen_preconditioner=frozen)
-            times = [timed(estimate_influence, problem, rule, schedule=schedule, progress=False)[1]
-                     for schedule in ("sweep", "propagator")]
-            label = removal + (", frozen v" if frozen else "")
-            print(f"| {METHODS[name].display} | {label} | {rule.state_dim} | {times[0]:.2f} | {times[1]:.2f} |")
+        if name.endswith("dvemb"):
+            variants = [(f"projected k = {projection_dim}", dict(projection_dim=projection_dim)),
+                        ("unprojected (k = P)", dict(projection_dim=0))]
+        else:
+            variants = [("exact removal", dict(removal="exact")), ("first-order removal", dict(removal="first-order"))]
+            if name.startswith("acc-"):
+                variants.append(("exact, frozen v", dict(removal="exact", frozen_preconditioner=True)))
+        for label, options in variants:
+            rule = build_method(problem, name, **options)  # a fresh rule per timing: DVEmb caches its step factors
+            times = [timed(estimate_influence, problem, build_method(problem, name, **options), schedule=schedule,
+                           progress=False)[1] for schedule in ("sweep", "propagator")]
+            adjoint = "- (ACC: forward form)" if rule.accumulative else \
+                f"{timed(adjoint_scores, rule, problem, rule.embed_gradient(objective), progress=False)[1]:.2f}"
+            print(f"| {METHODS[name].display} | {label} | {rule.state_dim} | {times[0]:.2f} | {times[1]:.2f} | {adjoint} |",
+                  flush=True)
 
 
 def main() -> None:
@@ -224,6 +235,7 @@ def main() -> None:
     parser.add_argument("--sweep-budget-steps", type=int, default=1000)
     parser.add_argument("--policy-size", type=int, default=10000)
     parser.add_argument("--adam-size", type=int, default=2000)
+    parser.add_argument("--projection-dim", type=int, default=512, help="k of DVEmb in section 5")
     parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (named in the output; two can be 15-35x slower than one on a shared 2-core machine)")
@@ -237,7 +249,7 @@ def main() -> None:
         2: lambda: bench_schedules(options.sizes, dtype, options.sweep_budget_steps),
         3: lambda: bench_policies(options.policy_size, dtype),
         4: lambda: bench_flops(dtype),
-        5: lambda: bench_methods(options.adam_size, dtype),
+        5: lambda: bench_methods(options.adam_size, dtype, options.projection_dim),
     }
     for section in options.sections:
         sections[section]()

@@ -45,9 +45,9 @@ def choose_form(form: str, accumulative: bool, score_kind: str = "linear",
     if form == "adjoint":
         if accumulative and (policy is None or policy.kind != "stage"):
             raise AccInfError(
-                "The adjoint form computes classical estimators (sgd-ie) and stage-limited ACC (correction=stage, "
-                "as a hybrid); ACC at every or at random occurrences makes each row's transition its own. Use "
-                "--form forward (or --form auto) for acc-sgd-ie."
+                "The adjoint form computes classical estimators (sgd-ie, adam-ie, dvemb) and stage-limited ACC "
+                "(correction=stage, as a hybrid); ACC at every or at random occurrences makes each row's transition "
+                "its own. Use --form forward (or --form auto) for the acc- methods."
             )
         if score_kind != "linear":
             raise AccInfError(

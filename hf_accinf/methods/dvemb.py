@@ -8,15 +8,16 @@ A state ``x`` (``R Delta``) moves by
     x' = (1 - d_t) x - sum_r w_r u~_r (g~_r . x)                         (shared transition M_t)
          + sum_{r of j} w_r u~_r (1 + c g~_r . x)                       (occurrence of j: injection, ACC)
 
-with ``u~_r = R u_r`` the projected *update direction* of row ``r``: ``u_r = a_t eta_t W_t P_t g_r``.
+with ``u~_r = R u_r`` the projected *update direction* of row ``r``: ``u_r = a_t e_t P_t g_r``.
 For plain SGD ``u_r = eta_t g_r`` and this is dattri's DVEmb; the other factors make it follow what the
-HF Trainer ran: ``a_t`` the recorded clip coefficient; ``W_t`` the total weight momentum gives a gradient
-over the rest of the run (``1/(1 - mu)`` for SGD momentum; for Adam's bias-corrected first moment at bias
-count ``k``, ``sum_n (1 - b1) b1^n / (1 - b1^(k+n))``, 1 late in training, about 3.3 at the first step with
-b1 = 0.9); ``P_t = 1 / (sqrt(vhat_t) + eps)`` Adam's preconditioner after the step (1 for SGD), held at
-its recorded value (as LESS does). ``d_t`` is the decay of the state: ``eta lam`` (AdamW, decoupled),
-``eta W lam`` (SGD or Adam L2); the projection only carries a scalar decay, so where the chosen parameters
-decay at different rates (HF exempts biases and norms) their mean is used and this is logged.
+HF Trainer ran: ``a_t`` the recorded clip coefficient; ``e_t`` the gradient's total displacement over the
+rest of the run through momentum (:func:`effective_rates`: with Adam's bias-corrected first moment, or
+SGD momentum, a gradient moves the parameters over many later steps, at their recorded rates, and not
+at all past the end of the run; without momentum ``e_t = eta_t``); ``P_t = 1 / (sqrt(vhat_t) + eps)``
+Adam's preconditioner after the step (1 for SGD), held at its recorded value (as LESS does). ``d_t`` is
+the decay of the state: ``eta lam`` (AdamW, decoupled), ``e lam`` (SGD or Adam L2); the projection only
+carries a scalar decay, so where the chosen parameters decay at different rates (HF exempts biases and
+norms) their mean is used and this is logged.
 ``c = 1`` at re-occurrences is ACC-DVEmb: the removed row's own rank-one curvature ``w_j u~_j g~_j^T``
 (the paper's section 7); ``c = 0`` is DVEmb.
 
@@ -36,8 +37,6 @@ run's, as every other method's), and an objective's gradient enters their space 
 from __future__ import annotations
 
 import logging
-import math
-
 import torch
 
 from ..losses import clip_coefficient
@@ -48,14 +47,24 @@ from .projection import GradientProjection
 logger = logging.getLogger(__name__)
 
 
-def momentum_weight(beta1: float, count: int, tolerance: float = 1e-12) -> float:
-    """Total weight ``sum_n (1 - b1) b1^n / (1 - b1^(count + n))`` of a gradient in Adam's bias-corrected
-    first moment over all later steps (``count``: the bias-correction count of the step, from 1)."""
-    if beta1 <= 0.0:
-        return 1.0
-    terms = int(math.log(tolerance) / math.log(beta1)) + 1
-    n = torch.arange(terms, dtype=torch.float64)
-    return float(((1 - beta1) * beta1**n / (1 - beta1 ** (count + n))).sum())
+def effective_rates(lr: torch.Tensor, counts: torch.Tensor, momentum: list[float], adam: bool,
+                    nesterov: bool = False) -> torch.Tensor:
+    """``(T, groups)``: the total displacement per unit gradient of step ``t`` over the rest of the run,
+    the preconditioner held fixed: ``sum_{s >= t} eta_s c_{s,t}`` with ``c`` the gradient's weight in the
+    update of step ``s``. Adam: ``c = (1 - b1) b1^(s-t) / (1 - b1^k_s)`` (bias count ``k_s``); SGD with
+    momentum ``mu`` (dampening 0): ``mu^(s-t)`` (Nesterov: ``mu^(s-t+1)`` plus the gradient itself at ``t``).
+    Computed backwards in one pass: a gradient late in a run, or under a decaying rate, moves less."""
+    lr = lr.double()
+    result, tail = torch.zeros_like(lr), torch.zeros(lr.shape[1], dtype=torch.float64)
+    beta = torch.tensor(momentum, dtype=torch.float64)
+    for t in reversed(range(lr.shape[0])):
+        if adam:
+            tail = lr[t] / (1 - beta ** int(counts[t])) + beta * tail
+            result[t] = (1 - beta) * tail
+        else:
+            tail = lr[t] + beta * tail
+            result[t] = lr[t] + beta * tail if nesterov else tail
+    return result
 
 
 class DVEmbStep(StepOps):
@@ -84,6 +93,10 @@ class DVEmbRule(UpdateRule):
                  memory_budget_gb: float = 4.0):
         self.problem = problem
         curvature, spec = problem.curvature, problem.optimizer
+        if projection_dim >= curvature.dim:
+            logger.info("dvemb: projection_dim %d >= the scope's %d parameters: no projection (exact dot products)",
+                        projection_dim, curvature.dim)
+            projection_dim = 0
         self.projection = GradientProjection(curvature.dim, projection_dim, projection_seed, curvature.dtype,
                                              curvature.device, memory_gb=memory_budget_gb / 4)
         self.param_dim = self.state_dim = self.projection.dim
@@ -93,15 +106,17 @@ class DVEmbRule(UpdateRule):
             return curvature.expand({name: float(read(spec.groups[index])) for name, index in spec.group_of.items()})
 
         decay = per_parameter(lambda group: group.weight_decay or 0.0)
+        trajectory = problem.trajectory
         if self.adam:
-            self.beta1 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[0])
             self.beta2 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[1])
             self.eps = per_parameter(lambda group: group.eps if group.eps is not None else 1e-8)
             self.decoupled = spec.name == "AdamW"
+            momentum = [(group.betas or (0.9, 0.999))[0] for group in spec.groups]
         else:
-            momentum = per_parameter(lambda group: group.momentum or 0.0)
-            self.sgd_weight = 1 / (1 - momentum)
             self.decoupled = False
+            momentum = [group.momentum or 0.0 for group in spec.groups]
+        nesterov = any(bool(group.nesterov) for group in spec.groups)
+        self.rates = effective_rates(trajectory.lr, trajectory.optimizer_step_count + 1, momentum, self.adam, nesterov)
         self.decay_rate = decay
         if bool((decay != decay[0]).any()):
             logger.info("dvemb: the chosen parameters decay at different rates; the projected state decays at "
@@ -113,25 +128,20 @@ class DVEmbRule(UpdateRule):
     def embed_gradient(self, gradient: torch.Tensor) -> torch.Tensor:
         return self.projection(gradient)
 
-    def _direction_scale(self, step: int, batch) -> torch.Tensor:
-        """``a_t eta_t W_t P_t`` per coordinate (the module docstring), and the state's decay ``d_t``."""
-        problem = self.problem
-        lr = problem.learning_rates(step)
+    def _direction_scale(self, step: int, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a_t e_t P_t`` per coordinate (the module docstring), and the state's decay ``d_t``."""
+        problem, curvature = self.problem, self.problem.curvature
+        rate = curvature.expand({name: float(self.rates[step, index]) for name, index in problem.optimizer.group_of.items()})
         clip = clip_coefficient(float(problem.trajectory.grad_norm[step]), problem.optimizer.max_grad_norm)
         if not self.adam:
-            return clip * lr * self.sgd_weight, (lr * self.sgd_weight * self.decay_rate).mean()
-        curvature = problem.curvature
+            return clip * rate, (rate * self.decay_rate).mean()
         count = int(problem.trajectory.optimizer_step_count[step]) + 1
         gradient = clip * batch.batch_grad
         if not self.decoupled and bool((self.decay_rate != 0).any()):
             gradient = gradient + self.decay_rate * curvature.optimizer_state(step, "param")
         v_next = self.beta2 * curvature.optimizer_state(step, "exp_avg_sq") + (1 - self.beta2) * gradient * gradient
-        preconditioner = 1 / ((v_next / (1 - self.beta2**count)).sqrt() + self.eps)
-        weight = torch.ones_like(self.beta1)
-        for value in self.beta1.unique().tolist():
-            weight[self.beta1 == value] = momentum_weight(value, count)
-        direction = lr * weight * preconditioner
-        decay = lr * self.decay_rate if self.decoupled else direction * self.decay_rate
+        direction = rate / ((v_next / (1 - self.beta2**count)).sqrt() + self.eps)
+        decay = problem.learning_rates(step) * self.decay_rate if self.decoupled else direction * self.decay_rate
         return clip * direction, decay.mean()
 
     def factors(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:

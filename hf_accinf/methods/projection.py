@@ -6,7 +6,7 @@ projection. ``R`` is a pure function of ``(P, k, seed)``: it is drawn in float64
 blocks of :data:`BLOCK` whose generator is seeded by ``(seed, block)``, so that any process, device, dtype or
 later session (``attribution_matrix``) rebuilds the same matrix. It is kept whole when it fits the memory
 it is given; otherwise each call regenerates it block by block (slower, logged once), never holding more
-than one ``k x BLOCK`` block. ``k = 0`` is the identity (no projection), for tests and small scopes.
+than one ``k x BLOCK`` block. ``k = 0`` is the identity (no projection); DVEmbRule uses it for scopes with at most k parameters.
 """
 
 from __future__ import annotations

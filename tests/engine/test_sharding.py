@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from hf_accinf.engine import CorrectionPolicy, ShardContext, estimate_influence
+from hf_accinf.methods.registry import build_method
 from tests.engine.helpers import make_problem
+from tests.scripts.estimate_distributed import SHARDED_METHODS
 
 ROOT = Path(__file__).parents[2]
 
@@ -34,8 +36,9 @@ def test_two_processes_reproduce_the_single_process_embeddings(tmp_path):
     sharded = load_file(out)
     assert int(sharded["world_size"]) == 2
     problem = make_problem(num_samples=23, batch_size=5, epochs=3)
-    for method in ("sgd-ie", "acc-sgd-ie"):
+    for method, options in SHARDED_METHODS.items():
         for schedule in ("sweep", "propagator"):
-            policy = CorrectionPolicy("random", p=0.5, seed=1) if method == "acc-sgd-ie" else None
-            single = estimate_influence(problem, method, policy=policy, schedule=schedule, progress=False)
+            policy = CorrectionPolicy("random", p=0.5, seed=1) if method.startswith("acc-") else None
+            rule = build_method(problem, method, **options)
+            single = estimate_influence(problem, rule, policy=policy, schedule=schedule, progress=False)
             torch.testing.assert_close(sharded[f"{method}/{schedule}"], single.embeddings, rtol=1e-12, atol=1e-15)

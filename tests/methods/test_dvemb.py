@@ -17,19 +17,25 @@ from hf_accinf.errors import AccInfError
 from hf_accinf.engine.objective import scores_from_embeddings
 from hf_accinf.losses import clip_coefficient
 from hf_accinf.methods.base import StepOps
-from hf_accinf.methods.dvemb import momentum_weight
+from hf_accinf.methods.dvemb import effective_rates
 from hf_accinf.methods.projection import GradientProjection
 from hf_accinf.methods.registry import build_method
 from tests.engine.helpers import make_problem
 from tests.methods.helpers import make_adam_problem
 
 
-def simulated_momentum_weight(beta1: float, count: int, steps: int = 2000) -> float:
-    """A unit gradient at bias count ``count`` only: the sum of Adam's ``mhat`` over the following steps."""
-    m, total = 0.0, 0.0
-    for k in range(count, count + steps):
-        m = beta1 * m + (1 - beta1) * (1.0 if k == count else 0.0)
-        total += m / (1 - beta1**k)
+def simulated_rate(lr: list[float], counts: list[int], beta: float, adam: bool, t: int) -> float:
+    """A unit gradient at step ``t`` only, through the optimizer's momentum: the total parameter displacement
+    ``sum_s eta_s mhat_s`` (Adam, bias count ``counts[s]``) or ``sum_s eta_s buf_s`` (SGD) until the run ends."""
+    moment, total = 0.0, 0.0
+    for s in range(t, len(lr)):
+        unit = 1.0 if s == t else 0.0
+        if adam:
+            moment = beta * moment + (1 - beta) * unit
+            total += lr[s] * moment / (1 - beta ** counts[s])
+        else:
+            moment = beta * moment + unit
+            total += lr[s] * moment
     return total
 
 
@@ -55,6 +61,10 @@ def oracle_embeddings(problem, coefficient, matrix=None) -> torch.Tensor:
         theta = {n: params[n] for n in chosen}
         g = torch.stack([flatten(grad(row_loss)(theta, x[i], y[i])) for i in range(len(w))])
         lr = flatten({n: torch.full_like(params[n], float(trajectory.lr[t, spec.group_of[n]])) for n in chosen})
+        beta = spec.groups[0].betas[0] if adam else (spec.groups[0].momentum or 0.0)
+        counts = (trajectory.optimizer_step_count + 1).tolist()
+        rate = flatten({n: torch.full_like(params[n], simulated_rate(trajectory.lr[:, spec.group_of[n]].tolist(), counts,
+                                                                      beta, adam, t)) for n in chosen})
         decay = flatten({n: torch.full_like(params[n], spec.groups[spec.group_of[n]].weight_decay) for n in chosen})
         clip = clip_coefficient(float(trajectory.grad_norm[t]), spec.max_grad_norm)
         if adam:
@@ -63,11 +73,10 @@ def oracle_embeddings(problem, coefficient, matrix=None) -> torch.Tensor:
             count = int(trajectory.optimizer_step_count[t]) + 1
             batch_grad = clip * (w[:, None] * g).sum(0)
             v = b2 * flatten({n: trajectory.states[f"{n}.exp_avg_sq"][t] for n in chosen}) + (1 - b2) * batch_grad**2
-            direction = lr * simulated_momentum_weight(b1, count) / ((v / (1 - b2**count)).sqrt() + eps)
+            direction = rate / ((v / (1 - b2**count)).sqrt() + eps)
             d = (lr * decay).mean()
         else:
-            mu = spec.groups[0].momentum or 0.0
-            direction, d = lr / (1 - mu), (lr * decay / (1 - mu)).mean()
+            direction, d = rate, (rate * decay).mean()
         u = clip * direction * g
         if matrix is not None:
             g, u = g @ matrix, u @ matrix
@@ -96,11 +105,19 @@ def sgd():
     return make_problem(num_samples=8, momentum=0.9, weight_decay=0.01, max_grad_norm=0.3)
 
 
-def test_momentum_weight_is_the_bias_corrected_sum():
-    for count in (1, 2, 5, 40, 500):
-        assert momentum_weight(0.9, count) == pytest.approx(simulated_momentum_weight(0.9, count), rel=1e-10)
-    assert momentum_weight(0.9, 10_000) == pytest.approx(1.0, rel=1e-9)
-    assert momentum_weight(0.0, 3) == 1.0
+@pytest.mark.parametrize("adam", [True, False])
+def test_effective_rates_are_the_displacement_through_momentum(adam):
+    """Against the simulated momentum recursion; without momentum the rate is the step's own; a gradient
+    long before the end under a constant rate moves the parameters by eta (Adam) or eta / (1 - mu) (SGD)."""
+    lr = [0.1 * (t + 1) / 5 if t < 5 else 0.1 * (60 - t) / 55 for t in range(60)]
+    counts = list(range(1, 61))
+    rates = effective_rates(torch.tensor(lr, dtype=torch.float64)[:, None], torch.tensor(counts), [0.9], adam)[:, 0]
+    for t in range(60):
+        assert float(rates[t]) == pytest.approx(simulated_rate(lr, counts, 0.9, adam, t), rel=1e-12)
+    flat = effective_rates(torch.full((400, 1), 0.1, dtype=torch.float64), torch.arange(1, 401), [0.0], adam)[:, 0]
+    torch.testing.assert_close(flat, torch.full((400,), 0.1, dtype=torch.float64))
+    constant = effective_rates(torch.full((400, 1), 0.1, dtype=torch.float64), torch.arange(1, 401), [0.9], adam)[:, 0]
+    assert float(constant[200]) == pytest.approx(0.1 if adam else 1.0, rel=1e-9)
 
 
 POLICIES = {"dvemb": lambda: CorrectionPolicy("none"), "acc-dvemb": lambda: CorrectionPolicy("all")}

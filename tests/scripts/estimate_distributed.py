@@ -10,7 +10,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parents[2]))
 
 from hf_accinf.engine import CorrectionPolicy, ShardContext, estimate_influence  # noqa: E402
+from hf_accinf.methods.registry import build_method  # noqa: E402
 from tests.engine.helpers import make_problem  # noqa: E402
+
+SHARDED_METHODS = {"sgd-ie": {}, "acc-sgd-ie": {}, "acc-dvemb": {"projection_dim": 5}}
 
 
 def main(out_file: str) -> None:
@@ -18,10 +21,11 @@ def main(out_file: str) -> None:
     assert shard.world_size == 2, shard.world_size
     problem = make_problem(num_samples=23, batch_size=5, epochs=3)
     results = {"world_size": torch.tensor(shard.world_size)}
-    for method in ("sgd-ie", "acc-sgd-ie"):
+    for method, options in SHARDED_METHODS.items():
         for schedule in ("sweep", "propagator"):
-            policy = CorrectionPolicy("random", p=0.5, seed=1) if method == "acc-sgd-ie" else None
-            result = estimate_influence(problem, method, policy=policy, schedule=schedule, shard=shard, progress=False)
+            policy = CorrectionPolicy("random", p=0.5, seed=1) if method.startswith("acc-") else None
+            rule = build_method(problem, method, **options)
+            result = estimate_influence(problem, rule, policy=policy, schedule=schedule, shard=shard, progress=False)
             results[f"{method}/{schedule}"] = result.embeddings
     if shard.is_main:
         save_file({k: v.contiguous() for k, v in results.items()}, out_file)
