@@ -8,14 +8,16 @@ A state ``x`` (``R Delta``) moves by
     x' = (1 - d_t) x - sum_r w_r u~_r (g~_r . x)                         (shared transition M_t)
          + sum_{r of j} w_r u~_r (1 + c g~_r . x)                       (occurrence of j: injection, ACC)
 
-with ``u~_r = R u_r`` the projected *update direction* of row ``r``: ``u_r = a_t e_t P_t g_r``.
-For plain SGD ``u_r = eta_t g_r`` and this is dattri's DVEmb; the other factors make it follow what the
-HF Trainer ran: ``a_t`` the recorded clip coefficient; ``e_t`` the gradient's total displacement over the
-rest of the run through momentum (:func:`effective_rates`: with Adam's bias-corrected first moment, or
-SGD momentum, a gradient moves the parameters over many later steps, at their recorded rates, and not
-at all past the end of the run; without momentum ``e_t = eta_t``); ``P_t = 1 / (sqrt(vhat_t) + eps)``
-Adam's preconditioner after the step (1 for SGD), held at its recorded value (as LESS does). ``d_t`` is
-the decay of the state: ``eta lam`` (AdamW, decoupled), ``e lam`` (SGD or Adam L2); the projection only
+with ``u~_r = R u_r`` the projected *update direction* of row ``r``: ``u_r = a_t D_t g_r``, ``D_t`` the
+total displacement of the parameters, over the rest of the run, per unit of gradient at step ``t``
+through the optimizer's own state along the recorded trajectory (curvature aside: that is the GN term).
+For plain SGD ``D_t = eta_t`` and this is dattri's DVEmb; the other factors make it follow what the HF
+Trainer ran: ``a_t`` the recorded clip coefficient; SGD momentum spreads a gradient over later steps at
+their rates (:func:`effective_rates`); for Adam the gradient enters both moments, and
+:func:`adam_displacements` sums, backwards over the run, its effect through ``m`` (the preconditioned,
+bias-corrected steps) and through ``v`` (the preconditioner's response, which makes Adam's first steps
+nearly scale-invariant: a frozen preconditioner there would weigh early rows by ``1/|g|``). ``d_t`` is the
+decay of the state: ``eta lam`` (AdamW, decoupled), ``e lam`` (SGD or Adam L2); the projection only
 carries a scalar decay, so where the chosen parameters decay at different rates (HF exempts biases and
 norms) their mean is used and this is logged.
 ``c = 1`` at re-occurrences is ACC-DVEmb: the removed row's own rank-one curvature ``w_j u~_j g~_j^T``
@@ -39,6 +41,7 @@ from __future__ import annotations
 import logging
 import torch
 
+from ..errors import AccInfError
 from ..losses import clip_coefficient
 from ..problem import InfluenceProblem
 from .base import StepOps, UpdateRule
@@ -47,23 +50,48 @@ from .projection import GradientProjection
 logger = logging.getLogger(__name__)
 
 
-def effective_rates(lr: torch.Tensor, counts: torch.Tensor, momentum: list[float], adam: bool,
-                    nesterov: bool = False) -> torch.Tensor:
-    """``(T, groups)``: the total displacement per unit gradient of step ``t`` over the rest of the run,
-    the preconditioner held fixed: ``sum_{s >= t} eta_s c_{s,t}`` with ``c`` the gradient's weight in the
-    update of step ``s``. Adam: ``c = (1 - b1) b1^(s-t) / (1 - b1^k_s)`` (bias count ``k_s``); SGD with
-    momentum ``mu`` (dampening 0): ``mu^(s-t)`` (Nesterov: ``mu^(s-t+1)`` plus the gradient itself at ``t``).
-    Computed backwards in one pass: a gradient late in a run, or under a decaying rate, moves less."""
+def effective_rates(lr: torch.Tensor, momentum: list[float], nesterov: bool = False) -> torch.Tensor:
+    """``(T, groups)``: SGD's total displacement per unit gradient of step ``t`` over the rest of the run,
+    ``sum_{s >= t} eta_s mu^(s-t)`` (dampening 0; Nesterov ``eta_t + sum_{s >= t} eta_s mu^(s-t+1)``), in one
+    backward pass: a gradient late in a run, or under a decaying rate, moves less."""
     lr = lr.double()
     result, tail = torch.zeros_like(lr), torch.zeros(lr.shape[1], dtype=torch.float64)
-    beta = torch.tensor(momentum, dtype=torch.float64)
+    mu = torch.tensor(momentum, dtype=torch.float64)
     for t in reversed(range(lr.shape[0])):
-        if adam:
-            tail = lr[t] / (1 - beta ** int(counts[t])) + beta * tail
-            result[t] = (1 - beta) * tail
-        else:
-            tail = lr[t] + beta * tail
-            result[t] = lr[t] + beta * tail if nesterov else tail
+        tail = lr[t] + mu * tail
+        result[t] = lr[t] + mu * tail if nesterov else tail
+    return result
+
+
+def adam_displacements(problem: InfluenceProblem, beta1: torch.Tensor, beta2: torch.Tensor, eps: torch.Tensor,
+                       l2: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    """``(T, P)``: ``D_t = -d theta_T / d g_t`` per coordinate for Adam/AdamW along the recorded run (the
+    gradients of later steps held at their recorded values), one backward pass over the recorded moments:
+
+        D_t = (1 - b1) L_t - 2 (1 - b2) g_t K_t
+        L_t = eta_t / (c1_t (r_t + eps)) + b1 L_{t+1},   K_t = eta_t mhat_t / (2 c2_t r_t (r_t + eps)^2) + b2 K_{t+1}
+
+    with ``g_t`` the step's clipped gradient (plus Adam's L2 term), ``c1, c2`` the bias corrections,
+    ``mhat_t``, ``r_t = sqrt(vhat_t)`` after the step (``K``'s term is 0 where ``r_t = 0``)."""
+    trajectory, curvature = problem.trajectory, problem.curvature
+    steps = trajectory.num_steps
+    result = torch.empty(steps, curvature.dim, dtype=curvature.dtype, device=curvature.device)
+    first, second = torch.zeros_like(result[0]), torch.zeros_like(result[0])
+    for step in reversed(range(steps)):
+        count = int(trajectory.optimizer_step_count[step]) + 1
+        clip = clip_coefficient(float(trajectory.grad_norm[step]), problem.optimizer.max_grad_norm)
+        gradient = clip * curvature.at_step(step).batch_grad
+        if bool((l2 != 0).any()):
+            gradient = gradient + l2 * curvature.optimizer_state(step, "param")
+        m = beta1 * curvature.optimizer_state(step, "exp_avg") + (1 - beta1) * gradient
+        v = beta2 * curvature.optimizer_state(step, "exp_avg_sq") + (1 - beta2) * gradient * gradient
+        c1, c2, lr = 1 - beta1**count, 1 - beta2**count, problem.learning_rates(step)
+        root = (v / c2).sqrt()
+        positive = root > 0
+        safe = torch.where(positive, root, torch.ones_like(root))
+        first = lr / (c1 * (root + eps)) + beta1 * first
+        second = torch.where(positive, lr * (m / c1) / (2 * c2 * safe * (root + eps) ** 2), 0.0) + beta2 * second
+        result[step] = (1 - beta1) * first - 2 * (1 - beta2) * gradient * second
     return result
 
 
@@ -107,16 +135,22 @@ class DVEmbRule(UpdateRule):
 
         decay = per_parameter(lambda group: group.weight_decay or 0.0)
         trajectory = problem.trajectory
+        self.decoupled = spec.name == "AdamW"
         if self.adam:
+            self.beta1 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[0])
             self.beta2 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[1])
             self.eps = per_parameter(lambda group: group.eps if group.eps is not None else 1e-8)
-            self.decoupled = spec.name == "AdamW"
-            momentum = [(group.betas or (0.9, 0.999))[0] for group in spec.groups]
+            self.displacements: torch.Tensor | None = None  # (T, P), built on first use (one backward pass)
+            table_gb = trajectory.num_steps * curvature.dim * torch.finfo(curvature.dtype).bits / 8 / 2**30
+            if table_gb > memory_budget_gb / 2:
+                raise AccInfError(
+                    f"{spec.name} runs: DVEmb keeps each step's displacement D_t of the scope ({trajectory.num_steps} "
+                    f"steps x {curvature.dim} parameters, {table_gb:.1f} GiB), more than half of --memory_budget_gb "
+                    f"{memory_budget_gb}: raise the budget, use --dtype float32, or choose a smaller scope.")
         else:
-            self.decoupled = False
             momentum = [group.momentum or 0.0 for group in spec.groups]
-        nesterov = any(bool(group.nesterov) for group in spec.groups)
-        self.rates = effective_rates(trajectory.lr, trajectory.optimizer_step_count + 1, momentum, self.adam, nesterov)
+            nesterov = any(bool(group.nesterov) for group in spec.groups)
+            self.rates = effective_rates(trajectory.lr, momentum, nesterov)
         self.decay_rate = decay
         if bool((decay != decay[0]).any()):
             logger.info("dvemb: the chosen parameters decay at different rates; the projected state decays at "
@@ -128,19 +162,18 @@ class DVEmbRule(UpdateRule):
     def embed_gradient(self, gradient: torch.Tensor) -> torch.Tensor:
         return self.projection(gradient)
 
-    def _direction_scale(self, step: int, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_t e_t P_t`` per coordinate (the module docstring), and the state's decay ``d_t``."""
+    def _direction_scale(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a_t D_t`` per coordinate (the module docstring), and the state's decay ``d_t``."""
         problem, curvature = self.problem, self.problem.curvature
-        rate = curvature.expand({name: float(self.rates[step, index]) for name, index in problem.optimizer.group_of.items()})
         clip = clip_coefficient(float(problem.trajectory.grad_norm[step]), problem.optimizer.max_grad_norm)
         if not self.adam:
+            rate = curvature.expand({name: float(self.rates[step, index])
+                                     for name, index in problem.optimizer.group_of.items()})
             return clip * rate, (rate * self.decay_rate).mean()
-        count = int(problem.trajectory.optimizer_step_count[step]) + 1
-        gradient = clip * batch.batch_grad
-        if not self.decoupled and bool((self.decay_rate != 0).any()):
-            gradient = gradient + self.decay_rate * curvature.optimizer_state(step, "param")
-        v_next = self.beta2 * curvature.optimizer_state(step, "exp_avg_sq") + (1 - self.beta2) * gradient * gradient
-        direction = rate / ((v_next / (1 - self.beta2**count)).sqrt() + self.eps)
+        if self.displacements is None:
+            l2 = torch.zeros_like(self.decay_rate) if self.decoupled else self.decay_rate
+            self.displacements = adam_displacements(problem, self.beta1, self.beta2, self.eps, l2)
+        direction = self.displacements[step]
         decay = problem.learning_rates(step) * self.decay_rate if self.decoupled else direction * self.decay_rate
         return clip * direction, decay.mean()
 
@@ -150,7 +183,7 @@ class DVEmbRule(UpdateRule):
             return self._cache[step]
         batch = self.problem.curvature.at_step(step)
         gradients = batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
-        scale, decay = self._direction_scale(step, batch)
+        scale, decay = self._direction_scale(step)
         result = (self.projection(gradients * scale), self.projection(gradients), batch.row_weight, float(decay))
         size = 2 * result[0].numel() * result[0].element_size()
         if self._cached_bytes + size <= self._cache_limit:

@@ -24,19 +24,47 @@ from tests.engine.helpers import make_problem
 from tests.methods.helpers import make_adam_problem
 
 
-def simulated_rate(lr: list[float], counts: list[int], beta: float, adam: bool, t: int) -> float:
-    """A unit gradient at step ``t`` only, through the optimizer's momentum: the total parameter displacement
-    ``sum_s eta_s mhat_s`` (Adam, bias count ``counts[s]``) or ``sum_s eta_s buf_s`` (SGD) until the run ends."""
-    moment, total = 0.0, 0.0
+def simulated_rate(lr: list[float], mu: float, t: int) -> float:
+    """A unit gradient at step ``t`` only, through SGD momentum: the displacement ``sum_s eta_s buf_s``."""
+    buffer, total = 0.0, 0.0
     for s in range(t, len(lr)):
-        unit = 1.0 if s == t else 0.0
-        if adam:
-            moment = beta * moment + (1 - beta) * unit
-            total += lr[s] * moment / (1 - beta ** counts[s])
-        else:
-            moment = beta * moment + unit
-            total += lr[s] * moment
+        buffer = mu * buffer + (1.0 if s == t else 0.0)
+        total += lr[s] * buffer
     return total
+
+
+def simulated_adam_displacement(problem, gradients: list[torch.Tensor], t: int) -> torch.Tensor:
+    """``-d theta_T / d g_t`` per coordinate: a unit tangent on every coordinate of step t's clipped gradient,
+    carried by ``torch.func.jvp`` through the functional Adam steps t..T-1 (evaluation/optim.py, no clipping,
+    no decay: DVEmb carries decay separately), later gradients fixed at their recorded values."""
+    import copy
+
+    from torch.func import jvp
+
+    from hf_accinf.evaluation.optim import optimizer_step
+
+    trajectory, chosen = problem.trajectory, list(problem.optimizer.group_of)
+    spec = copy.deepcopy(problem.optimizer)
+    spec.max_grad_norm = 0.0
+    for group in spec.groups:
+        group.weight_decay = 0.0
+    sizes = [trajectory.params[n][0].numel() for n in chosen]
+    shapes = [trajectory.params[n][0].shape for n in chosen]
+
+    def named(flat):
+        return {n: part.view(shape) for n, part, shape in zip(chosen, torch.split(flat, sizes), shapes)}
+
+    def run(perturbation):
+        theta = {n: trajectory.params[n][t] for n in chosen}
+        state = {f"{n}.{key}": trajectory.states[f"{n}.{key}"][t] for n in chosen for key in ("exp_avg", "exp_avg_sq")}
+        for s in range(t, trajectory.num_steps):
+            gradient = gradients[s] + perturbation if s == t else gradients[s]
+            lrs = {n: float(trajectory.lr[s, spec.group_of[n]]) for n in chosen}
+            theta, state = optimizer_step(spec, theta, state, named(gradient), lrs, int(trajectory.optimizer_step_count[s]))
+        return torch.cat([theta[n].flatten() for n in chosen])
+
+    zero = torch.zeros(sum(sizes), dtype=torch.float64)
+    return -jvp(run, (zero,), (torch.ones_like(zero),))[1]
 
 
 def oracle_embeddings(problem, coefficient, matrix=None) -> torch.Tensor:
@@ -48,7 +76,7 @@ def oracle_embeddings(problem, coefficient, matrix=None) -> torch.Tensor:
     def flatten(named):
         return torch.cat([named[n].flatten() for n in chosen])
 
-    steps = []
+    steps, clipped = [], []
     for t in range(trajectory.num_steps):
         rows = trajectory.rows_of(t)
         x, y, w = trajectory.head_input[rows], trajectory.labels[rows], trajectory.row_weight[rows]
@@ -60,27 +88,27 @@ def oracle_embeddings(problem, coefficient, matrix=None) -> torch.Tensor:
 
         theta = {n: params[n] for n in chosen}
         g = torch.stack([flatten(grad(row_loss)(theta, x[i], y[i])) for i in range(len(w))])
-        lr = flatten({n: torch.full_like(params[n], float(trajectory.lr[t, spec.group_of[n]])) for n in chosen})
-        beta = spec.groups[0].betas[0] if adam else (spec.groups[0].momentum or 0.0)
-        counts = (trajectory.optimizer_step_count + 1).tolist()
-        rate = flatten({n: torch.full_like(params[n], simulated_rate(trajectory.lr[:, spec.group_of[n]].tolist(), counts,
-                                                                      beta, adam, t)) for n in chosen})
-        decay = flatten({n: torch.full_like(params[n], spec.groups[spec.group_of[n]].weight_decay) for n in chosen})
         clip = clip_coefficient(float(trajectory.grad_norm[t]), spec.max_grad_norm)
-        if adam:
-            group = spec.groups[0]
-            (b1, b2), eps = group.betas, group.eps
-            count = int(trajectory.optimizer_step_count[t]) + 1
-            batch_grad = clip * (w[:, None] * g).sum(0)
-            v = b2 * flatten({n: trajectory.states[f"{n}.exp_avg_sq"][t] for n in chosen}) + (1 - b2) * batch_grad**2
-            direction = rate / ((v / (1 - b2**count)).sqrt() + eps)
-            d = (lr * decay).mean()
+        clipped.append(clip * (w[:, None] * g).sum(0))
+        steps.append((trajectory.batch(t), w, g, clip, t))
+
+    def decay_of(t):
+        return flatten({n: torch.full_like(trajectory.params[n][t], spec.groups[spec.group_of[n]].weight_decay)
+                        for n in chosen})
+
+    for index, (ids, w, g, clip, t) in enumerate(steps):
+        lr = flatten({n: torch.full_like(trajectory.params[n][t], float(trajectory.lr[t, spec.group_of[n]])) for n in chosen})
+        if adam:  # AdamW in these tests: decoupled decay eta lam
+            direction, d = simulated_adam_displacement(problem, clipped, t), (lr * decay_of(t)).mean()
         else:
-            direction, d = rate, (rate * decay).mean()
+            mu = spec.groups[0].momentum or 0.0
+            direction = flatten({n: torch.full_like(trajectory.params[n][t], simulated_rate(
+                trajectory.lr[:, spec.group_of[n]].tolist(), mu, t)) for n in chosen})
+            d = (direction * decay_of(t)).mean()
         u = clip * direction * g
         if matrix is not None:
             g, u = g @ matrix, u @ matrix
-        steps.append((trajectory.batch(t), w, g, u, d))
+        steps[index] = (ids, w, g, u, d)
 
     results = []
     for j in range(problem.num_samples):
@@ -105,19 +133,17 @@ def sgd():
     return make_problem(num_samples=8, momentum=0.9, weight_decay=0.01, max_grad_norm=0.3)
 
 
-@pytest.mark.parametrize("adam", [True, False])
-def test_effective_rates_are_the_displacement_through_momentum(adam):
+def test_effective_rates_are_the_displacement_through_momentum():
     """Against the simulated momentum recursion; without momentum the rate is the step's own; a gradient
-    long before the end under a constant rate moves the parameters by eta (Adam) or eta / (1 - mu) (SGD)."""
+    long before the end under a constant rate moves the parameters by eta / (1 - mu)."""
     lr = [0.1 * (t + 1) / 5 if t < 5 else 0.1 * (60 - t) / 55 for t in range(60)]
-    counts = list(range(1, 61))
-    rates = effective_rates(torch.tensor(lr, dtype=torch.float64)[:, None], torch.tensor(counts), [0.9], adam)[:, 0]
+    rates = effective_rates(torch.tensor(lr, dtype=torch.float64)[:, None], [0.9])[:, 0]
     for t in range(60):
-        assert float(rates[t]) == pytest.approx(simulated_rate(lr, counts, 0.9, adam, t), rel=1e-12)
-    flat = effective_rates(torch.full((400, 1), 0.1, dtype=torch.float64), torch.arange(1, 401), [0.0], adam)[:, 0]
+        assert float(rates[t]) == pytest.approx(simulated_rate(lr, 0.9, t), rel=1e-12)
+    flat = effective_rates(torch.full((400, 1), 0.1, dtype=torch.float64), [0.0])[:, 0]
     torch.testing.assert_close(flat, torch.full((400,), 0.1, dtype=torch.float64))
-    constant = effective_rates(torch.full((400, 1), 0.1, dtype=torch.float64), torch.arange(1, 401), [0.9], adam)[:, 0]
-    assert float(constant[200]) == pytest.approx(0.1 if adam else 1.0, rel=1e-9)
+    constant = effective_rates(torch.full((400, 1), 0.1, dtype=torch.float64), [0.9])[:, 0]
+    assert float(constant[200]) == pytest.approx(1.0, rel=1e-9)
 
 
 POLICIES = {"dvemb": lambda: CorrectionPolicy("none"), "acc-dvemb": lambda: CorrectionPolicy("all")}
