@@ -39,6 +39,7 @@ run's, as every other method's), and an objective's gradient enters their space 
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from ..errors import AccInfError
@@ -64,7 +65,7 @@ def effective_rates(lr: torch.Tensor, momentum: list[float], nesterov: bool = Fa
 
 
 def adam_displacements(problem: InfluenceProblem, beta1: torch.Tensor, beta2: torch.Tensor, eps: torch.Tensor,
-                       l2: torch.Tensor, progress: bool = False) -> torch.Tensor:
+                       l2: torch.Tensor) -> torch.Tensor:
     """``(T, P)``: ``D_t = -d theta_T / d g_t`` per coordinate for Adam/AdamW along the recorded run (the
     gradients of later steps held at their recorded values), one backward pass over the recorded moments:
 

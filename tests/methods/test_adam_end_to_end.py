@@ -103,6 +103,13 @@ def test_dvemb_scores_any_scope_and_its_saved_embeddings_score_new_test_sets(def
     with pytest.raises(AccInfError, match="projected"):
         score_run(ScoreArguments(run_dir=str(run_dir), method="dvemb", score_kind="evaluated",
                                  output_dir=str(tmp_path / "evaluated")), data, data, progress=False)
+    if modules is None:  # cosine: the same dot products over the embeddings' norms (|grad| is one constant)
+        cosine = score_run(ScoreArguments(run_dir=str(run_dir), method="acc-dvemb", projection_dim=16,
+                                          score_kind="cosine", output_dir=str(tmp_path / "cosine")), data, data,
+                           progress=False)
+        ratio = cosine.scores * result.embeddings["projected"].norm(dim=1) / result.scores
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-9, atol=0)
+        assert cosine.scores.abs().max() <= 1 + 1e-12
     if modules is None:  # the classical twin by one backward pass gives the forward form's scores
         forward = score_run(ScoreArguments(run_dir=str(run_dir), method="dvemb", projection_dim=16, form="forward",
                                            output_dir=str(tmp_path / "forward")), data, data, progress=False)
