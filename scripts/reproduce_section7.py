@@ -85,11 +85,39 @@ def paper_cells(values: tuple[float | None, ...] | None, metrics: tuple[str, ...
     return [f"*{known[m]:.4f}*" if known.get(m) is not None else "—" for m in METRICS]
 
 
+ROW_KEYS = ("setting", "epoch", "estimator", "method", "projection_dim", "removal", "score")
+
+
 def summary_of(raw: dict, table: str) -> tuple[list[dict], list[dict]]:
     rows = [r for r in raw["rows"] if r["table"] == table]
     runs = [r for r in raw["runs"] if r["table"] == table]
-    return (summarize(rows, ("setting", "epoch", "estimator", "method", "projection_dim", "removal", "score"), METRICS),
+    return (summarize(rows, ROW_KEYS, METRICS),
             summarize(runs, ("setting", "epoch"), ("val_accuracy", "linearity_ceiling", "clipped_steps")))
+
+
+def acc_changes(raw: dict) -> list[dict]:
+    """Median (over rows) relative change of the embeddings by ACC against the classical twin, mean over seeds."""
+    rows = [r for r in raw["rows"] if r["acc_change"] is not None and r["score"] == "linear"]
+    return summarize(rows, ("table",) + ROW_KEYS, ("acc_change",))
+
+
+def acc_table(raw: dict) -> str:
+    """Table 3 and Table 4 settings as rows, the ACC estimators of the main tables as columns."""
+    changes = acc_changes(raw)
+    lines = []
+    for table in ("3", "4"):
+        main_dims = {None, *(d for s in raw["settings"]["sgd"] for d in s["projection_dims"])}
+        entries = [e for e in changes if e["table"] == table and e["projection_dim"] in main_dims]
+        columns = list(dict.fromkeys(e["estimator"] for e in entries))
+        cells: dict[tuple, dict[str, str]] = {}
+        for e in entries:
+            cells.setdefault((e["setting"], e["epoch"]), {})[e["estimator"]] = \
+                f"{e['acc_change']:.1e} ± {e['acc_change_std']:.0e}"
+        lines += [f"| Table {table}: setting | Epoch | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+        lines += [f"| `{setting}` | {epoch} | " + " | ".join(row.get(c, "") for c in columns) + " |"
+                  for (setting, epoch), row in cells.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def runs_line(entry: dict) -> str:
@@ -177,6 +205,9 @@ def tables_markdown(raw: dict) -> str:
                          f"`{setting['name']}`)\n\n{sweep_table(raw, setting)}")
     for recipe in settings["adam"]:
         parts.append(f"### Table 4 — AdamW, {recipe_text(recipe)} ({len(settings['seeds'])} seeds)\n\n{table4(raw, recipe)}")
+    parts.append("### How far ACC moves the embeddings\n\nFor each row, `||e_ACC - e||/ ||e||` against the classical "
+                 "twin's embedding `e` (same run, projection and removal); median over rows, mean ± std over seeds.\n\n"
+                 + acc_table(raw))
     return "\n".join(parts)
 
 

@@ -148,31 +148,51 @@ def loss_changes(run: TrainedRun, weight: float) -> torch.Tensor:
 def estimator_scores(run: TrainedRun, problem: InfluenceProblem, estimator: Estimator,
                      kinds: tuple[str, ...] = ("linear",)) -> dict[str, torch.Tensor]:
     """Scores of every training row on the run's validation set, per score kind (TracIn: linear only)."""
+    return _scores_and_embeddings(run, problem, estimator, kinds)[0]
+
+
+def _scores_and_embeddings(run: TrainedRun, problem: InfluenceProblem, estimator: Estimator,
+                           kinds: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     x_val, y_val = run.split.x_val, run.split.y_val
     curvature = problem.curvature
     if estimator.method == "tracin":
         params = run.trajectory.params
         return {"linear": build_method(problem, "tracin").scores(
-            lambda step: curvature.objective_grad({n: v[step] for n, v in params.items()}, x_val, y_val))}
+            lambda step: curvature.objective_grad({n: v[step] for n, v in params.items()}, x_val, y_val))}, None
     rule = build_method(problem, estimator.method, **estimator.options(run.config.seed))
     embeddings = estimate_influence(problem, rule, progress=False).embeddings
     return {kind: scores_from_embeddings(curvature, embeddings, run.final, x_val, y_val, kind, rule=rule)
-            for kind in kinds}
+            for kind in kinds}, embeddings
+
+
+def relative_change(changed: torch.Tensor, reference: torch.Tensor) -> float:
+    """Median over rows of ``||changed_j - reference_j|| / ||reference_j||``."""
+    ratio = (changed - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(torch.finfo(reference.dtype).tiny)
+    return float(ratio.median())
 
 
 def _rows(run: TrainedRun, truth: torch.Tensor, estimators: list[Estimator], kinds: tuple[str, ...],
           **context) -> list[dict]:
+    """One agreement row per estimator and score kind; an ACC row also carries ``acc_change``, the relative
+    change of its embeddings against its classical twin's (``None`` where the twin is not in ``estimators``)."""
     problem = problem_of(run)
-    rows = []
+    rows, classical = [], {}
     for estimator in estimators:
         began = time.perf_counter()
-        scores = estimator_scores(run, problem, estimator, kinds)
+        scores, embeddings = _scores_and_embeddings(run, problem, estimator, kinds)
         seconds = time.perf_counter() - began
+        twin = replace(estimator, method=estimator.method.removeprefix("acc-"))
+        acc_change = None
+        if embeddings is not None and twin != estimator and twin in classical:
+            acc_change = relative_change(embeddings, classical[twin])
+        elif embeddings is not None:
+            classical[estimator] = embeddings
         for kind, score in scores.items():
             report = agreement(score, truth, percents=PERCENTS)
             rows.append({**context, "estimator": estimator.label, "method": estimator.method,
                          "projection_dim": estimator.projection_dim, "removal": estimator.removal, "score": kind,
-                         "seconds": seconds, **{metric: report[metric] for metric in METRICS}})
+                         "seconds": seconds, "acc_change": acc_change,
+                         **{metric: report[metric] for metric in METRICS}})
     return rows
 
 
