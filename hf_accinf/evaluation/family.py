@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -102,14 +103,15 @@ class AdamRecipe:
 
 
 def hf_linear_rates(num_steps: int, peak: float, warmup_ratio: float) -> list[float]:
-    """The HF Trainer's ``linear`` schedule (``get_linear_schedule_with_warmup``) over ``num_steps`` steps."""
+    """The HF Trainer's ``linear`` schedule (``get_linear_schedule_with_warmup``, ``ceil(ratio T)`` warm-up steps
+    as ``TrainingArguments.get_warmup_steps``) over ``num_steps`` steps; the first step's rate is 0 when warming up."""
     warmup = math.ceil(warmup_ratio * num_steps)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
     schedule = get_linear_schedule_with_warmup(optimizer, warmup, num_steps)
     return [peak * schedule.lr_lambdas[0](step) for step in range(num_steps)]
 
 
-def train_with(config: ExperimentConfig, optimizer: str, rates, **options) -> TrainedRun:
+def train_with(config: ExperimentConfig, optimizer: str, rates: Callable[[int], list[float]], **options) -> TrainedRun:
     """Train the configuration's model with ``optimizer`` and the learning rates ``rates(num_steps)``; record it."""
     split = make_split(config.dataset, config.seed, config.noise, config.n_train, config.n_val, config.n_test)
     model = build_model(config, split.num_features)

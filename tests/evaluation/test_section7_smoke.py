@@ -114,3 +114,13 @@ def test_a_results_rewrite_keeps_the_section7_block():
     rewritten = splice_section7("# Results, regenerated\n", section7_block(written))
     assert rewritten == "# Results, regenerated\n\n" + block
     assert splice_section7(rewritten, block.replace("numbers", "new numbers")).count(SECTION_7_BEGIN) == 1
+
+
+def test_docs_section7_is_rendered_from_the_committed_json(script):
+    """docs/RESULTS.md's section 7 is exactly what the script renders from docs/section7.json (never hand-edited)."""
+    from hf_accinf.evaluation.report import section7_block
+
+    docs = SCRIPT.parents[1] / "docs"
+    raw = json.loads((docs / "section7.json").read_text())
+    rendered = script.section_markdown(raw, script.discussion_markdown(raw))
+    assert section7_block((docs / "RESULTS.md").read_text()) == rendered.rstrip("\n")
