@@ -344,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - began
     command = "python scripts/reproduce_paper.py" + (" --smoke" if args.smoke else "")
     text = render(settings, records, tanh_records, curves, cleansing, docs, seconds, command)
-    (docs / "RESULTS.md").write_text(text)
+    results = docs / "RESULTS.md"
+    kept = report.section7_block(results.read_text()) if results.exists() else ""  # scripts/reproduce_section7.py's
+    results.write_text(report.splice_section7(text, kept) if kept else text)
     raw = {"settings": asdict(settings), "tables": records, "tanh_ablation": tanh_records, "curves": curves,
            "cleansing": cleansing, "seconds": seconds}
     (docs / "results.json").write_text(json.dumps(raw, indent=1, default=str))

@@ -19,6 +19,25 @@ HEADERS = ("RMSE", "Kendall", "J@70", "J@50", "J@30", "J@10", "param err")
 METHOD_NAMES = {name: METHODS[name].display for name in ESTIMATORS}
 DATASET_NAMES = {"adult": "Adult", "digits": "digits (MNIST stand-in)", "text": "RT text (20News stand-in)"}
 LOWER_IS_BETTER = {"rmse", "param err"}
+# docs/RESULTS.md holds section 7 (scripts/reproduce_section7.py) between these markers; each script keeps the
+# other's part when it rewrites its own.
+SECTION_7_BEGIN, SECTION_7_END = "<!-- section7:begin -->", "<!-- section7:end -->"
+
+
+def section7_block(text: str) -> str:
+    """The section 7 block of a RESULTS.md text, markers included ("" if it has none)."""
+    if SECTION_7_BEGIN not in text or SECTION_7_END not in text:
+        return ""
+    return SECTION_7_BEGIN + text.split(SECTION_7_BEGIN, 1)[1].split(SECTION_7_END, 1)[0] + SECTION_7_END
+
+
+def splice_section7(text: str, block: str) -> str:
+    """``text`` with its section 7 block replaced by ``block`` (markers included), or ``block`` appended."""
+    block = block.rstrip("\n")
+    old = section7_block(text)
+    if old:
+        return text.replace(old, block, 1)
+    return (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
 
 
 def cell_key(record: dict) -> tuple[str, str, str, float]:
