@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                         forms = ["direct"] if spec.output == "scores" else (["forward"] if spec.accumulative else ["forward", "adjoint"])
                         dims = options.projection_dim if method.endswith("dvemb") else [0]
                         for form, dim in [(form, dim) for dim in dims for form in forms]:
+                            if dim == 0 and 0 < width < max(dims) and len(dims) > 1:
+                                continue  # the scope had fewer parameters than k: that row ran unprojected already
                             arguments = ScoreArguments(run_dir=str(run_dir), method=method, modules=modules,
                                                        form="auto" if form == "direct" else form, trust_probes=0,
                                                        projection_dim=dim,

@@ -125,7 +125,6 @@ class DVEmbRule(UpdateRule):
         if projection_dim >= curvature.dim:
             logger.info("dvemb: projection_dim %d >= the scope's %d parameters: no projection (exact dot products)",
                         projection_dim, curvature.dim)
-            projection_dim = 0
         self.projection = GradientProjection(curvature.dim, projection_dim, projection_seed, curvature.dtype,
                                              curvature.device, memory_gb=memory_budget_gb / 4)
         self.param_dim = self.state_dim = self.projection.dim

@@ -6,7 +6,7 @@ projection. ``R`` is a pure function of ``(P, k, seed)``: it is drawn in float64
 blocks of :data:`BLOCK` whose generator is seeded by ``(seed, block)``, so that any process, device, dtype or
 later session (``attribution_matrix``) rebuilds the same matrix. It is kept whole when it fits the memory
 it is given; otherwise each call regenerates it block by block (slower, logged once), never holding more
-than one ``k x BLOCK`` block. ``k = 0`` is the identity (no projection); DVEmbRule uses it for scopes with at most k parameters.
+than one ``k x BLOCK`` block. ``k = 0``, or ``k >= P``, is the identity (no projection): exact dot products.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class GradientProjection:
         if output_dim < 0:
             raise ValueError(f"projection_dim must be >= 0 (0: no projection), got {output_dim}.")
         self.input_dim, self.seed, self.dtype, self.device = input_dim, seed, dtype, device
-        self.identity = output_dim == 0
+        self.identity = output_dim == 0 or output_dim >= input_dim  # no random map can keep more than P dimensions
         self.dim = input_dim if self.identity else output_dim
         self._matrix: torch.Tensor | None = None
         if not self.identity:

@@ -86,23 +86,27 @@ def test_trainer_warns_at_construction_for_an_unmodelled_optimizer(tmp_path):
                       recording=RecordingArguments(run_dir=str(tmp_path / "run")))
 
 
-@pytest.mark.parametrize("modules", [None, ["all"]])
-def test_dvemb_scores_any_scope_and_its_saved_embeddings_score_new_test_sets(default_recipe, modules, tmp_path):
+@pytest.mark.parametrize("modules,projection_dim", [(None, 16), (["all"], 16), (None, 4096)])
+def test_dvemb_scores_any_scope_and_its_saved_embeddings_score_new_test_sets(default_recipe, modules, projection_dim,
+                                                                            tmp_path):
     """Projected embeddings (N x k) on the head and on the whole model; ``attribution_matrix`` rebuilds the
     seeded projection and reproduces the scores from the saved embeddings without replaying the run."""
     from hf_accinf.scoring.run import attribution_matrix
 
     run_dir, data = default_recipe
-    args = ScoreArguments(run_dir=str(run_dir), method="acc-dvemb", projection_dim=16, modules=modules,
+    args = ScoreArguments(run_dir=str(run_dir), method="acc-dvemb", projection_dim=projection_dim, modules=modules,
                           output_dir=str(tmp_path), trust_probes=2)
     result = score_run(args, data, data, progress=False)
     assert result.form == "forward" and torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
-    assert list(result.embeddings) == ["projected"] and result.embeddings["projected"].shape == (24, 16)
+    width = min(projection_dim, problem_from_run(RunReader(run_dir)).curvature.dim) if modules is None else projection_dim
+    assert list(result.embeddings) == ["projected"] and result.embeddings["projected"].shape == (24, width)
     matrix = attribution_matrix(str(run_dir), data, scores_dir=str(tmp_path))
     torch.testing.assert_close(matrix.mean(0), result.scores, rtol=1e-6, atol=1e-10 * float(result.scores.abs().max()))
     with pytest.raises(AccInfError, match="projected"):
         score_run(ScoreArguments(run_dir=str(run_dir), method="dvemb", score_kind="evaluated",
                                  output_dir=str(tmp_path / "evaluated")), data, data, progress=False)
+    if projection_dim > 16:  # the head has fewer parameters than k: no projection, and the rest is as above
+        return
     if modules is None:  # cosine: the same dot products over the embeddings' norms (|grad| is one constant)
         cosine = score_run(ScoreArguments(run_dir=str(run_dir), method="acc-dvemb", projection_dim=16,
                                           score_kind="cosine", output_dir=str(tmp_path / "cosine")), data, data,
