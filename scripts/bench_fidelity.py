@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> None:
                          "| scope | form | method | Kendall tau | Pearson r | RMSE | Jaccard@10 | seconds | x training |",
                          "|---|---|---|---|---|---|---|---|---|"]
                 optimizer = run.manifest.optimizer_class
-                width = 0
                 for scope in options.scopes.split(","):
                     modules = SCOPES[scope]
                     for method in options.methods.split(","):
@@ -194,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                             continue
                         forms = ["direct"] if spec.output == "scores" else (["forward"] if spec.accumulative else ["forward", "adjoint"])
                         dims = options.projection_dim if method.endswith("dvemb") else [0]
+                        width = 0
                         for form, dim in [(form, dim) for dim in dims for form in forms]:
                             if dim == 0 and 0 < width < max(dims) and len(dims) > 1:
                                 continue  # the scope had fewer parameters than k: that row ran unprojected already

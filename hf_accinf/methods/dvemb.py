@@ -12,12 +12,13 @@ with ``u~_r = R u_r`` the projected *update direction* of row ``r``: ``u_r = a_t
 total displacement of the parameters, over the rest of the run, per unit of gradient at step ``t``
 through the optimizer's own state along the recorded trajectory (curvature aside: that is the GN term).
 For plain SGD ``D_t = eta_t`` and this is dattri's DVEmb; the other factors make it follow what the HF
-Trainer ran: ``a_t`` the recorded clip coefficient; SGD momentum spreads a gradient over later steps at
+Trainer ran: ``a_t`` the recorded clip coefficient (a scalar: the clip map's rank-one term along the batch
+gradient, DESIGN.md section 4, is dropped); SGD momentum spreads a gradient over later steps at
 their rates (:func:`effective_rates`); for Adam the gradient enters both moments, and
 :func:`adam_displacements` sums, backwards over the run, its effect through ``m`` (the preconditioned,
 bias-corrected steps) and through ``v`` (the preconditioner's response, which makes Adam's first steps
 nearly scale-invariant: a frozen preconditioner there would weigh early rows by ``1/|g|``). ``d_t`` is the
-decay of the state: ``eta lam`` (AdamW, decoupled), ``e lam`` (SGD or Adam L2); the projection only
+decay of the state: ``eta lam`` (AdamW, decoupled), ``D_t lam`` (SGD or Adam L2; refused unless in [0, 1)); the projection only
 carries a scalar decay, so where the chosen parameters decay at different rates (HF exempts biases and
 norms) their mean is used and this is logged.
 ``c = 1`` at re-occurrences is ACC-DVEmb: the removed row's own rank-one curvature ``w_j u~_j g~_j^T``
@@ -64,36 +65,39 @@ def effective_rates(lr: torch.Tensor, momentum: list[float], nesterov: bool = Fa
     return result
 
 
-def adam_displacements(problem: InfluenceProblem, beta1: torch.Tensor, beta2: torch.Tensor, eps: torch.Tensor,
-                       l2: torch.Tensor) -> torch.Tensor:
-    """``(T, P)``: ``D_t = -d theta_T / d g_t`` per coordinate for Adam/AdamW along the recorded run (the
-    gradients of later steps held at their recorded values), one backward pass over the recorded moments:
+class AdamDisplacement:
+    """``D_t = -d theta_T / d g_t`` per coordinate for Adam/AdamW along the recorded run (the gradients of
+    later steps held at their recorded values), accumulated backwards one step at a time:
 
         D_t = (1 - b1) L_t - 2 (1 - b2) g_t K_t
         L_t = eta_t / (c1_t (r_t + eps)) + b1 L_{t+1},   K_t = eta_t mhat_t / (2 c2_t r_t (r_t + eps)^2) + b2 K_{t+1}
 
     with ``g_t`` the step's clipped gradient (plus Adam's L2 term), ``c1, c2`` the bias corrections,
-    ``mhat_t``, ``r_t = sqrt(vhat_t)`` after the step (``K``'s term is 0 where ``r_t = 0``)."""
-    trajectory, curvature = problem.trajectory, problem.curvature
-    steps = trajectory.num_steps
-    result = torch.empty(steps, curvature.dim, dtype=curvature.dtype, device=curvature.device)
-    first, second = torch.zeros_like(result[0]), torch.zeros_like(result[0])
-    for step in reversed(range(steps)):
-        count = int(trajectory.optimizer_step_count[step]) + 1
-        clip = clip_coefficient(float(trajectory.grad_norm[step]), problem.optimizer.max_grad_norm)
-        gradient = clip * curvature.at_step(step).batch_grad
-        if bool((l2 != 0).any()):
-            gradient = gradient + l2 * curvature.optimizer_state(step, "param")
+    ``mhat_t``, ``r_t = sqrt(vhat_t)`` after the step (``K``'s term is 0 where ``r_t = 0``). Only two
+    P-vectors are kept; call :meth:`at` for ``t = T-1, ..., 0`` in that order."""
+
+    def __init__(self, problem: InfluenceProblem, beta1: torch.Tensor, beta2: torch.Tensor, eps: torch.Tensor,
+                 l2: torch.Tensor):
+        self.problem, self.beta1, self.beta2, self.eps, self.l2 = problem, beta1, beta2, eps, l2
+        self.first = torch.zeros_like(beta1)
+        self.second = torch.zeros_like(beta1)
+
+    def at(self, step: int, batch_grad: torch.Tensor, clip: float) -> torch.Tensor:
+        problem, curvature = self.problem, self.problem.curvature
+        beta1, beta2, eps = self.beta1, self.beta2, self.eps
+        count = int(problem.trajectory.optimizer_step_count[step]) + 1
+        gradient = clip * batch_grad
+        if bool((self.l2 != 0).any()):
+            gradient = gradient + self.l2 * curvature.optimizer_state(step, "param")
         m = beta1 * curvature.optimizer_state(step, "exp_avg") + (1 - beta1) * gradient
         v = beta2 * curvature.optimizer_state(step, "exp_avg_sq") + (1 - beta2) * gradient * gradient
         c1, c2, lr = 1 - beta1**count, 1 - beta2**count, problem.learning_rates(step)
         root = (v / c2).sqrt()
         positive = root > 0
         safe = torch.where(positive, root, torch.ones_like(root))
-        first = lr / (c1 * (root + eps)) + beta1 * first
-        second = torch.where(positive, lr * (m / c1) / (2 * c2 * safe * (root + eps) ** 2), 0.0) + beta2 * second
-        result[step] = (1 - beta1) * first - 2 * (1 - beta2) * gradient * second
-    return result
+        self.first = lr / (c1 * (root + eps)) + beta1 * self.first
+        self.second = torch.where(positive, lr * (m / c1) / (2 * c2 * safe * (root + eps) ** 2), 0.0) + beta2 * self.second
+        return (1 - beta1) * self.first - 2 * (1 - beta2) * gradient * self.second
 
 
 class DVEmbStep(StepOps):
@@ -114,82 +118,91 @@ class DVEmbStep(StepOps):
 
 
 class DVEmbRule(UpdateRule):
-    """DVEmb / ACC-DVEmb for runs trained with SGD, Adam or AdamW, on any scope."""
+    """DVEmb / ACC-DVEmb for runs trained with SGD, Adam or AdamW, on any scope.
+
+    The step factors ``(u~, g~, w, d)`` of every step are built once, in one backward pass over the run
+    (Adam's displacement needs the steps after ``t``), and kept: ``2 T b k`` numbers, refused above half
+    of ``memory_budget_gb`` before any work."""
 
     parameter_space = False
 
     def __init__(self, problem: InfluenceProblem, projection_dim: int = 512, projection_seed: int = 0,
                  memory_budget_gb: float = 4.0):
         self.problem = problem
-        curvature, spec = problem.curvature, problem.optimizer
-        if projection_dim >= curvature.dim:
+        curvature, spec, trajectory = problem.curvature, problem.optimizer, problem.trajectory
+        self.adam = spec.name in ("Adam", "AdamW")
+        if self.adam and any(spec.groups[i].amsgrad or spec.groups[i].maximize for i in spec.group_of.values()):
+            raise AccInfError("DVEmb models Adam/AdamW without amsgrad or maximize; record a run without them.")
+        width = curvature.dim if projection_dim == 0 or projection_dim >= curvature.dim else projection_dim
+        rows = int(trajectory.row_offsets[-1])
+        factors_gb = 2 * rows * width * torch.finfo(curvature.dtype).bits / 8 / 2**30
+        if factors_gb > memory_budget_gb / 2:
+            raise AccInfError(
+                f"DVEmb keeps two {width}-dimensional projections of every recorded row gradient ({rows} rows, "
+                f"{factors_gb:.1f} GiB), more than half of --memory_budget_gb {memory_budget_gb}: lower "
+                "--projection_dim, raise the budget or use --dtype float32.")
+        if width == curvature.dim and projection_dim:
             logger.info("dvemb: projection_dim %d >= the scope's %d parameters: no projection (exact dot products)",
                         projection_dim, curvature.dim)
         self.projection = GradientProjection(curvature.dim, projection_dim, projection_seed, curvature.dtype,
                                              curvature.device, memory_gb=memory_budget_gb / 4)
         self.param_dim = self.state_dim = self.projection.dim
-        self.adam = spec.name in ("Adam", "AdamW")
 
         def per_parameter(read) -> torch.Tensor:
             return curvature.expand({name: float(read(spec.groups[index])) for name, index in spec.group_of.items()})
 
-        decay = per_parameter(lambda group: group.weight_decay or 0.0)
-        trajectory = problem.trajectory
+        self.decay_rate = per_parameter(lambda group: group.weight_decay or 0.0)
         self.decoupled = spec.name == "AdamW"
         if self.adam:
             self.beta1 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[0])
             self.beta2 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[1])
             self.eps = per_parameter(lambda group: group.eps if group.eps is not None else 1e-8)
-            self.displacements: torch.Tensor | None = None  # (T, P), built on first use (one backward pass)
-            table_gb = trajectory.num_steps * curvature.dim * torch.finfo(curvature.dtype).bits / 8 / 2**30
-            if table_gb > memory_budget_gb / 2:
-                raise AccInfError(
-                    f"{spec.name} runs: DVEmb keeps each step's displacement D_t of the scope ({trajectory.num_steps} "
-                    f"steps x {curvature.dim} parameters, {table_gb:.1f} GiB), more than half of --memory_budget_gb "
-                    f"{memory_budget_gb}: raise the budget, use --dtype float32, or choose a smaller scope.")
         else:
             momentum = [group.momentum or 0.0 for group in spec.groups]
-            nesterov = any(bool(group.nesterov) for group in spec.groups)
-            self.rates = effective_rates(trajectory.lr, momentum, nesterov)
-        self.decay_rate = decay
-        if bool((decay != decay[0]).any()):
+            self.rates = effective_rates(trajectory.lr, momentum, bool(spec.uniform("nesterov")) if any(
+                momentum[i] for i in spec.group_of.values()) else False)
+        if bool((self.decay_rate != self.decay_rate[0]).any()):
             logger.info("dvemb: the chosen parameters decay at different rates; the projected state decays at "
                         "their mean (DESIGN.md section 5)")
-        self._cache: dict[int, tuple] = {}
-        self._cache_limit = int(memory_budget_gb / 4 * 2**30)
-        self._cached_bytes = 0
+        self._factors: list[tuple] | None = None
 
     def embed_gradient(self, gradient: torch.Tensor) -> torch.Tensor:
         return self.projection(gradient)
 
-    def _direction_scale(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_t D_t`` per coordinate (the module docstring), and the state's decay ``d_t``."""
+    def _build_factors(self) -> list[tuple]:
+        """One backward pass: per step, the rows' gradients projected twice (``u~ = R(a_t D_t g_r)``, ``g~ = R g_r``,
+        in one product), the row weights and the state's decay ``d_t``."""
         problem, curvature = self.problem, self.problem.curvature
-        clip = clip_coefficient(float(problem.trajectory.grad_norm[step]), problem.optimizer.max_grad_norm)
-        if not self.adam:
-            rate = curvature.expand({name: float(self.rates[step, index])
-                                     for name, index in problem.optimizer.group_of.items()})
-            return clip * rate, (rate * self.decay_rate).mean()
-        if self.displacements is None:
-            l2 = torch.zeros_like(self.decay_rate) if self.decoupled else self.decay_rate
-            self.displacements = adam_displacements(problem, self.beta1, self.beta2, self.eps, l2)
-        direction = self.displacements[step]
-        decay = problem.learning_rates(step) * self.decay_rate if self.decoupled else direction * self.decay_rate
-        return clip * direction, decay.mean()
+        trajectory, spec = problem.trajectory, problem.optimizer
+        steps = trajectory.num_steps
+        displacement = AdamDisplacement(problem, self.beta1, self.beta2, self.eps, torch.zeros_like(self.decay_rate)
+                                        if self.decoupled else self.decay_rate) if self.adam else None
+        factors: list[tuple] = [None] * steps
+        for step in reversed(range(steps)):
+            batch = curvature.at_step(step)
+            clip = clip_coefficient(float(trajectory.grad_norm[step]), spec.max_grad_norm)
+            if displacement is not None:
+                direction = displacement.at(step, batch.batch_grad, clip)
+                decay = problem.learning_rates(step) * self.decay_rate if self.decoupled else direction * self.decay_rate
+            else:
+                direction = curvature.expand({name: float(self.rates[step, index]) for name, index in spec.group_of.items()})
+                decay = direction * self.decay_rate
+            decay = float(decay.mean())
+            if not 0.0 <= decay < 1.0:
+                raise AccInfError(f"DVEmb: the projected state's decay at step {step} is {decay:.3g} (Adam's L2 weight "
+                                  "decay through a preconditioner near 1/eps): it must lie in [0, 1). Train with AdamW "
+                                  "(decoupled decay) or score with adam-ie.")
+            gradients = batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
+            both = self.projection(torch.cat([gradients * (clip * direction), gradients]))
+            update, projected = both.split(len(gradients))
+            factors[step] = (update, projected, batch.row_weight, decay)
+        return factors
 
     def factors(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """Projected update directions ``u~`` (b, k), projected gradients ``g~`` (b, k), row weights and decay."""
-        if step in self._cache:
-            return self._cache[step]
-        batch = self.problem.curvature.at_step(step)
-        gradients = batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
-        scale, decay = self._direction_scale(step)
-        result = (self.projection(gradients * scale), self.projection(gradients), batch.row_weight, float(decay))
-        size = 2 * result[0].numel() * result[0].element_size()
-        if self._cached_bytes + size <= self._cache_limit:
-            self._cache[step] = result
-            self._cached_bytes += size
-        return result
+        if self._factors is None:
+            self._factors = self._build_factors()
+        return self._factors[step]
 
     def at_step(self, step: int) -> DVEmbStep:
         return DVEmbStep(self, step)

@@ -97,6 +97,9 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
     if method.output == "embeddings":
         check_score_kind(args.score_kind, method)
+    elif args.score_kind != "linear":
+        raise AccInfError(f"{args.method} scores one objective directly: its scores are linear; score_kind "
+                          f"'{args.score_kind}' needs a method with embeddings.")
     form, reason = ("direct", "the method scores one objective directly") if method.output == "scores" else \
         choose_form(args.form, method.accumulative, args.score_kind, policy if method.accumulative else None)
     logger.info("form %s: %s", form, reason)
@@ -128,7 +131,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     if args.trust_probes > 0 and form != "direct":
         trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
                             progress=progress).to_dict()
-    checks = {"trust": trust, "verify": None, "replay": None}
+    checks = {"trust": trust, "verify": None, "replay": None, "projection": None}
     if args.verify:
         from ..evaluation.verify import verify
 
@@ -142,10 +145,24 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     states = getattr(curvature, "states", None)
     if hasattr(states, "report"):
         checks["replay"] = states.report().to_dict()
+    if not getattr(method, "parameter_space", True):
+        checks["projection"] = projection_fingerprint(method.projection)
     column = f"influence_{args.method.replace('-', '_')}"
     _write(output_dir, args, run, problem, result, scores, embeddings, train_dataset, column, len(labels), form, checks)
     return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column, form, trust,
                        checks["verify"], checks["replay"], args.method)
+
+
+def projection_fingerprint(projection: GradientProjection) -> dict:
+    """What identifies a projection: its width and its image of a fixed probe."""
+    probe = torch.linspace(-1, 1, projection.input_dim, dtype=torch.float64)
+    image = projection(probe.to(projection.dtype)).double()
+    return {"dim": projection.dim, "identity": projection.identity, "probe": [float(x) for x in image[:4]]}
+
+
+def same_projection(rebuilt: dict, saved: dict) -> bool:
+    return rebuilt["dim"] == saved["dim"] and rebuilt["identity"] == saved["identity"] and \
+        torch.allclose(torch.tensor(rebuilt["probe"]), torch.tensor(saved["probe"]), rtol=1e-4, atol=1e-6)
 
 
 def check_finite(trajectory: Trajectory, clipped: bool = True) -> None:
@@ -208,8 +225,12 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
     gradients = curvature.example_grads(final, inputs, labels)
     if projected:  # the same seeded projection the scores used (a pure function of P, k and the seed)
         arguments = summary["arguments"]
-        gradients = GradientProjection(curvature.dim, int(arguments["projection_dim"]), int(arguments["projection_seed"]),
-                                       gradients.dtype, gradients.device)(gradients)
+        projection = GradientProjection(curvature.dim, int(arguments["projection_dim"]), int(arguments["projection_seed"]),
+                                        gradients.dtype, gradients.device)
+        if summary.get("projection") and not same_projection(projection_fingerprint(projection), summary["projection"]):
+            raise AccInfError(f"The projection rebuilt from {scores_dir}/scores.json differs from the one the scores "
+                              "used (another torch version draws other numbers?): score again with this installation.")
+        gradients = projection(gradients)
     return gradients @ embeddings.to(gradients.dtype).T
 
 

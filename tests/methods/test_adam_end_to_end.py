@@ -1,6 +1,8 @@
 """The default HF recipe end to end: AccInfTrainer with TrainingArguments' default optimizer (adamw_torch),
 warm-up then linear decay and clipping at 1.0, scored by every method that models it, from Python and the CLI."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -69,6 +71,13 @@ def test_adam_family_and_tracin_score_the_default_recipe(default_recipe, method,
         torch.testing.assert_close(result.scores, expected, rtol=1e-9, atol=1e-15)
 
 
+def test_direct_scorers_refuse_other_score_kinds(default_recipe, tmp_path):
+    run_dir, data = default_recipe
+    with pytest.raises(AccInfError, match="linear"):
+        score_run(ScoreArguments(run_dir=str(run_dir), method="tracin", score_kind="cosine", output_dir=str(tmp_path)),
+                  data, data, progress=False)
+
+
 def test_cli_scores_with_acc_adam_ie(default_recipe, tmp_path):
     run_dir, data = default_recipe
     data.save_to_disk(str(tmp_path / "train"))
@@ -100,8 +109,14 @@ def test_dvemb_scores_any_scope_and_its_saved_embeddings_score_new_test_sets(def
     assert result.form == "forward" and torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
     width = min(projection_dim, problem_from_run(RunReader(run_dir)).curvature.dim) if modules is None else projection_dim
     assert list(result.embeddings) == ["projected"] and result.embeddings["projected"].shape == (24, width)
+    summary = json.loads((tmp_path / "scores.json").read_text())
+    assert summary["projection"]["dim"] == width and summary["projection"]["identity"] == (width < projection_dim)
     matrix = attribution_matrix(str(run_dir), data, scores_dir=str(tmp_path))
     torch.testing.assert_close(matrix.mean(0), result.scores, rtol=1e-6, atol=1e-10 * float(result.scores.abs().max()))
+    summary["projection"]["probe"][0] += 1.0  # a projection drawn differently is refused, not silently used
+    (tmp_path / "scores.json").write_text(json.dumps(summary))
+    with pytest.raises(AccInfError, match="differs"):
+        attribution_matrix(str(run_dir), data, scores_dir=str(tmp_path))
     with pytest.raises(AccInfError, match="projected"):
         score_run(ScoreArguments(run_dir=str(run_dir), method="dvemb", score_kind="evaluated",
                                  output_dir=str(tmp_path / "evaluated")), data, data, progress=False)

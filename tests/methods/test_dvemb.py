@@ -229,3 +229,10 @@ def test_scores_are_dot_products_in_the_projected_space(adamw):
     torch.testing.assert_close(cosine, embeddings @ gradient / (embeddings.norm(dim=1) * gradient.norm()))
     with pytest.raises(AccInfError, match="projected"):
         scores_from_embeddings(adamw.curvature, embeddings, final, x, y, "evaluated", rule=rule)
+
+
+def test_refusals_before_any_work(adamw):
+    with pytest.raises(AccInfError, match="memory_budget_gb"):
+        build_method(adamw, "dvemb", projection_dim=4, memory_budget_gb=1e-9)
+    rule = build_method(adamw, "dvemb", projection_dim=4)
+    assert rule._factors is None  # built on first use, in one backward pass
