@@ -8,12 +8,12 @@ A state ``x`` (``R Delta``) moves by
     x' = (1 - d_t) x - sum_r w_r u~_r (g~_r . x)                         (shared transition M_t)
          + sum_{r of j} w_r u~_r (1 + c g~_r . x)                       (occurrence of j: injection, ACC)
 
-with ``u~_r = R u_r`` the projected *update direction* of row ``r``: ``u_r = a_t D_t g_r``, ``D_t`` the
+with ``u~_r = R u_r`` the projected *update direction* of row ``r``: ``u_r = D_t clip_t(g_r)``, ``D_t`` the
 total displacement of the parameters, over the rest of the run, per unit of gradient at step ``t``
 through the optimizer's own state along the recorded trajectory (curvature aside: that is the GN term).
 For plain SGD ``D_t = eta_t`` and this is dattri's DVEmb; the other factors make it follow what the HF
-Trainer ran: ``a_t`` the recorded clip coefficient (a scalar: the clip map's rank-one term along the batch
-gradient, DESIGN.md section 4, is dropped); SGD momentum spreads a gradient over later steps at
+Trainer ran: the clip map of the step (DESIGN.md section 4: ``a_t (e - ghat (ghat . e))`` on clipped steps,
+applied to each row's gradient, so ``u_r = D_t clip(g_r)``); SGD momentum spreads a gradient over later steps at
 their rates (:func:`effective_rates`); for Adam the gradient enters both moments, and
 :func:`adam_displacements` sums, backwards over the run, its effect through ``m`` (the preconditioned,
 bias-corrected steps) and through ``v`` (the preconditioner's response, which makes Adam's first steps
@@ -44,7 +44,7 @@ import logging
 import torch
 
 from ..errors import AccInfError
-from ..losses import clip_coefficient
+from ..losses import CLIP_EPS, clip_coefficient
 from ..problem import InfluenceProblem
 from .base import StepOps, UpdateRule
 from .projection import GradientProjection
@@ -170,7 +170,7 @@ class DVEmbRule(UpdateRule):
         return self.projection(gradient)
 
     def _build_factors(self) -> list[tuple]:
-        """One backward pass: per step, the rows' gradients projected twice (``u~ = R(a_t D_t g_r)``, ``g~ = R g_r``,
+        """One backward pass: per step, the rows' gradients projected twice (``u~ = R(D_t clip_t(g_r))``, ``g~ = R g_r``,
         in one product), the row weights and the state's decay ``d_t``."""
         problem, curvature = self.problem, self.problem.curvature
         trajectory, spec = problem.trajectory, problem.optimizer
@@ -193,10 +193,19 @@ class DVEmbRule(UpdateRule):
                                   "decay through a preconditioner near 1/eps): it must lie in [0, 1). Train with AdamW "
                                   "(decoupled decay) or score with adam-ie.")
             gradients = batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
-            both = self.projection(torch.cat([gradients * (clip * direction), gradients]))
+            both = self.projection(torch.cat([self._clip_map(gradients, batch.batch_grad, clip, step) * direction,
+                                              gradients]))
             update, projected = both.split(len(gradients))
             factors[step] = (update, projected, batch.row_weight, decay)
         return factors
+
+    def _clip_map(self, gradients: torch.Tensor, batch_grad: torch.Tensor, clip: float, step: int) -> torch.Tensor:
+        """The clip map on rows (DESIGN.md section 4): ``a (e - G (G . e) / (n (n + CLIP_EPS)))`` on clipped steps,
+        ``G`` the scope's batch gradient and ``n`` the recorded norm of all clipped gradients."""
+        if clip >= 1.0:
+            return gradients
+        norm = float(self.problem.trajectory.grad_norm[step])
+        return clip * (gradients - torch.outer(gradients @ batch_grad / (norm * (norm + CLIP_EPS)), batch_grad))
 
     def factors(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """Projected update directions ``u~`` (b, k), projected gradients ``g~`` (b, k), row weights and decay."""

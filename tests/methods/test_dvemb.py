@@ -88,15 +88,21 @@ def oracle_embeddings(problem, coefficient, matrix=None) -> torch.Tensor:
 
         theta = {n: params[n] for n in chosen}
         g = torch.stack([flatten(grad(row_loss)(theta, x[i], y[i])) for i in range(len(w))])
-        clip = clip_coefficient(float(trajectory.grad_norm[t]), spec.max_grad_norm)
-        clipped.append(clip * (w[:, None] * g).sum(0))
-        steps.append((trajectory.batch(t), w, g, clip, t))
+        norm = float(trajectory.grad_norm[t])
+        clip = clip_coefficient(norm, spec.max_grad_norm)
+        batch_grad = (w[:, None] * g).sum(0)
+        clipped.append(clip * batch_grad)
+        if clip < 1:  # the clip map's Jacobian on each row (the rest of the recorded norm held fixed)
+            g_clipped = torch.stack([clip * (row - batch_grad * (batch_grad @ row) / (norm * (norm + 1e-6))) for row in g])
+        else:
+            g_clipped = g
+        steps.append((trajectory.batch(t), w, g, g_clipped, t))
 
     def decay_of(t):
         return flatten({n: torch.full_like(trajectory.params[n][t], spec.groups[spec.group_of[n]].weight_decay)
                         for n in chosen})
 
-    for index, (ids, w, g, clip, t) in enumerate(steps):
+    for index, (ids, w, g, g_clipped, t) in enumerate(steps):
         lr = flatten({n: torch.full_like(trajectory.params[n][t], float(trajectory.lr[t, spec.group_of[n]])) for n in chosen})
         if adam:  # AdamW in these tests: decoupled decay eta lam
             direction, d = simulated_adam_displacement(problem, clipped, t), (lr * decay_of(t)).mean()
@@ -105,7 +111,7 @@ def oracle_embeddings(problem, coefficient, matrix=None) -> torch.Tensor:
             direction = flatten({n: torch.full_like(trajectory.params[n][t], simulated_rate(
                 trajectory.lr[:, spec.group_of[n]].tolist(), mu, t)) for n in chosen})
             d = (direction * decay_of(t)).mean()
-        u = clip * direction * g
+        u = direction * g_clipped
         if matrix is not None:
             g, u = g @ matrix, u @ matrix
         steps[index] = (ids, w, g, u, d)
