@@ -15,7 +15,7 @@ For plain SGD ``D_t = eta_t`` and this is dattri's DVEmb; the other factors make
 Trainer ran: the clip map of the step (DESIGN.md section 4: ``a_t (e - ghat (ghat . e))`` on clipped steps,
 applied to each row's gradient, so ``u_r = D_t clip(g_r)``); SGD momentum spreads a gradient over later steps at
 their rates (:func:`effective_rates`); for Adam the gradient enters both moments, and
-:func:`adam_displacements` sums, backwards over the run, its effect through ``m`` (the preconditioned,
+:class:`AdamDisplacement` sums, backwards over the run, its effect through ``m`` (the preconditioned,
 bias-corrected steps) and through ``v`` (the preconditioner's response, which makes Adam's first steps
 nearly scale-invariant: a frozen preconditioner there would weigh early rows by ``1/|g|``). ``d_t`` is the
 decay of the state: ``eta lam`` (AdamW, decoupled), ``D_t lam`` (SGD or Adam L2; refused unless in [0, 1)); the projection only
