@@ -17,30 +17,19 @@ import platform
 import time
 
 import torch
-from torch import nn
 
 from hf_accinf.engine import estimate_influence
 from hf_accinf.engine.adjoint import adjoint_scores
 from hf_accinf.engine.estimator import make_rule
 from hf_accinf.engine.trust import trust_check
-from hf_accinf.evaluation.retrain import train_sgd
-from hf_accinf.problem import InfluenceProblem, make_curvature
+from hf_accinf.problem import InfluenceProblem
 
-BATCH, EPOCHS, LR = 32, 3, 0.05
+from bench_engine import BATCH, EPOCHS, linear_head_problem  # scripts/ is on sys.path when a script runs
 
 
 def head_problem(num_samples: int, width: int, classes: int, dtype: torch.dtype, seed: int = 0) -> InfluenceProblem:
-    """A linear head on ``width``-wide features trained with SGD (labels from a noisy linear teacher)."""
-    generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(num_samples, width, generator=generator, dtype=dtype) / width**0.5
-    teacher = torch.randn(width, classes, generator=generator, dtype=dtype) * 3
-    labels = (features @ teacher + 0.5 * torch.randn(num_samples, classes, generator=generator, dtype=dtype)).argmax(1)
-    batches = [b for _ in range(EPOCHS) for b in torch.randperm(num_samples, generator=generator).split(BATCH)]
-    torch.manual_seed(seed)
-    head = nn.Linear(width, classes).to(dtype)
-    trajectory, spec = train_sgd(head, features, labels, batches, [LR] * len(batches))
-    curvature = make_curvature(trajectory, head, ["weight", "bias"], 0.0, dtype, "cpu")
-    return InfluenceProblem(trajectory, curvature, spec, num_samples)
+    """The engine benchmark's SGD-trained linear head (same batch, epochs and learning rate)."""
+    return linear_head_problem(num_samples, dtype, seed, "SGD", width, classes)
 
 
 def main() -> None:

@@ -36,16 +36,18 @@ from hf_accinf.problem import InfluenceProblem, make_curvature
 WIDTH, CLASSES, BATCH, EPOCHS, LR = 768, 2, 32, 3, 0.05
 
 
-def linear_head_problem(num_samples: int, dtype: torch.dtype, seed: int = 0, optimizer: str = "SGD") -> InfluenceProblem:
-    """A linear head on ``WIDTH``-wide features trained with SGD, or with AdamW as the HF default recipe
-    (10% warm-up then linear decay, clipping 1.0), labels from a noisy linear teacher."""
+def linear_head_problem(num_samples: int, dtype: torch.dtype, seed: int = 0, optimizer: str = "SGD",
+                        width: int = WIDTH, classes: int = CLASSES) -> InfluenceProblem:
+    """A linear head on ``width``-wide features trained with SGD, or with AdamW as the HF default recipe
+    (10% warm-up then linear decay, clipping 1.0), labels from a noisy linear teacher (also used by
+    scripts/bench_adjoint.py)."""
     generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(num_samples, WIDTH, generator=generator, dtype=dtype) / WIDTH**0.5
-    teacher = torch.randn(WIDTH, CLASSES, generator=generator, dtype=dtype) * 3
-    labels = (features @ teacher + 0.5 * torch.randn(num_samples, CLASSES, generator=generator, dtype=dtype)).argmax(1)
+    features = torch.randn(num_samples, width, generator=generator, dtype=dtype) / width**0.5
+    teacher = torch.randn(width, classes, generator=generator, dtype=dtype) * 3
+    labels = (features @ teacher + 0.5 * torch.randn(num_samples, classes, generator=generator, dtype=dtype)).argmax(1)
     batches = [b for _ in range(EPOCHS) for b in torch.randperm(num_samples, generator=generator).split(BATCH)]
     torch.manual_seed(seed)
-    head = nn.Linear(WIDTH, CLASSES).to(dtype)
+    head = nn.Linear(width, classes).to(dtype)
     if optimizer == "SGD":
         trajectory, spec = train_sgd(head, features, labels, batches, [LR] * len(batches))
     else:

@@ -254,8 +254,9 @@ class TrajectoryRecorder(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.is_main:
             self.writer.flush()
-            # A run checkpoint at every Trainer checkpoint: a resume from it can be verified (_check_resumed_model).
-            self.writer.save_checkpoint(state.global_step, self._model_state())
+            # A run checkpoint at every Trainer checkpoint: a resume from it can be verified (_check_resumed_model),
+            # with the optimizer state, since replay starts from any run checkpoint (the end of training included).
+            self.writer.save_checkpoint(state.global_step, self._model_state(), self._optimizer_state())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.capture.detach()

@@ -92,8 +92,11 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     policy = CorrectionPolicy(args.correction, args.correction_p, args.correction_seed,
                               args.windows(args.stage_steps), args.windows(args.stage_epochs))
     built = run.build_model(model=model)
+    # The training rows of each step (deep scopes, --verify) are collated as the Trainer collated them:
+    # padded per micro-batch (tokenized datasets.map output is not padded), unused columns dropped.
+    train_collate = eval_collator(built, tokenizer, collate_fn)
     problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built,
-                               train_dataset=train_dataset, collate_fn=collate_fn, states=states)
+                               train_dataset=train_dataset, collate_fn=train_collate, states=states)
     method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
     if method.output == "embeddings":
         check_score_kind(args.score_kind, method)
@@ -137,8 +140,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
 
         logger.info("verify: retraining %d rows out by replay (weight 0 and 0.5), %d steps each",
                     args.verify, run.num_steps)
-        checks["verify"] = verify(run, train_dataset, collate_fn, eval_dataset, scores, args.verify, args.verify_seed,
-                                  eval_collate_fn=eval_collator(built, tokenizer, collate_fn))
+        checks["verify"] = verify(run, train_dataset, train_collate, eval_dataset, scores, args.verify,
+                                  args.verify_seed, eval_collate_fn=train_collate)
         logger.info("verify: Kendall tau %.3f, Pearson r %.3f, sign agreement %.2f (linearity ceiling tau %.3f)",
                     checks["verify"]["kendall_tau"], checks["verify"]["pearson_r"], checks["verify"]["sign_agreement"],
                     checks["verify"]["linearity_ceiling"]["kendall_tau"])

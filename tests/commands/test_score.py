@@ -64,6 +64,20 @@ def test_cli_scores_a_tokenized_training_set_with_a_raw_text_evaluation_set(text
     assert dynamic.abs().max() > 0
 
 
+def test_cli_scores_the_whole_model_on_unpadded_tokenized_rows(text_run):
+    """Deep scopes replay each recorded step on the training rows: ``datasets.map`` output is not padded, so the
+    rows are collated as the Trainer did (padded per micro-batch). Forward and adjoint forms agree there."""
+    root, _ = text_run
+    common = ["score", "--run_dir", str(root / "run"), "--train_data", str(root / "train"), "--eval_data",
+              str(root / "eval"), "--tokenizer", str(root / "tokenizer"), "--text_columns", "text",
+              "--method", "sgd-ie", "--modules", "all", "--trust_probes", "0"]
+    assert main([*common, "--form", "adjoint", "--verify", "2", "--output_dir", str(root / "all_adjoint")]) == 0
+    assert main([*common, "--form", "forward", "--output_dir", str(root / "all_forward")]) == 0
+    adjoint, forward = load_scores(root / "all_adjoint"), load_scores(root / "all_forward")
+    torch.testing.assert_close(adjoint, forward, rtol=1e-8, atol=1e-12 * float(forward.abs().max()))
+    assert forward.abs().max() > 0
+
+
 def _refused_before_the_sweep(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the estimation started before the input was checked")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_accinf.evaluation.retrain import train_sgd
+from hf_accinf.evaluation.experiments import ZeroLogit
+from hf_accinf.evaluation.retrain import leave_one_out_sgd, mean_loss, train_sgd
 from hf_accinf.problem import InfluenceProblem, make_curvature
 
 
@@ -65,3 +66,40 @@ def oracle_occurrence(step, state, delta, w, ids, j: int, c: float, removal: str
     mixed = jvp(lambda e: jvp(lambda s: step(s, w + e * direction), (state,), (delta,))[1],
                 (torch.zeros((), dtype=torch.float64),), (torch.ones((), dtype=torch.float64),))[1]
     return moved + injected + c * mixed
+
+
+def digits_1_vs_7(num_train=200, num_val=200, flip=0.1, seed=0):
+    """DESIGN.md's calibration data: scikit-learn digits 1 vs 7, ``flip`` of the training labels flipped."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.isin(digits.target, (1, 7))
+    x = torch.tensor(digits.data[keep] / 16.0, dtype=torch.float64)
+    y = torch.tensor((digits.target[keep] == 7).astype(np.int64))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=generator)
+    train, val = order[:num_train], order[num_train : num_train + num_val]
+    y_train = y[train].clone()
+    flipped = torch.randperm(num_train, generator=generator)[: int(flip * num_train)]
+    y_train[flipped] = 1 - y_train[flipped]
+    return x[train], y_train, x[val], y[val]
+
+
+def calibration_mlp(seed: int = 0) -> nn.Module:
+    """DESIGN.md's calibration model: 64-8-8-1 tanh MLP, its one logit z read as cross-entropy logits [0, z]."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1), ZeroLogit()).double()
+
+
+def whole_model_leave_one_out(model: nn.Module, initial: dict, trajectory, spec, x, y, x_val, y_val):
+    """A recorded run of ``model`` (started from ``initial``) as a whole-model problem, with every row retrained
+    out: ``(problem, final parameters, retrained parameters, truth)``, the truth being the change of the mean
+    validation loss without each row."""
+    final = {k: v.detach().clone() for k, v in model.named_parameters()}
+    curvature = make_curvature(trajectory, model, list(spec.group_of), 0.0, torch.float64, "cpu")
+    problem = InfluenceProblem(trajectory, curvature, spec, len(y))
+    model.load_state_dict(initial)
+    retrained = leave_one_out_sgd(model, trajectory, spec, x, y, torch.arange(len(y)))
+    base = mean_loss(model, {k: v[None] for k, v in final.items()}, x_val, y_val)[0]
+    return problem, final, retrained, mean_loss(model, retrained, x_val, y_val) - base

@@ -4,15 +4,13 @@ calibration case, whole-model scope (the chosen parameters are the whole small m
 
 import pytest
 import torch
-from torch import nn
 
 from hf_accinf.engine import estimate_influence
 from hf_accinf.engine.objective import scores_from_embeddings
 from hf_accinf.evaluation.metrics import agreement
-from hf_accinf.evaluation.retrain import leave_one_out_sgd, mean_loss, train_recorded
+from hf_accinf.evaluation.retrain import train_recorded
 from hf_accinf.methods.registry import build_method
-from hf_accinf.problem import InfluenceProblem, make_curvature
-from tests.engine.test_ground_truth import ZeroLogit, digits_1_vs_7
+from tests.engine.helpers import calibration_mlp, digits_1_vs_7, whole_model_leave_one_out
 from tests.methods.helpers import warmup_linear
 
 
@@ -21,20 +19,13 @@ def adamw_digits():
     """64-8-8-1 tanh MLP, 200 digits 1 vs 7 with 10% flipped labels, batch 20, AdamW lr 5e-3 wd 0.01,
     10% warm-up then linear decay, clipping 1.0, 10 epochs; every row retrained out."""
     x, y, x_val, y_val = digits_1_vs_7()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1), ZeroLogit()).double()
+    model = calibration_mlp()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(1)
     batches = [b for _ in range(10) for b in torch.randperm(200, generator=generator).split(20)]
     trajectory, spec = train_recorded(model, x, y, batches, warmup_linear(len(batches), 5e-3, warmup=0.1), "AdamW",
                                       weight_decay=0.01, max_grad_norm=1.0, no_decay=("bias",))
-    final = {k: v.detach().clone() for k, v in model.named_parameters()}
-    curvature = make_curvature(trajectory, model, list(spec.group_of), 0.0, torch.float64, "cpu")
-    problem = InfluenceProblem(trajectory, curvature, spec, 200)
-    model.load_state_dict(initial)
-    retrained = leave_one_out_sgd(model, trajectory, spec, x, y, torch.arange(200))
-    base = mean_loss(model, {k: v[None] for k, v in final.items()}, x_val, y_val)[0]
-    truth = mean_loss(model, retrained, x_val, y_val) - base
+    problem, final, _, truth = whole_model_leave_one_out(model, initial, trajectory, spec, x, y, x_val, y_val)
     return problem, final, x_val, y_val, truth
 
 
@@ -44,7 +35,7 @@ def test_retraining_reproduces_the_recorded_adamw_run(adamw_digits):
     trajectory, spec = problem.trajectory, problem.optimizer
     from hf_accinf.evaluation.retrain import retrain_sgd_without
 
-    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1), ZeroLogit()).double()
+    model = calibration_mlp()
     features = torch.zeros(200, 64, dtype=torch.float64)
     features[trajectory.row_index] = trajectory.head_input
     labels = torch.zeros(200, dtype=torch.long)

@@ -91,6 +91,11 @@ def test_resume_continues_without_duplicates_or_gaps(tmp_path):
     assert torch.equal(ta.epoch, tb.epoch)
     torch.testing.assert_close(ta.lr, tb.lr)
     torch.testing.assert_close(ta.params["weight"], tb.params["weight"])
+    # Every run checkpoint, those written at the Trainer's own saves included (7, 14, and the last step), holds
+    # the optimizer state that replay starts from.
+    assert {7, 14, 15} <= set(b.manifest.checkpoints)
+    for step in b.manifest.checkpoints:  # step 0: AdamW has no state yet, but the file is there
+        assert bool(b.load_optimizer_state(step)[0]) == (step > 0), step
 
 
 def test_unknown_module_lists_the_available_ones(tmp_run):
