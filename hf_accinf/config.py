@@ -44,7 +44,8 @@ class ScoreArguments:
 
     run_dir: str = field(default="runs/quickstart/accinf", metadata={"help": "Recorded run directory."})
     method: str = field(default="auto", metadata={
-        "help": "auto (the ACC method of the run's optimizer: acc-sgd-ie for SGD, acc-adam-ie for Adam/AdamW), "
+        "help": "auto (the run's classical method with exact removal, adam-ie for Adam/AdamW and sgd-ie for SGD, "
+                "through the adjoint on the whole model; on the head, its accumulative twin acc-adam-ie / acc-sgd-ie), "
                 "sgd-ie, acc-sgd-ie, adam-ie, acc-adam-ie, dvemb, acc-dvemb (projected, any optimizer and scope) or tracin; "
                 "the list is hf_accinf.methods.registry.METHODS."})
     removal: str = field(default="exact", metadata={"help": "exact or first-order removal (DESIGN.md section 4)."})
@@ -73,14 +74,17 @@ class ScoreArguments:
         default=1, metadata={"help": "Power iterations (two extra passes over the run each) of the trust check."}
     )
     modules: list[str] | None = field(default=None, metadata={"help": (
-        "Scope: the parameters that carry Delta. Module names or globs, 'all' (the whole model), or 'last:k' (the "
-        "last k transformer blocks and everything above them); default: the recorded head. A scope inside the "
-        "head uses the closed-form fast path; any other runs the whole model on each step's rows (needs the "
-        "training data and exact parameters at every step). `hf-accinf summary RUN_DIR` lists the choices.")})
+        "Scope: the parameters that carry Delta. Module names or globs, 'all' (the whole model), 'last:k' (the "
+        "last k transformer blocks and everything above them) or 'head' (the recorded head: the closed-form fast "
+        "path, a poor proxy for removing a row from the whole model: docs/FIDELITY.md). Default: the whole model, "
+        "replayed exactly from the run's checkpoints (the head when the run cannot be replayed, or when per-row "
+        "states that --form forward or ACC need do not fit --memory_budget_gb; the log and scores.json say why). "
+        "`hf-accinf summary RUN_DIR` lists the choices.")})
     score_kind: str = field(default="linear", metadata={
         "help": "linear (objective gradient dot embedding: the predicted loss change), cosine (LESS-style cosine "
                 "of the two) or evaluated (the objective at the moved parameters; parameter-space methods)."})
-    dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the propagation."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (float32 on deep scopes, float64 on the head), float64 or float32 for the propagation."})
     verify: int = field(
         default=0, metadata={"help": "Retrain this many random rows out by replay (weight 0 and 0.5) and report the "
                                      "agreement of the scores with those exact counterfactuals (0: skip)."}
@@ -108,8 +112,8 @@ class ScoreArguments:
             start, sep, stop = str(value).partition(":")
             if not sep or not start.strip().lstrip("-").isdigit() or not stop.strip().lstrip("-").isdigit():
                 raise ValueError(f"Stage windows are start:stop integers, got '{value}'.")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        if self.dtype not in ("auto", "float32", "float64"):
+            raise ValueError(f"dtype must be auto, float32 or float64, got {self.dtype}")
         if self.form not in ("auto", "forward", "adjoint"):
             raise ValueError(f"form must be auto, forward or adjoint, got {self.form}")
         if self.verify < 0 or self.verify == 1:

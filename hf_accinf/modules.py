@@ -94,6 +94,7 @@ def select_head(model: nn.Module, patterns: list[str] | None = None, head: str |
 
 
 ALL = "all"
+HEAD = "head"  # the recorded classification head, by name
 LAST_PREFIX = "last:"
 
 
@@ -151,6 +152,8 @@ def resolve_scope(model: nn.Module, patterns: list[str] | None, head: str | None
     order = [name for name, _ in model.named_parameters()]
     chosen: set[str] = set()
     for pattern in patterns:
+        if pattern == HEAD:
+            pattern = head or default_head_name(model)
         if pattern == ALL:
             chosen.update(order)
             continue

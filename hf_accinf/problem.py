@@ -104,14 +104,14 @@ class CheckpointStates:
         return [(inputs, torch.arange(len(rows)))]
 
 
-def default_states(run: RunReader, train_dataset, collate_fn=None) -> TrajectoryStates:
+def default_states(run: RunReader, train_dataset, collate_fn=None, model: nn.Module | None = None) -> TrajectoryStates:
     """Exact ``theta_t`` for a deep scope: replay from the sparse checkpoints (DESIGN.md section 6b), or, for
     runs recorded before replay existed, their checkpoints when there is one at every step."""
     from .trajectory import schema
     from .trajectory.replay import Replay
 
     if run.manifest.schema_version >= schema.REPLAY_SCHEMA_VERSION:
-        return Replay(run, train_dataset, collate_fn)
+        return Replay(run, train_dataset, collate_fn, model=model)
     run.check_dataset(train_dataset)
     return CheckpointStates(run, train_dataset, collate_fn)
 
@@ -170,7 +170,7 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
                 "runs the whole model on each step's rows, so pass the training dataset (and its collator)."
             )
         if states is None:
-            states = default_states(run, train_dataset, collate_fn)
+            states = default_states(run, train_dataset, collate_fn, model)
         names = list(scope.parameters)
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
             logger.warning("The model has dropout; the model backend runs it in eval mode (no dropout), so the "

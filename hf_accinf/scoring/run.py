@@ -25,15 +25,16 @@ from ..curvature.model import ModelCurvature
 from ..data.features import check_eval_labels, eval_collator
 from ..modules import resolve_scope
 from ..engine import CorrectionPolicy, InfluenceResult, ShardContext, estimate_influence
-from ..engine.adjoint import adjoint_scores, choose_form
+from ..engine.adjoint import adjoint_scores
 from ..engine.objective import check_score_kind, scores_from_embeddings
 from ..engine.trust import trust_check
 from ..errors import AccInfError
 from ..methods.projection import GradientProjection
-from ..methods.registry import build_method, default_method
+from ..methods.registry import build_method
 from ..problem import problem_from_run
 from ..trajectory import RunReader, Trajectory
 from . import artifacts
+from .plan import plan_scoring, replay_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -83,29 +84,22 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     output_dir = Path(args.output_dir or artifacts.default_output_dir(args.run_dir))
     artifacts.check_output_dir(output_dir, args.overwrite)
     run = RunReader(args.run_dir)
-    if args.method == "auto":
-        args = dataclasses.replace(args, method=default_method(run.manifest.optimizer_class))
-        logger.info("method %s (the accumulative method of the run's optimizer %s)", args.method,
-                    run.manifest.optimizer_class)
     run.check_dataset(train_dataset)
     check_finite(run.trajectory(), clipped=float(run.manifest.training.get("max_grad_norm") or 0.0) > 0)
-    policy = CorrectionPolicy(args.correction, args.correction_p, args.correction_seed,
-                              args.windows(args.stage_steps), args.windows(args.stage_epochs))
     built = run.build_model(model=model)
+    plan = plan_scoring(args, run, built, replay_unavailable(run))
+    if shard.is_main:
+        plan.log()
+    args = plan.arguments(args)
     # The training rows of each step (deep scopes, --verify) are collated as the Trainer collated them:
     # padded per micro-batch (tokenized datasets.map output is not padded), unused columns dropped.
     train_collate = eval_collator(built, tokenizer, collate_fn)
-    problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built,
+    problem = problem_from_run(run, plan.dtype, modules=list(plan.modules) if plan.modules else None, model=built,
                                train_dataset=train_dataset, collate_fn=train_collate, states=states)
-    method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
+    method = build_method(problem, plan.method, args)  # refuses a method/optimizer mismatch before the long work
     if method.output == "embeddings":
         check_score_kind(args.score_kind, method)
-    elif args.score_kind != "linear":
-        raise AccInfError(f"{args.method} scores one objective directly: its scores are linear; score_kind "
-                          f"'{args.score_kind}' needs a method with embeddings.")
-    form, reason = ("direct", "the method scores one objective directly") if method.output == "scores" else \
-        choose_form(args.form, method.accumulative, args.score_kind, policy if method.accumulative else None)
-    logger.info("form %s: %s", form, reason)
+    form, policy = plan.form, plan.policy
 
     curvature = problem.curvature
     inputs, labels = curvature.evaluation_inputs(built, run.manifest.head.module, eval_dataset, collate_fn, tokenizer)
@@ -119,7 +113,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         result = InfluenceResult(None, "direct", time.perf_counter() - began)
     elif form == "adjoint":
         gradient = method.embed_gradient(curvature.objective_grad(final, inputs, labels))
-        scores = adjoint_scores(method, problem, gradient, shard, progress, policy if method.accumulative else None)
+        scores = adjoint_scores(method, problem, gradient, shard, progress, policy)
         result = InfluenceResult(None, "backward", time.perf_counter() - began)
     else:
         result = estimate_influence(problem, method, policy=policy, schedule=args.schedule,
@@ -134,7 +128,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     if args.trust_probes > 0 and form != "direct":
         trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
                             progress=progress).to_dict()
-    checks = {"trust": trust, "verify": None, "replay": None, "projection": None}
+    checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict()}
     if args.verify:
         from ..evaluation.verify import verify
 

@@ -20,6 +20,7 @@ are kept and which are recomputed when needed (two-level checkpointing, about ``
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -139,7 +140,8 @@ class Replay:
     """
 
     def __init__(self, run: RunReader, train_dataset, collate_fn: Callable | None = None, device: str | torch.device = "cpu",
-                 memory_budget: int = 2**30, tolerance: float = REPLAY_TOLERANCE, check_steps: bool = True):
+                 memory_budget: int = 2**30, tolerance: float = REPLAY_TOLERANCE, check_steps: bool = True,
+                 model: torch.nn.Module | Callable | None = None):
         manifest = run.manifest
         if manifest.schema_version < schema.REPLAY_SCHEMA_VERSION:
             raise AccInfError(
@@ -159,7 +161,8 @@ class Replay:
         if self.trajectory.rng_cuda is not None and self.device.type != "cuda":
             raise AccInfError("This run was trained on a GPU: its dropout masks come from the CUDA generator. "
                               "Replay it on a GPU (device='cuda').")
-        self.model = run.build_model(step=0).to(self.device)
+        # ``model``: the run's model or a factory, when its class cannot be imported (RunReader.build_model).
+        self.model = run.build_model(step=0, model=copy.deepcopy(model) if isinstance(model, torch.nn.Module) else model).to(self.device)
         self.signature = set(inspect.signature(self.model.forward).parameters) | {"label", "label_ids", "labels"}
         self.num_labels = int(manifest.loss["num_labels"])
         self.smoothing = float(manifest.loss.get("label_smoothing", 0.0))

@@ -50,7 +50,7 @@ def test_cli_scores_a_tokenized_training_set_with_a_raw_text_evaluation_set(text
     root, tokenizer = text_run
     assert main(["score", "--run_dir", str(root / "run"), "--train_data", str(root / "train"), "--eval_data",
                  str(root / "eval"), "--tokenizer", str(root / "tokenizer"), "--text_columns", "text",
-                 "--output_dir", str(root / "scores")]) == 0
+                 "--modules", "head", "--output_dir", str(root / "scores")]) == 0
     assert "schedule" in capsys.readouterr().err  # INFO logs are shown by default
     dynamic = load_scores(root / "scores")
     column = load_from_disk(str(root / "scores" / "dataset"))["influence_acc_sgd_ie"]
@@ -58,7 +58,7 @@ def test_cli_scores_a_tokenized_training_set_with_a_raw_text_evaluation_set(text
 
     # Padding is inert: the same evaluation rows padded to a fixed length, collated without a tokenizer.
     fixed = sentences(24, seed=1).map(lambda b: tokenizer(b["text"], padding="max_length", max_length=16), batched=True)
-    result = score_run(ScoreArguments(run_dir=str(root / "run"), output_dir=str(root / "fixed")),
+    result = score_run(ScoreArguments(run_dir=str(root / "run"), output_dir=str(root / "fixed"), modules=["head"]),
                        load_from_disk(str(root / "train")), fixed.with_format("torch"), progress=False)
     torch.testing.assert_close(result.scores, dynamic, rtol=1e-5, atol=1e-9)
     assert dynamic.abs().max() > 0
@@ -70,7 +70,7 @@ def test_cli_scores_the_whole_model_on_unpadded_tokenized_rows(text_run):
     root, _ = text_run
     common = ["score", "--run_dir", str(root / "run"), "--train_data", str(root / "train"), "--eval_data",
               str(root / "eval"), "--tokenizer", str(root / "tokenizer"), "--text_columns", "text",
-              "--method", "sgd-ie", "--modules", "all", "--trust_probes", "0"]
+              "--method", "sgd-ie", "--modules", "all", "--dtype", "float64", "--trust_probes", "0"]
     assert main([*common, "--form", "adjoint", "--verify", "2", "--output_dir", str(root / "all_adjoint")]) == 0
     assert main([*common, "--form", "forward", "--output_dir", str(root / "all_forward")]) == 0
     adjoint, forward = load_scores(root / "all_adjoint"), load_scores(root / "all_forward")

@@ -25,6 +25,7 @@ def run_dir(tmp_path_factory):
 
 
 def score(run_dir, output_dir, **options):
+    options.setdefault("modules", ["head"])  # these tests are about the files, not the scope: the fast head
     args = ScoreArguments(run_dir=str(run_dir), output_dir=str(output_dir), **options)
     return score_run(args, digits_dataset(**TRAIN), digits_dataset(**EVAL), progress=False)
 

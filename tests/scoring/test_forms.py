@@ -23,7 +23,7 @@ def test_adjoint_and_forward_forms_write_the_same_scores(recorded):
     run_dir, data = recorded
     outputs = {}
     for form in ("forward", "auto"):
-        assert main(["score", "--run_dir", str(run_dir), "--method", "sgd-ie", "--form", form,
+        assert main(["score", "--run_dir", str(run_dir), "--method", "sgd-ie", "--modules", "head", "--form", form,
                      "--output_dir", str(run_dir / form), *data]) == 0
         outputs[form] = (load_file(run_dir / form / "scores.safetensors")["scores"],
                          json.loads((run_dir / form / "scores.json").read_text()))
@@ -33,7 +33,7 @@ def test_adjoint_and_forward_forms_write_the_same_scores(recorded):
     assert not (run_dir / "auto" / "embeddings.safetensors").exists()
     assert load_file(run_dir / "forward" / "embeddings.safetensors")["weight"].shape[0] == 64
     # Rescoring the forward run's directory in the adjoint form replaces the whole set: no stale embeddings.
-    assert main(["score", "--run_dir", str(run_dir), "--method", "sgd-ie", "--form", "adjoint", "--overwrite",
+    assert main(["score", "--run_dir", str(run_dir), "--method", "sgd-ie", "--modules", "head", "--form", "adjoint", "--overwrite",
                  "--output_dir", str(run_dir / "forward"), *data]) == 0
     assert not (run_dir / "forward" / "embeddings.safetensors").exists()
     for summary in (forward_json, adjoint_json):

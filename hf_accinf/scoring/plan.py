@@ -1,0 +1,169 @@
+"""The scoring plan: every decision of a score run made once, before any long work (DESIGN.md 6b, "The default").
+
+``plan_scoring`` resolves what the user left to ``auto`` and says why, in one place that the scorer, the
+log and ``scores.json`` read:
+
+* **scope**: the whole model by default. A smaller scope (the recorded head) is chosen only when the user
+  asks for it (``--modules head`` or a module inside the head), when the run cannot be replayed (the
+  reason is written into the provenance and warned about), or when what the user asks for needs per-row
+  states (embeddings, ACC at every occurrence) that the whole model cannot hold within the memory budget.
+* **method**: ``auto`` is the run's classical method with exact removal (``adam-ie`` for Adam/AdamW,
+  ``sgd-ie`` for SGD) on a deep scope, scored by the adjoint; on the head, where per-row states are cheap,
+  its accumulative twin (``acc-adam-ie``, ``acc-sgd-ie``) in the forward form.
+* **form**: ``direct`` for methods that score one objective (TracIn); otherwise :func:`choose_form`.
+* **dtype**: ``auto`` is float32 on deep scopes (measured to give the float64 scores: docs/ENGINE.md) and
+  float64 on the head's closed form.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ScoreArguments
+from ..engine.adjoint import choose_form
+from ..engine.policies import CorrectionPolicy
+from ..errors import AccInfError
+from ..methods.registry import METHODS, check_fits, get_method
+from ..modules import ALL, HEAD, resolve_scope
+from ..trajectory import RunReader
+
+logger = logging.getLogger(__name__)
+
+CLASSICAL = {"SGD": "sgd-ie", "Adam": "adam-ie", "AdamW": "adam-ie"}
+ACCUMULATIVE = {"SGD": "acc-sgd-ie", "Adam": "acc-adam-ie", "AdamW": "acc-adam-ie"}
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What a score run does, resolved from :class:`ScoreArguments` and the run."""
+
+    method: str
+    modules: tuple[str, ...] | None  # the scope's patterns (resolve_scope); None: the recorded head
+    deep: bool  # whether the scope reaches outside the recorded head (the whole model run at every step)
+    form: str  # "forward", "adjoint" or "direct"
+    dtype: torch.dtype
+    device: torch.device
+    policy: CorrectionPolicy | None  # None for classical methods: no correction applies
+    reasons: dict[str, str] = field(default_factory=dict)  # decision -> why
+    fallback: str | None = None  # why the default whole-model scope was not used, when it was not
+
+    def arguments(self, args: ScoreArguments) -> ScoreArguments:
+        """``args`` with every ``auto`` replaced by what the plan resolved (what ``scores.json`` saves)."""
+        import dataclasses
+
+        return dataclasses.replace(args, method=self.method, form=self.form,
+                                   modules=list(self.modules) if self.modules is not None else [HEAD],
+                                   dtype=str(self.dtype).removeprefix("torch."))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "modules": list(self.modules) if self.modules is not None else [HEAD],
+                "form": self.form, "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                "reasons": dict(self.reasons), "fallback": self.fallback}
+
+    def log(self) -> None:
+        for decision, why in self.reasons.items():
+            logger.info("%s: %s", decision, why)
+        if self.fallback:
+            logger.warning("scoring the recorded head instead of the whole model: %s", self.fallback)
+
+
+def _is_head(run: RunReader, model: nn.Module, modules: list[str] | None) -> bool:
+    if not modules or list(modules) == [HEAD]:
+        return True
+    head = run.manifest.head.module
+    relative = resolve_scope(model, modules, head=head).inside(head)
+    return relative is not None and set(relative) <= set(run.manifest.head.chosen)
+
+
+def _state_bytes(method: str, parameters: int, rows: int, args: ScoreArguments, itemsize: int) -> int:
+    """Bytes of the forward form's per-row states: ``N x S`` (``S = 3P`` for Adam, ``2P`` with a buffer, ``k``
+    for the projected methods)."""
+    if method in ("dvemb", "acc-dvemb"):
+        width = args.projection_dim or parameters
+    else:
+        width = parameters * (3 if "adam" in method else 2)
+    return rows * width * itemsize
+
+
+def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_unavailable: str | None = None,
+                 device: torch.device | str = "cpu") -> ScoringPlan:
+    """Resolve ``args`` for ``run`` (``model``: the run's model, built). ``replay_unavailable``: why the run's
+    exact trajectory cannot be replayed here (``None``: it can), which keeps the default on the head."""
+    optimizer = run.manifest.optimizer_class
+    reasons: dict[str, str] = {}
+    fallback = None
+    asked_head = args.modules is not None and _is_head(run, model, args.modules)
+    method = args.method
+    if method != "auto":
+        check_fits(get_method(method), optimizer)
+    elif optimizer not in CLASSICAL:
+        check_fits(METHODS["adam-ie"], optimizer)  # names what fits, or that nothing does
+
+    if args.modules is not None:
+        modules = tuple(args.modules)
+        reasons["scope"] = "the recorded head, as asked" if asked_head else f"{list(args.modules)}, as asked"
+    elif replay_unavailable:
+        modules, fallback = None, replay_unavailable
+        reasons["scope"] = f"the recorded head: the whole model needs the exact trajectory, and {replay_unavailable}"
+    else:
+        modules = (ALL,)
+        reasons["scope"] = "the whole model (the default: what removing a row does to the model users train)"
+        wants_states = (args.form == "forward" or args.score_kind != "linear"
+                        or (method != "auto" and get_method(method).accumulative and args.correction != "stage"))
+        resolved = method if method != "auto" else CLASSICAL[optimizer]
+        if wants_states and get_method(resolved).output == "embeddings":
+            parameters = sum(p.numel() for p in model.parameters())
+            needed = _state_bytes(resolved, parameters, int(run.manifest.dataset["length"]), args, 4)
+            if needed > args.memory_budget_gb * 2**30:
+                modules = None
+                reasons["scope"] = (f"the recorded head: per-row states of the whole model ({needed / 2**30:.1f} GiB for "
+                                    f"{resolved}, forward form) exceed --memory_budget_gb {args.memory_budget_gb:g}; "
+                                    "the adjoint form of a classical method (--method auto) scores the whole model")
+
+    deep = modules is not None and not asked_head
+    if method == "auto":
+        method = CLASSICAL[optimizer] if deep else ACCUMULATIVE[optimizer]
+        reasons["method"] = (f"{method}: the classical method of the run's {optimizer} with {args.removal} removal, "
+                             "scored through the adjoint" if deep else
+                             f"{method}: the accumulative method of the run's {optimizer} (per-row states are cheap on the head)")
+    else:
+        reasons["method"] = f"{method}, as asked"
+
+    spec = get_method(method)
+    policy = (CorrectionPolicy(args.correction, args.correction_p, args.correction_seed,
+                               args.windows(args.stage_steps), args.windows(args.stage_epochs))
+              if spec.accumulative else None)
+    if spec.output == "scores":
+        if args.score_kind != "linear":
+            raise AccInfError(f"{method} scores one objective directly: its scores are linear; score_kind "
+                              f"'{args.score_kind}' needs a method with embeddings.")
+        form, reasons["form"] = "direct", "the method scores one objective directly"
+    else:
+        form, why = choose_form(args.form, spec.accumulative, args.score_kind, policy)
+        reasons["form"] = why
+
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32" if deep else "float64"
+        reasons["dtype"] = ("float32: a deep scope (float64 changes its scores by less than their round-off to "
+                            "verification; docs/ENGINE.md)" if deep else "float64: the head's closed form is cheap")
+    return ScoringPlan(method, modules, deep, form, getattr(torch, dtype), torch.device(device), policy, reasons, fallback)
+
+
+def replay_unavailable(run: RunReader) -> str | None:
+    """Why the run's exact trajectory cannot be replayed here (``None``: it can). Temporary: replaced by
+    ``trajectory.replay.replay_unavailable`` when replay's own check lands."""
+    from ..trajectory import schema
+
+    manifest = run.manifest
+    if manifest.schema_version < schema.REPLAY_SCHEMA_VERSION:
+        return f"the run was recorded with run-directory schema {manifest.schema_version}, before replay existed"
+    if manifest.training.get("bf16") or manifest.training.get("fp16"):
+        return "replay of mixed-precision (bf16/fp16) runs is not supported yet"
+    if run.trajectory().rng_cuda is not None:
+        return "the run's dropout masks come from the CUDA generator and this scorer runs on the CPU"
+    return None
