@@ -1,7 +1,6 @@
 """hf_accinf: trajectory-aware training-data influence for Hugging Face classifiers."""
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: F401
 from .config import RecordingArguments, ScoreArguments  # noqa: E402
 from .data.columns import add_score_column  # noqa: E402
 from .engine import CorrectionPolicy, estimate_influence  # noqa: E402

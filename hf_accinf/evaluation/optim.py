@@ -16,9 +16,9 @@ import torch
 
 from ..errors import AccInfError
 from ..losses import CLIP_EPS
+from ..optimizers import OPTIMIZERS
 from ..problem import OptimizerSpec
 
-STATE_KEYS = {"SGD": ("momentum_buffer",), "Adam": ("exp_avg", "exp_avg_sq"), "AdamW": ("exp_avg", "exp_avg_sq")}
 
 
 def clip_gradients(grads: dict[str, torch.Tensor], max_norm: float,
@@ -40,14 +40,15 @@ def optimizer_step(spec: OptimizerSpec, params: dict[str, torch.Tensor], state: 
     ``preconditioner`` (Adam family) replaces ``v'`` in the parameter update by given values (the
     frozen-preconditioner ablation's oracle); the state still records the true ``v'``.
     """
-    if spec.name not in STATE_KEYS:
+    if spec.name not in OPTIMIZERS:
         raise AccInfError(f"No functional step for {spec.name}: use SGD, Adam or AdamW.")
+    kind = OPTIMIZERS[spec.name]
     grads, _ = clip_gradients(grads, spec.max_grad_norm, rest_squared)
     new_params, new_state = {}, {}
     for name, p in params.items():
         group = spec.groups[spec.group_of[name]]
         lr, decay, g = lrs[name], group.weight_decay or 0.0, grads[name]
-        if spec.name == "SGD":
+        if not kind.adaptive:
             mu = group.momentum or 0.0
             d = g + decay * p
             if mu:
@@ -56,12 +57,12 @@ def optimizer_step(spec: OptimizerSpec, params: dict[str, torch.Tensor], state: 
                 new_state[f"{name}.momentum_buffer"] = buffer
             new_params[name] = p - lr * d
             continue
-        beta1, beta2 = group.betas or (0.9, 0.999)
-        eps = group.eps if group.eps is not None else 1e-8
-        if spec.name == "Adam":
-            g = g + decay * p
-        else:
+        beta1, beta2 = group.betas or kind.betas
+        eps = group.eps if group.eps is not None else kind.eps
+        if kind.decoupled_decay:
             p = p * (1 - lr * decay)
+        else:
+            g = g + decay * p
         m = beta1 * state[f"{name}.exp_avg"] + (1 - beta1) * g
         v = beta2 * state[f"{name}.exp_avg_sq"] + (1 - beta2) * g * g
         k = step_count + 1

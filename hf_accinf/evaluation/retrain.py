@@ -19,7 +19,8 @@ from ..losses import clip_coefficient, cross_entropy_rows
 from ..problem import OptimizerSpec
 from ..trajectory import Trajectory
 from ..trajectory.schema import ParamGroupSpec
-from .optim import STATE_KEYS, optimizer_step
+from ..optimizers import OPTIMIZERS
+from .optim import optimizer_step
 
 
 def train_sgd(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
@@ -32,8 +33,8 @@ def train_sgd(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, ba
 
 def train_recorded(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
                    lrs: list[float], optimizer: str = "SGD", weight_decay: float = 0.0, max_grad_norm: float = 0.0,
-                   momentum: float = 0.0, nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
-                   eps: float = 1e-8, no_decay: tuple[str, ...] = ()) -> tuple[Trajectory, OptimizerSpec]:
+                   momentum: float = 0.0, nesterov: bool = False, betas: tuple[float, float] | None = None,
+                   eps: float | None = None, no_decay: tuple[str, ...] = ()) -> tuple[Trajectory, OptimizerSpec]:
     """Train ``model`` in place with the torch optimizer ``optimizer`` (SGD, Adam, AdamW) and record the run.
 
     Parameters whose name ends with a suffix in ``no_decay`` (HF: ``("bias",)`` and norm weights) form a
@@ -45,11 +46,13 @@ def train_recorded(model: nn.Module, features: torch.Tensor, labels: torch.Tenso
     decays = [weight_decay, 0.0] if no_decay else [weight_decay]
     groups = [{"params": [named[n] for n in names if group_of[n] == index], "weight_decay": decay}
               for index, decay in enumerate(decays)]
-    if optimizer == "SGD":
-        torch_optimizer = torch.optim.SGD(groups, lr=lrs[0], momentum=momentum, nesterov=nesterov)
+    kind = OPTIMIZERS[optimizer]
+    if kind.adaptive:
+        torch_optimizer = getattr(torch.optim, optimizer)(groups, lr=lrs[0], betas=betas or kind.betas,
+                                                          eps=kind.eps if eps is None else eps)
     else:
-        torch_optimizer = getattr(torch.optim, optimizer)(groups, lr=lrs[0], betas=betas, eps=eps)
-    keys = STATE_KEYS[optimizer]
+        torch_optimizer = torch.optim.SGD(groups, lr=lrs[0], momentum=momentum, nesterov=nesterov)
+    keys = kind.state_keys
     record = {key: [] for key in ("params", "grads", "states", "lr", "clip", "norm", "loss", "count")}
     for step, batch in enumerate(batches):
         for group in torch_optimizer.param_groups:
@@ -94,13 +97,14 @@ def train_recorded(model: nn.Module, features: torch.Tensor, labels: torch.Tenso
         params=stack("params"), grads=stack("grads"), states=stack("states"),
         loss=torch.tensor(record["loss"], dtype=dtype),
     )
-    adam = optimizer != "SGD"
+    adam = kind.adaptive
+    betas, eps = (betas or kind.betas, kind.eps if eps is None else eps) if adam else (None, None)
     spec = OptimizerSpec(
         name=optimizer,
         groups=[ParamGroupSpec(index=index, weight_decay=decay, initial_lr=lrs[0],
                                momentum=None if adam else momentum, dampening=None if adam else 0.0,
                                nesterov=None if adam else nesterov, betas=list(betas) if adam else None,
-                               eps=eps if adam else None, amsgrad=False if adam else None)
+                               eps=eps, amsgrad=False if adam else None)
                 for index, decay in enumerate(decays)],
         group_of=group_of, max_grad_norm=max_grad_norm,
     )
@@ -139,7 +143,7 @@ def _retrain_sgd(model: nn.Module, trajectory: Trajectory, optimizer: OptimizerS
     the unchosen parameters' recorded gradients in the clipping norm."""
     names = [name for name, _ in model.named_parameters()]
     chosen = list(chosen or names)
-    state_names = [f"{n}.{key}" for n in chosen for key in STATE_KEYS[optimizer.name] if f"{n}.{key}" in trajectory.states]
+    state_names = [f"{n}.{key}" for n in chosen for key in OPTIMIZERS[optimizer.name].state_keys if f"{n}.{key}" in trajectory.states]
 
     def step_one(params, state, keep, fixed, rows, weights, lrs, count, rest):
         def batch_loss(p):

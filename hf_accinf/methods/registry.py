@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import AccInfError
-from ..trajectory.schema import MODELLED_HF_OPTIMS, SUPPORTED_OPTIMIZERS as MODELLED_OPTIMIZERS
+from ..optimizers import MODELLED_HF_OPTIMS, MODELLED_OPTIMIZERS
 from .removal import check_removal
 
 

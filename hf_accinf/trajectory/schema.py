@@ -68,9 +68,6 @@ ROW_KEYS = (ROW_INDEX, ROW_WEIGHT, LABELS, HEAD_INPUT)
 MICRO_KEYS = (MICRO_SIZE, RNG_CPU, RNG_CUDA)
 OFFSET_KEYS = (ROW_OFFSETS, MICRO_OFFSETS)
 
-SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
-# TrainingArguments.optim values that build one of SUPPORTED_OPTIMIZERS (the methods registry models those).
-MODELLED_HF_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd")
 
 
 TORCH_HASH_ROWS = 4096
@@ -206,6 +203,7 @@ class Manifest:
     dataset: dict[str, Any]
     libraries: dict[str, str]
     checkpoint_every: int
+    numerics: dict[str, Any] = field(default_factory=dict)  # threads, device, attention, TF32/cuDNN flags, precision
     schema_version: int = SCHEMA_VERSION
     status: str = STATUS_RECORDING
     num_steps: int = 0

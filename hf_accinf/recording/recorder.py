@@ -1,0 +1,265 @@
+"""``TrajectoryRecorder``: the ``TrainerCallback`` that turns each optimizer step into one record of the run.
+
+At every optimizer step it gathers the global batch from all processes (rows, per-row loss weights,
+labels, head inputs, the random states of the micro-batches), checks it, and hands one step record to the
+:class:`~.writer.RunWriter`; it saves sparse checkpoints (model and optimizer state) and the manifest. It
+reads the Trainer through the narrow :class:`RecordingSource` protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
+
+from ..config import RecordingArguments
+from ..errors import AccInfError
+from ..losses import clip_coefficient, cross_entropy_rows, target_distribution
+from ..modules import HeadSelection
+from ..trajectory import schema
+from ..trajectory.schema import Manifest
+from ..optimizers import check_optimizer, optimizer_kind
+from .capture import HeadCapture, measure_row_weights, optimizer_checkpoint, replay_state, stack_replay_states
+from .manifest import build_manifest, check_same_run
+from .writer import RunWriter
+
+logger = logging.getLogger(__name__)
+
+def base_optimizer(optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class RecordingSource(Protocol):
+    """What the recorder reads of the Trainer (:class:`~.trainer.AccInfTrainer` provides it)."""
+
+    accelerator: object  # accelerate.Accelerator: processes, unwrap_model, wait_for_everyone
+    args: object  # transformers.TrainingArguments
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    train_dataset: object
+    recording: RecordingArguments
+    run_dir: Path
+    head_selection: HeadSelection
+    capture: HeadCapture
+    resuming: bool
+    last_grad_norm: float
+
+
+class TrajectoryRecorder(TrainerCallback):
+    """Turns each optimizer step of an :class:`AccInfTrainer` into one record of the run directory."""
+
+    def __init__(self, trainer: RecordingSource):
+        self.trainer = trainer
+        self.writer: RunWriter | None = None
+        self.epoch: int | None = None
+        self.checked_weights = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        optimizer = base_optimizer(trainer.optimizer)
+        check_optimizer(optimizer)
+        manifest = build_manifest(trainer, optimizer)
+        run_dir = trainer.run_dir
+        if self.is_main:
+            if trainer.resuming:
+                if not (run_dir / schema.MANIFEST_NAME).is_file():
+                    raise AccInfError(f"Resuming, but {run_dir} holds no recorded run to continue.")
+                existing = Manifest.from_dict(json.loads((run_dir / schema.MANIFEST_NAME).read_text()))
+                check_same_run(existing, manifest)
+                self._check_resumed_model(run_dir, existing, state.global_step)
+                self.writer = RunWriter(run_dir, existing)
+                self.writer.truncate(state.global_step)
+            else:
+                if run_dir.exists() and any(run_dir.iterdir()):
+                    if not trainer.recording.overwrite:
+                        raise AccInfError(
+                            f"The run directory {run_dir} is not empty. Choose another run_dir, pass "
+                            "RecordingArguments(overwrite=True), or resume with train(resume_from_checkpoint=...)."
+                        )
+                    shutil.rmtree(run_dir)
+                self.writer = RunWriter(run_dir, manifest)
+                self.writer.save_manifest()
+                self.writer.save_checkpoint(0, self._model_state(), self._optimizer_state())
+        trainer.accelerator.wait_for_everyone()
+        trainer.capture.attach()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch = int(math.floor(state.epoch + 1e-6)) if self.epoch is None else self.epoch + 1
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        record = self._step_record(state.global_step)
+        if self.is_main:
+            head = self.writer.manifest.head
+            head.input_shape = list(record[schema.HEAD_INPUT].shape[1:])
+            head.input_dtype = str(record[schema.HEAD_INPUT].dtype).replace("torch.", "")
+            self.writer.append(record)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.is_main and state.global_step % self.trainer.recording.checkpoint_every == 0:
+            self.writer.flush()
+            self.writer.save_checkpoint(state.global_step, self._model_state(), self._optimizer_state())
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.is_main:
+            self.writer.flush()
+            # A run checkpoint at every Trainer checkpoint: a resume from it can be verified (_check_resumed_model),
+            # with the optimizer state, since replay starts from any run checkpoint (the end of training included).
+            self.writer.save_checkpoint(state.global_step, self._model_state(), self._optimizer_state())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.capture.detach()
+        if self.is_main:
+            self.writer.flush()
+            self.writer.save_checkpoint(state.global_step, self._model_state(), self._optimizer_state())
+            self.writer.finish()
+        self.trainer.accelerator.wait_for_everyone()
+
+    def _check_resumed_model(self, run_dir: Path, existing: Manifest, step: int) -> None:
+        """The resumed model must equal the run's own weights before ``step`` (transformers may restore a
+        checkpoint only in part, e.g. when key names differ, and training would silently continue elsewhere)."""
+        if step not in existing.checkpoints:
+            logger.warning("The run holds no checkpoint at the resume step %d: the resumed weights cannot be "
+                           "compared with the recorded ones.", step)
+            return
+        path = run_dir / schema.CHECKPOINTS_DIR / schema.checkpoint_dir_name(step) / schema.MODEL_WEIGHTS_NAME
+        recorded = schema.load_tensors(path)
+        current = self._model_state()
+        differing = [
+            name for name, value in current.items()
+            if name in recorded and value.is_floating_point()
+            and not torch.allclose(value.detach().cpu().to(recorded[name].dtype), recorded[name], rtol=1e-5, atol=1e-6)
+        ]
+        missing = sorted(set(recorded) - set(current))
+        if differing or missing:
+            raise AccInfError(
+                f"The resumed model does not match the run's own weights at step {step}: {len(differing)} tensors "
+                f"differ (e.g. {differing[:3]}), {len(missing)} missing. The Trainer checkpoint was not restored "
+                "completely (its key names may not match this model class). Load the weights yourself, e.g. from "
+                f"{path}, or record a new run; continuing would record a different training."
+            )
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def _step_record(self, step: int) -> dict:
+        trainer = self.trainer
+        world = trainer.accelerator.num_processes
+        smoothing = trainer.args.label_smoothing_factor
+        batches = list(trainer.capture.take())
+        self._check_finite(step, [batch.logits for batch in batches])
+        local = []
+        for batch in batches:
+            weights = measure_row_weights(batch, smoothing) / world
+            local.append((batch.rows, weights, batch.labels, batch.head_input, batch.logits, replay_state(batch)))
+        parts = gather_object([local]) if world > 1 else [local]
+        micro = [item for process in parts for item in process]
+        rows, weights, labels, head_input, logits = (torch.cat([m[k] for m in micro]) for k in range(5))
+        if not self.is_main:
+            return {}
+
+        optimizer = base_optimizer(trainer.optimizer)
+        state_keys = optimizer_kind(type(optimizer).__name__).state_keys
+        norm = trainer.last_grad_norm
+        max_norm = trainer.args.max_grad_norm
+        clip = clip_coefficient(norm, max_norm)
+        losses = cross_entropy_rows(logits.double(), target_distribution(labels, logits.shape[-1], smoothing))
+        record = {
+            schema.STEP: torch.tensor(step),
+            schema.EPOCH: torch.tensor(self.epoch or 0),
+            schema.ROW_INDEX: rows.long(),
+            schema.ROW_WEIGHT: weights.double(),
+            schema.LABELS: labels.long(),
+            schema.HEAD_INPUT: head_input,
+            schema.LEARNING_RATE: torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64),
+            schema.GRAD_NORM: torch.tensor(norm, dtype=torch.float64),
+            schema.CLIP_COEF: torch.tensor(clip, dtype=torch.float64),
+            schema.LOSS: (weights.double() * losses).sum(),  # weights are global: they sum over all processes
+            **stack_replay_states([m[5] for m in micro]),
+        }
+        step_count = 0
+        for name, param in trainer.head_selection.head.named_parameters():
+            record[schema.PARAM_PREFIX + name] = param.detach().cpu().clone()
+            grad = param.grad
+            record[schema.GRAD_PREFIX + name] = (
+                grad.detach().cpu().clone() if grad is not None else torch.zeros_like(param, device="cpu")
+            )
+            param_state = optimizer.state.get(param, {})
+            step_count = int(param_state.get("step", 0))
+            for key in state_keys:
+                value = param_state.get(key)
+                record[f"{schema.STATE_PREFIX}{name}.{key}"] = (
+                    value.detach().cpu().clone() if value is not None else torch.zeros_like(param, device="cpu")
+                )
+        record[schema.OPTIMIZER_STEP_COUNT] = torch.tensor(step_count)
+        if not self.checked_weights:
+            self._check_weights(record, world)
+            self.checked_weights = True
+        return record
+
+    def _check_finite(self, step: int, logits: list[torch.Tensor]) -> None:
+        """Stop at the first non-finite learning rate, logit or head gradient (all processes see the same)."""
+        optimizer = base_optimizer(self.trainer.optimizer)
+        problems = []
+        if not all(math.isfinite(float(group["lr"])) for group in optimizer.param_groups):
+            problems.append("learning rate")
+        if not all(torch.isfinite(value).all() for value in logits):
+            problems.append("loss (logits)")
+        grads = [p.grad for p in self.trainer.head_selection.head.parameters() if p.grad is not None]
+        if not all(torch.isfinite(grad).all() for grad in grads):
+            problems.append("head gradient")
+        if problems:
+            if self.is_main:
+                self.writer.flush()
+            raise AccInfError(
+                f"Training produced a non-finite {' and '.join(problems)} at optimizer step {step}: the run diverged "
+                "and cannot be scored. The run directory keeps the steps before it, marked incomplete. Lower the "
+                "learning rate, enable clipping (max_grad_norm) or fix the data, then record again."
+            )
+
+    def _check_weights(self, record: dict, world: int) -> None:
+        """The recorded rows, weights and head inputs must reproduce the head gradient the optimizer saw."""
+        head = self.trainer.head_selection.head
+        params = {name: p.detach().double().cpu() for name, p in head.named_parameters()}
+        params = {name: p.requires_grad_(True) for name, p in params.items()}
+        was_training = head.training
+        head.eval()
+        try:
+            replica = copy.deepcopy(head).cpu().double()
+            logits = torch.func.functional_call(replica, params, (record[schema.HEAD_INPUT].double(),))
+        finally:
+            head.train(was_training)
+        target = target_distribution(record[schema.LABELS], logits.shape[-1], self.trainer.args.label_smoothing_factor)
+        losses = cross_entropy_rows(logits, target)
+        total = (record[schema.ROW_WEIGHT] * losses).sum()
+        expected = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+        clip = record[schema.CLIP_COEF]
+        for (name, _), grad in zip(params.items(), expected):
+            if grad is None:
+                continue
+            observed = record[schema.GRAD_PREFIX + name].double() / clip
+            if (observed - grad).norm() > 1e-3 * max(grad.norm().item(), 1e-8) + 1e-6:
+                raise AccInfError(
+                    f"Replaying the head on the recorded inputs does not reproduce the gradient of '{name}' that the "
+                    "optimizer used. The head must be a deterministic function of one input (no dropout inside it; "
+                    "choose e.g. 'classifier.out_proj'), and the loss the model's own cross-entropy."
+                )
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        return {name: tensor for name, tensor in model.state_dict().items()}
+
+    def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        return optimizer_checkpoint(model, base_optimizer(self.trainer.optimizer))
