@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_accinf.evaluation.experiments import ZeroLogit
+from hf_accinf.evaluation.paper.experiments import ZeroLogit
 from hf_accinf.evaluation.retrain import leave_one_out_sgd, mean_loss, train_sgd
 from hf_accinf.problem import InfluenceProblem, make_curvature
 

@@ -1,20 +1,15 @@
 """The leave-one-out harness against plain sequential retraining, and the --smoke paper reproduction end to end."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from hf_accinf.evaluation.datasets import NoiseSetting
-from hf_accinf.evaluation.experiments import ExperimentConfig, train
+from hf_accinf.evaluation.paper.datasets import NoiseSetting
+from hf_accinf.evaluation.paper.experiments import ExperimentConfig, train
 from hf_accinf.evaluation.retrain import leave_one_out_sgd, retrain_sgd_without
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "reproduce_paper.py"
 
 
 def sequential_retraining(run, removed: int) -> dict[str, torch.Tensor]:
@@ -57,11 +52,9 @@ def test_leave_one_out_equals_sequential_retraining(model):
         assert moved > 0, "removing a sample must change the run"
 
 
-def test_reproduce_paper_smoke(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("reproduce_paper", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "reproduce_paper", script)  # dataclasses look their module up there
-    spec.loader.exec_module(script)
+def test_reproduce_paper_smoke(tmp_path):
+    from hf_accinf.evaluation.paper import reproduce as script
+
     threads = torch.get_num_threads()
     try:
         assert script.main(["--smoke", "--output", str(tmp_path)]) == 0

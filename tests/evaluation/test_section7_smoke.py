@@ -1,31 +1,25 @@
 """The section 7 reproduction (scripts/reproduce_section7.py --smoke) end to end, and the invariants of its parts."""
 
-import importlib.util
 import json
 import math
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from hf_accinf.evaluation.experiments import ExperimentConfig, leave_one_out_truth, problem_of, truncated_run
-from hf_accinf.evaluation.family import (METRICS, AdamRecipe, Estimator, SGDSetting, estimator_scores, loss_changes,
+from hf_accinf.evaluation.paper.experiments import ExperimentConfig, leave_one_out_truth, problem_of, truncated_run
+from hf_accinf.evaluation.paper.family import (METRICS, AdamRecipe, Estimator, SGDSetting, estimator_scores, loss_changes,
                                          train_adam_recipe, train_sgd_setting)
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "reproduce_section7.py"
 TINY = ExperimentConfig("digits", "dnn", n_train=60, n_val=40, batch_size=20)
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("reproduce_section7", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_section7"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("reproduce_section7", None)
+    from hf_accinf.evaluation.paper import section7
+
+    return section7
 
 
 def test_reproduce_section7_smoke(script, tmp_path):
@@ -106,7 +100,7 @@ def test_acc_equals_its_classical_twin_while_every_row_has_occurred_once(table):
 
 def test_a_results_rewrite_keeps_the_section7_block():
     """scripts/reproduce_paper.py regenerates RESULTS.md whole and carries the section 7 block over."""
-    from hf_accinf.evaluation.report import SECTION_7_BEGIN, SECTION_7_END, section7_block, splice_section7
+    from hf_accinf.evaluation.paper.render import SECTION_7_BEGIN, SECTION_7_END, section7_block, splice_section7
 
     block = f"{SECTION_7_BEGIN}\n## Section 7\nnumbers\n{SECTION_7_END}\n"
     written = splice_section7("# Results\n", block)
@@ -118,9 +112,9 @@ def test_a_results_rewrite_keeps_the_section7_block():
 
 def test_docs_section7_is_rendered_from_the_committed_json(script):
     """docs/RESULTS.md's section 7 is exactly what the script renders from docs/section7.json (never hand-edited)."""
-    from hf_accinf.evaluation.report import section7_block
+    from hf_accinf.evaluation.paper.render import section7_block
 
-    docs = SCRIPT.parents[1] / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"
     raw = json.loads((docs / "section7.json").read_text())
     rendered = script.section_markdown(raw, script.discussion_markdown(raw))
     assert section7_block((docs / "RESULTS.md").read_text()) == rendered.rstrip("\n")

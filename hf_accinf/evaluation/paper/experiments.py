@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import estimate_influence
-from ..engine.objective import scores_from_embeddings
-from ..methods.registry import method_names
-from ..problem import InfluenceProblem, make_curvature
-from ..trajectory import Trajectory
+from ...engine import estimate_influence
+from ...engine.objective import scores_from_embeddings
+from ...methods.registry import method_names
+from ...problem import InfluenceProblem, make_curvature
+from ...trajectory import Trajectory
 from .datasets import NoiseSetting, Split, make_split
-from .metrics import agreement
-from .retrain import leave_one_out_sgd, mean_loss, train_sgd
+from ..metrics import agreement
+from ..retrain import leave_one_out_sgd, mean_loss, train_sgd
 
 MODELS = ("dnn", "logreg")
 ESTIMATORS = tuple(n for n in method_names("SGD", output="embeddings") if n.endswith("sgd-ie"))  # sections 6.1-6.4

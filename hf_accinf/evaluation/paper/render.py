@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..methods.registry import METHODS
+from ...methods.registry import METHODS
 from .experiments import ESTIMATORS
-from .paper import PAPER_DATASET, TABLE1
+from .tables import PAPER_DATASET, TABLE1
 
 METRICS = ("rmse", "kendall_tau", "jaccard@70", "jaccard@50", "jaccard@30", "jaccard@10")
 HEADERS = ("RMSE", "Kendall", "J@70", "J@50", "J@30", "J@10", "param err")

@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from .experiments import ESTIMATORS, ExperimentConfig, TrainedRun, estimate_scores, leave_one_out_truth, train
-from .retrain import retrain_sgd_without
+from ..retrain import retrain_sgd_without
 
 RANDOM = "random"
 ORACLE = "leave-one-out"

@@ -74,7 +74,7 @@ class Split:
 def default_adult_dir() -> Path:
     if os.environ.get(ADULT_DIR_ENV):
         return Path(os.environ[ADULT_DIR_ENV])
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "adult"
+    return Path(__file__).resolve().parents[4] / "shared" / "data" / "adult"
 
 
 @lru_cache(maxsize=2)

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from ..engine import estimate_influence
-from ..engine.objective import scores_from_embeddings
-from ..methods.registry import METHODS, build_method
-from ..problem import InfluenceProblem
+from ...engine import estimate_influence
+from ...engine.objective import scores_from_embeddings
+from ...methods.registry import METHODS, build_method
+from ...problem import InfluenceProblem
 from .datasets import make_split
 from .experiments import (ExperimentConfig, TrainedRun, build_model, epoch_batches, learning_rates, problem_of,
                           truncated_run, validation_accuracy)
-from .metrics import agreement, kendall_tau
-from .retrain import mean_loss, retrain_sgd_without, train_recorded
+from ..metrics import agreement, kendall_tau
+from ..retrain import mean_loss, retrain_sgd_without, train_recorded
 
 PERCENTS = (70, 50, 30, 10)
 METRICS = ("kendall_tau",) + tuple(f"jaccard@{k}" for k in PERCENTS)
