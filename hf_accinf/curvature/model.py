@@ -119,12 +119,16 @@ class _Micro:
 
 
 class ModelBatch(BatchCurvature):
-    """One step's batch at ``theta_t``: every quantity computed block by block within the owner's budget."""
+    """One step's batch at ``theta_t``: every quantity computed block by block within the owner's budget.
+
+    Derivatives are taken with respect to the scope's parameters as named views of the flat ``point`` and
+    written straight into their columns of the (rows, P) results (no flattened copy per block)."""
 
     def __init__(self, owner: "ModelCurvature", params: dict[str, torch.Tensor], micros: list[_Micro]):
         self.owner, self.micros = owner, micros
         self.fixed = {name: value for name, value in params.items() if name not in owner.chosen_set}
         self.point = owner.flatten({name: params[name] for name in owner.chosen})
+        self.named = owner.unflatten(self.point)
         self.size = sum(len(micro) for micro in micros)
         self.micro_of = torch.empty(self.size, dtype=torch.long)
         self.local = torch.empty(self.size, dtype=torch.long)
@@ -134,25 +138,41 @@ class ModelBatch(BatchCurvature):
             self.local[micro.where] = torch.arange(len(micro))
             self.row_weight[micro.where.to(owner.device)] = micro.weights
 
-    # -- sizes ---------------------------------------------------------------------------------------------
-
     def _plan(self, cost: memory.BlockCost, micro: _Micro, rows: int, vectors: int = 1,
               cap: int | None = None) -> tuple[int, int]:
         owner = self.owner
         return memory.plan_block(cost, rows, vectors, owner.row_bytes(self, micro),
                                  owner.dim * self.point.element_size(), owner.memory_budget, cap)
 
-    # -- losses --------------------------------------------------------------------------------------------
+    def _place(self, out: torch.Tensor, named: dict[str, torch.Tensor], rows: torch.Tensor | None = None,
+               accumulate: bool = False) -> None:
+        """Write (or add) ``named`` values, (n, *shape) each, into their columns of ``out`` (n rows, or ``rows``)."""
+        if rows is not None:
+            first = int(rows[0])
+            if torch.equal(rows.cpu(), torch.arange(first, first + len(rows))):
+                return self._place(out[first:first + len(rows)], named)
+            block = torch.empty(len(rows), out.shape[1], dtype=out.dtype, device=out.device)
+            self._place(block, named)
+            out.index_copy_(0, rows.to(out.device), block)
+            return
+        for name, columns in self.owner.columns.items():
+            value, target = named[name].reshape(len(out), -1), out[:, columns]
+            if accumulate:
+                target += value
+            else:
+                target.copy_(value)
 
-    def _losses(self, flat: torch.Tensor, micro: _Micro) -> torch.Tensor:
-        return cross_entropy_rows(self.owner.logits(flat, self.fixed, micro.inputs), micro.targets)
+    # -- losses of the scope's named parameters --------------------------------------------------------------
 
-    def _weighted_loss(self, micro: _Micro) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda flat: (micro.weights * self._losses(flat, micro)).sum()
+    def _losses(self, named: dict[str, torch.Tensor], micro: _Micro) -> torch.Tensor:
+        return cross_entropy_rows(self.owner.logits_named(named, self.fixed, micro.inputs), micro.targets)
 
-    def _row_loss(self, flat: torch.Tensor, row_inputs: dict, target: torch.Tensor) -> torch.Tensor:
+    def _weighted_loss(self, micro: _Micro) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        return lambda named: (micro.weights * self._losses(named, micro)).sum()
+
+    def _row_loss(self, named: dict[str, torch.Tensor], row_inputs: dict, target: torch.Tensor) -> torch.Tensor:
         inputs = {key: value[None] for key, value in row_inputs.items()}
-        return cross_entropy_rows(self.owner.logits(flat, self.fixed, inputs), target[None])[0]
+        return cross_entropy_rows(self.owner.logits_named(named, self.fixed, inputs), target[None])[0]
 
     # -- batch quantities ----------------------------------------------------------------------------------
 
@@ -162,7 +182,7 @@ class ModelBatch(BatchCurvature):
         for micro in self.micros:
             rows, _ = self._plan(memory.BATCH_GRAD, micro, len(micro))
             for block in micro.blocks(rows):
-                total += grad(self._weighted_loss(block))(self.point)
+                self._place(total[None], grad(self._weighted_loss(block))(self.named), accumulate=True)
         return total
 
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -171,18 +191,19 @@ class ModelBatch(BatchCurvature):
             rows, chunk = self._plan(memory.BATCH_HVP, micro, len(micro), len(vectors), self.owner.vector_chunk)
             for block in micro.blocks(rows):
                 gradient = grad(self._weighted_loss(block))
-                product = vmap(lambda v: jvp(gradient, (self.point,), (v,))[1])
+                product = vmap(lambda v: jvp(gradient, (self.named,), (self.owner.unflatten(v),))[1])
                 for start in range(0, len(vectors), chunk):
-                    total[start:start + chunk] += product(vectors[start:start + chunk])
+                    self._place(total[start:start + chunk], product(vectors[start:start + chunk]), accumulate=True)
         return total
 
     def row_loss_tangents(self, vector: torch.Tensor) -> torch.Tensor:
         """``d/de l_r(theta + e v)`` for every row of the step (unweighted), one forward-mode pass: (b,)."""
         tangents = torch.empty(self.size, dtype=self.point.dtype, device=self.point.device)
+        direction = self.owner.unflatten(vector)
         for micro in self.micros:
             rows, _ = self._plan(memory.ROW_TANGENTS, micro, len(micro))
             for block in micro.blocks(rows):
-                values = jvp(lambda flat: self._losses(flat, block), (self.point,), (vector,))[1]
+                values = jvp(lambda named: self._losses(named, block), (self.named,), (direction,))[1]
                 tangents[block.where.to(tangents.device)] = values
         return tangents
 
@@ -193,8 +214,9 @@ class ModelBatch(BatchCurvature):
             rows, chunk = self._plan(memory.SHIFTED_LOSSES, micro, len(micro), len(shifts), self.owner.vector_chunk)
             for block in micro.blocks(rows):
                 loss = self._weighted_loss(block)
+                shifted = vmap(lambda shift: loss(self.owner.unflatten(self.point + shift)))
                 for start in range(0, len(shifts), chunk):
-                    total[start:start + chunk] += vmap(lambda shift: loss(self.point + shift))(shifts[start:start + chunk])
+                    total[start:start + chunk] += shifted(shifts[start:start + chunk])
         return total
 
     # -- per-row quantities --------------------------------------------------------------------------------
@@ -237,15 +259,16 @@ class ModelBatch(BatchCurvature):
             per_row = vmap(grad(self._row_loss), in_dims=(None, 0, 0))
         else:
             def one(v, row_inputs, target):
-                return jvp(lambda flat: grad(self._row_loss)(flat, row_inputs, target), (self.point,), (v,))[1]
+                gradient = grad(lambda named: self._row_loss(named, row_inputs, target))
+                return jvp(gradient, (self.named,), (self.owner.unflatten(v),))[1]
 
             per_row = vmap(one)
         rows, _ = self._plan(memory.ROW_GRADS if vectors is None else memory.ROW_HVP, micro, len(local))
         for start in range(0, len(local), rows):
             part = selected[start:start + rows]
             block = micro.take(local[start:start + rows])
-            first = self.point if vectors is None else vectors[part.to(vectors.device)]
-            out[part.to(out.device)] = per_row(first, block.inputs, block.targets)
+            first = self.named if vectors is None else vectors[part.to(vectors.device)]
+            self._place(out, per_row(first, block.inputs, block.targets), part)
 
     def _rows_weights(self, micro: _Micro, local: torch.Tensor, selected: torch.Tensor,
                       vectors: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -256,17 +279,18 @@ class ModelBatch(BatchCurvature):
             block = micro.take(local[start:start + rows])
             one_hot = torch.eye(len(part), dtype=self.point.dtype, device=self.point.device)
 
-            def weighted(flat, weights):
-                return (weights * self._losses(flat, block)).sum()
+            def weighted(named, weights):
+                return (weights * self._losses(named, block)).sum()
 
             if vectors is None:
-                values = vmap(grad(weighted), in_dims=(None, 0), chunk_size=chunk)(self.point, one_hot)
+                values = vmap(grad(weighted), in_dims=(None, 0), chunk_size=chunk)(self.named, one_hot)
             else:
                 def one(v, weights):
-                    return jvp(lambda flat: grad(weighted)(flat, weights), (self.point,), (v,))[1]
+                    gradient = grad(lambda named: weighted(named, weights))
+                    return jvp(gradient, (self.named,), (self.owner.unflatten(v),))[1]
 
                 values = vmap(one, chunk_size=chunk)(vectors[part.to(vectors.device)], one_hot)
-            out[part.to(out.device)] = values
+            self._place(out, values, part)
 
 
 class ModelCurvature(FlatLayout, HeadCurvature):
@@ -301,14 +325,17 @@ class ModelCurvature(FlatLayout, HeadCurvature):
         self.shapes = {name: shapes[name] for name in self.chosen}
         self.sizes = [int(torch.Size(shape).numel()) for shape in self.shapes.values()]
         self.dim = sum(self.sizes)
+        ends = torch.tensor(self.sizes).cumsum(0).tolist()
+        self.columns = {name: slice(end - size, end) for name, size, end in zip(self.chosen, self.sizes, ends)}
         self._names = set(shapes) | {name for name, _ in self.model.named_buffers()}
         self.num_classes = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
         if trajectory is not None:
             self._labels = trajectory.labels.to(self.device)
             self._weights = trajectory.row_weight.to(self.device, dtype)
 
-    def logits(self, flat: torch.Tensor, fixed: dict, inputs: dict) -> torch.Tensor:
-        return _logits(functional_call(self.model, {**fixed, **self.unflatten(flat)}, (), inputs))
+    def logits_named(self, named: dict[str, torch.Tensor], fixed: dict, inputs: dict) -> torch.Tensor:
+        """The model's logits at the scope's parameters ``named`` and the others ``fixed``."""
+        return _logits(functional_call(self.model, {**fixed, **named}, (), inputs))
 
     def row_bytes(self, batch: ModelBatch, micro: _Micro) -> int:
         """Bytes autograd saves for one row of ``micro``'s shape (measured once per shape)."""
@@ -316,7 +343,8 @@ class ModelCurvature(FlatLayout, HeadCurvature):
         if key not in self._row_bytes:
             point = batch.point.detach().requires_grad_()
             one = micro.take(torch.zeros(1, dtype=torch.long))
-            measured = memory.saved_bytes(lambda: batch._losses(point, one).sum(), [point, *batch.fixed.values()])
+            measured = memory.saved_bytes(lambda: batch._losses(self.unflatten(point), one).sum(),
+                                          [point, *batch.fixed.values()])
             self._row_bytes[key] = max(measured, 1)
         return self._row_bytes[key]
 
