@@ -146,19 +146,21 @@ def test_blocks_and_chunks_under_a_tiny_budget_equal_one_pass(kind, monkeypatch)
     reference = whole.at_step(0)
     vectors = random_vectors(len(step.labels), whole.dim)
     rows = torch.arange(len(step.labels))
+    shifts = 1e-2 * vectors
     expected = (reference.row_grads(rows), reference.row_hvp(vectors, rows), reference.batch_grad,
-                reference.hvp(vectors), reference.row_loss_tangents(vectors[0]))
+                reference.hvp(vectors), reference.row_loss_tangents(vectors[0]), reference.shifted_batch_losses(shifts))
     plans = []
     original = memory.plan_block
     monkeypatch.setattr(memory, "plan_block", lambda *args, **kw: plans.append(original(*args, **kw)) or plans[-1])
     # the least memory in which one row of every quantity fits: one row and one vector per block
     row_bytes, scope_bytes = max(whole._row_bytes.values()), whole.dim * 8
     needs = [cost.bytes(1, 1, row_bytes, scope_bytes) for cost in (memory.BATCH_GRAD, memory.ROW_GRADS, memory.ROW_HVP,
-                                                                   memory.ROW_TANGENTS, memory.BATCH_HVP)]
+                                                                   memory.ROW_TANGENTS, memory.BATCH_HVP,
+                                                                   memory.SHIFTED_LOSSES)]
     tiny = curvature(model, step, ["all"], memory_budget=int(max(needs)) + 1)
     batch = tiny.at_step(0)
     actual = (batch.row_grads(rows), batch.row_hvp(vectors, rows), batch.batch_grad, batch.hvp(vectors),
-              batch.row_loss_tangents(vectors[0]))
+              batch.row_loss_tangents(vectors[0]), batch.shifted_batch_losses(shifts))
     assert plans and min(rows for rows, _ in plans) == 1 and min(chunk for _, chunk in plans) == 1
     for got, want in zip(actual, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13 * float(want.abs().max()))
