@@ -11,7 +11,11 @@ forward-mode ``jvp`` of the rows' losses.
 **Per-row gradients and ``H_r x_r``: vmap over single rows.** ``vmap(grad(l_r))`` runs the rows as one
 batched forward and backward in which each Linear's weight gradient becomes a batched outer product of
 its backprops and activations summed over positions, i.e. exactly the per-sample-gradient computation
-that opacus's ``GradSampleModule`` does with hooks, at about the cost of one backward pass of the batch.
+that opacus's ``GradSampleModule`` does with hooks, in one batched backward pass. Measured on a MiniLM-shaped
+BERT (float32, 16 rows of 64 tokens, one CPU thread on a loaded machine, ``scripts/bench_model_step.py``):
+per-row gradients of the whole model 2.1x a plain training step (forward and backward) of the batch, most
+of it writing the dense (16, P) result (each row's word-embedding gradient is a dense vocab x hidden
+block); the batch gradient 1.4x, one HVP 2.9x, the per-row loss tangents 0.8x.
 It covers every parameter, including those a module holds directly (ViT's ``cls_token`` and position
 embeddings) that per-layer hooks do not see, gives ``H_r x_r`` by the same vmap over forward-over-reverse,
 and works in float64 and float32 on a ``functional_call`` of any parameter point. opacus (1.6 on PyPI)
@@ -31,7 +35,8 @@ the scope size and the activation bytes of one row (measured once per input shap
 the working memory; the result asked for (e.g. the (m, P) per-row gradients) is the caller's.
 ``vector_chunk`` optionally caps the vectors per chunk.
 
-**Reusing the replay's batch gradient.** The replay computes ``G_t`` of the step it replays; it equals
+**Reusing the replay's batch gradient.** The replay computes ``G_t`` (the accumulated gradient of the
+step's weighted loss, before clipping) of the step it replays; it equals
 :attr:`ModelBatch.batch_grad` (up to rounding) only where the two forwards are the same function: dropout
 off in the run (this backend runs in eval mode), the same dtype (the replay runs the training dtype; the
 backend ``dtype``), and attention that differs at most by rounding (the run's SDPA against eager here).
@@ -358,9 +363,13 @@ class ModelCurvature(FlatLayout, HeadCurvature):
         if self.additive_mask is None:
             with torch.no_grad():
                 plain = _logits(functional_call(self.model, params, (), inputs))
-                rewritten = _logits(functional_call(self.model, params, (), expanded))
+                try:
+                    rewritten = _logits(functional_call(self.model, params, (), expanded))
+                except Exception:  # noqa: BLE001 - a model that cannot take a 4D mask keeps its 2D mask
+                    rewritten = None
             tolerance = 64 * torch.finfo(self.dtype).eps * max(1.0, float(plain.abs().max()))
-            self.additive_mask = bool((plain - rewritten).abs().max() <= tolerance)
+            self.additive_mask = (rewritten is not None and rewritten.shape == plain.shape
+                                  and bool((plain - rewritten).abs().max() <= tolerance))
             if not self.additive_mask:
                 logger.info("%s reads a 4D attention mask differently from its 2D padding mask: the 2D mask is kept.",
                             type(self.model).__name__)

@@ -234,3 +234,34 @@ def test_a_model_vmap_refuses_falls_back_to_loss_weights_with_a_clean_sentence(c
     assert backend.per_row == "weights"
     assert [record.getMessage() for record in caplog.records] == [
         "Per-row quantities by per-row loss weights: DataDependent cannot be vmapped over single rows (RuntimeError)."]
+
+
+class MaskedMean(nn.Module):
+    """Mean of token embeddings over the positions its 2D mask keeps: a 4D mask cannot stand in for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.classifier = nn.Embedding(40, 4), nn.Linear(4, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kept = attention_mask[..., None].to(self.embedding.weight.dtype)
+        return self.classifier((self.embedding(input_ids) * kept).sum(1) / kept.sum(1))
+
+
+def test_a_model_that_reads_its_2d_mask_itself_keeps_it():
+    torch.manual_seed(0)
+    model = MaskedMean().double()
+    _, reference = bert_case()
+    inputs = [{key: micro[key] for key in ("input_ids", "attention_mask")} for micro in reference.inputs]
+    step = OneStep(model, inputs, reference.labels)
+    backend = curvature(model, step, ["all"])
+    batch = backend.at_step(0)
+    rows = torch.arange(len(step.labels))
+    expected = torch.zeros(len(rows), backend.dim, dtype=torch.float64)
+    for micro, where in step.batch_inputs(0):
+        for local, row in enumerate(where.tolist()):
+            logits = model(micro["input_ids"][local:local + 1], micro["attention_mask"][local:local + 1])
+            loss = nn.functional.cross_entropy(logits, step.labels[row:row + 1], label_smoothing=SMOOTHING)
+            expected[row] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+    torch.testing.assert_close(batch.row_grads(rows), expected, rtol=1e-10, atol=1e-14)
+    assert backend.additive_mask is False and backend.per_row == "vmap"
