@@ -56,8 +56,7 @@ def autograd_reference(run, data, step, names, vectors):
 def test_model_backend_equals_autograd_on_both_per_row_paths(recorded, scope):
     kind, run, data = recorded
     step = 1
-    paths = ["weights"] if kind == "bert" else ["vmap", "weights"]  # BERT's mask code refuses vmap over rows
-    for path in paths:
+    for path in ["vmap", "weights"]:
         problem = problem_from_run(run, modules=[scope], train_dataset=data, per_row=path)
         batch = problem.curvature.at_step(step)
         rows = torch.arange(len(batch.row_weight))

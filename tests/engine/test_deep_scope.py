@@ -145,8 +145,8 @@ def test_deep_scope_forward_form_matches_the_naive_oracle(recorded, scope_name):
         result = estimate_influence(problem, method, removal, schedule="auto", progress=False)
         assert result.schedule == "sweep"
         torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
-    # BERT's mask code cannot be vmapped over single rows: the backend fell back to per-row loss weights.
-    assert problem.curvature.per_row == ("weights" if kind == "bert" else "vmap")
+    # BERT too is vmapped over single rows (its padding mask handed over in 4D additive form).
+    assert problem.curvature.per_row == "vmap"
 
 
 def test_propagator_is_refused_when_its_matrices_exceed_the_budget(recorded):
