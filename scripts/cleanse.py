@@ -19,8 +19,10 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_accinf import AccInfTrainer, RecordingArguments, ScoreArguments, score_run
 from hf_accinf.data.cleanse import cleansing_check, inject_label_noise
-from hf_accinf.data.columns import attach_scores, column_name, write_scored_dataset
+from hf_accinf.data.columns import attach_scores
+from hf_accinf.data.hub import write_scored_dataset
 from hf_accinf.examples import digits_dataset, tiny_vit
+from hf_accinf.scoring.artifacts import column_name
 
 
 @dataclass

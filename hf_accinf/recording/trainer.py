@@ -23,7 +23,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .. import __version__
+from ..version import __version__
 from ..config import RecordingArguments
 from ..errors import AccInfError
 from ..losses import clip_coefficient, cross_entropy_rows, target_distribution
