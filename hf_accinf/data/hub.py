@@ -27,12 +27,12 @@ from .columns import CARD_FILE, PARQUET_FILE, PROVENANCE_KEY, SIGN_CONVENTION, r
 CARD_TAGS = ["hf-accinf", "data-attribution", "training-data-influence"]
 VERIFY_HEADER = ["k", "Kendall tau", "Pearson r", "sign agreement", "linearity ceiling: Kendall tau",
                  "linearity ceiling: Pearson r"]
-_TRUST_LABELS = {
-    "growth": "tangent growth over the run (||M_T-1 ... M_0||_2, a lower bound)",
-    "log10_growth": "log10 of the tangent growth",
-    "epoch_growth": "tangent growth up to the end of each epoch",
-    "threshold": "expansive above a growth of",
+_TRUST_LABELS = {  # in the order tables show them, then embedding_ratio (two rows), then figures not named here
+    "growth": "tangent growth over the run (2-norm of M_T-1 ... M_0, a lower bound)",
     "expansive": "expansive (the linearization is not to be trusted)",
+    "threshold": "expansive above a growth of",
+    "epoch_growth": "tangent growth up to the end of each epoch",
+    "log10_growth": "log10 of the tangent growth",
     "probes": "random probes",
     "iterations": "power iterations",
 }
@@ -67,8 +67,10 @@ def verify_cells(verify: dict) -> list[str]:
 
 def trust_rows(trust: dict) -> list[tuple[str, str]]:
     """``(figure, value)`` rows of a ``scores.json`` ``trust`` entry, each figure named for what it measures."""
+    order = [*_TRUST_LABELS, "embedding_ratio"]
     rows = []
-    for key, value in trust.items():
+    for key in sorted(trust, key=lambda k: order.index(k) if k in order else len(order)):
+        value = trust[key]
         if key == "embedding_ratio":
             if value:
                 rows.append(("embedding / injected norm ratio: median, p90, max",

@@ -17,7 +17,7 @@ import numpy as np
 from datasets import Dataset
 
 from ..data.columns import SIGN_CONVENTION, read_provenance, score_columns
-from ..data.hub import VERIFY_HEADER, describe_evaluation, trust_rows, verify_cells
+from ..data.hub import VERIFY_HEADER, describe_evaluation, text, trust_rows, verify_cells
 from ..errors import AccInfError
 from ..io import refuse_foreign, write_directory
 from . import plots
@@ -92,7 +92,7 @@ def _blocks(dataset: Dataset, columns: dict[str, np.ndarray], truth, args: Repor
     blocks += [Heading("Score columns"), Table(
         ["column", "method", "form", "scope", "evaluation set", "run manifest", "mean", "std", "min", "max",
          "harmful rows", "helpful rows"],
-        [[f"`{name}`", known.get(name, {}).get("method"), known.get(name, {}).get("form"), known.get(name, {}).get("scope"),
+        [[f"`{name}`", known.get(name, {}).get("method"), known.get(name, {}).get("form"), text(known.get(name, {}).get("scope")),
           describe_evaluation(known.get(name, {}).get("evaluation")),
           ((known.get(name, {}).get("run") or {}).get("manifest_sha256") or "")[:12], float(v.mean()), float(v.std()),
           float(v.min()), float(v.max()), int((v < 0).sum()), int((v > 0).sum())] for name, v in columns.items()])]

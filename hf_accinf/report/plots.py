@@ -76,7 +76,8 @@ def agreement(columns: dict[str, np.ndarray], taus: dict[tuple[str, str], float]
     return _save(figure, path)
 
 
-def _estimate_against_truth(axis, truth: np.ndarray, estimate: np.ndarray, name: str, title: str) -> None:
+def _estimate_against_truth(axis, truth: np.ndarray, estimate: np.ndarray, name: str, title: str,
+                            truth_label: str = "ground truth") -> None:
     """Truth on x, the estimate on y (one scale for both), and the diagonal where they agree."""
     scale, suffix = _scale(truth, estimate)
     truth, estimate = truth / scale, estimate / scale
@@ -86,7 +87,7 @@ def _estimate_against_truth(axis, truth: np.ndarray, estimate: np.ndarray, name:
     axis.plot([low, high], [low, high], color="black", linewidth=0.8, label="estimate = truth")
     axis.axhline(0.0, color="grey", linewidth=0.5)
     axis.axvline(0.0, color="grey", linewidth=0.5)
-    axis.set_xlabel("ground truth" + suffix, fontsize=8)
+    axis.set_xlabel(truth_label + suffix, fontsize=8)
     axis.set_ylabel(f"estimate: {name}{suffix}", fontsize=8)
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=7, loc="upper left")
@@ -110,7 +111,8 @@ def verify(checks: dict[str, dict], path: Path) -> Path:
     for axis, (name, check) in zip(axes[0], checks.items()):
         _estimate_against_truth(axis, np.asarray(check["truth"], dtype=np.float64),
                                 np.asarray(check["estimate"], dtype=np.float64), name,
-                                f"{check['k']} rows retrained out: Kendall tau = {check['kendall_tau']:.3f}")
+                                f"{check['k']} rows retrained out: Kendall tau = {check['kendall_tau']:.3f}",
+                                "truth: eval loss change, row retrained out (weight 0)")
     return _save(figure, path)
 
 
