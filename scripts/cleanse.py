@@ -63,7 +63,8 @@ def run(args: CleanseArguments) -> dict:
     scored = train
     for method in args.methods:
         scores_dir = out / f"scores-{method}"
-        score_run(ScoreArguments(run_dir=recording.run_dir, method=method, output_dir=str(scores_dir)), train, evaluation)
+        score_run(ScoreArguments(run_dir=recording.run_dir, method=method, output_dir=str(scores_dir), overwrite=True),
+                  train, evaluation)  # the script owns its output directory: a rerun replaces it
         scored = attach_scores(scored, scores_dir)
     write_scored_dataset(scored, out / "scored", overwrite=True)
 
