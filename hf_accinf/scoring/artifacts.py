@@ -168,10 +168,13 @@ def column_name(method: str) -> str:
 
 
 def rerun_key(manifest_hash: str | None, arguments: dict, evaluation: EvaluationSet | None) -> dict[str, Any]:
-    """The run, the arguments of :data:`RERUN_ARGUMENTS` and the evaluation set that identify a set of scores."""
-    rows = (evaluation.content_hash or f"{evaluation.rows} rows") if evaluation else None
+    """The run, the arguments of :data:`RERUN_ARGUMENTS` and the evaluation rows that identify a set of scores."""
     return {"run manifest sha256": manifest_hash, **{name: arguments.get(name) for name in RERUN_ARGUMENTS},
-            "evaluation set": rows}
+            "evaluation rows": evaluation.rows if evaluation else None,
+            "evaluation rows' sha256": evaluation.content_hash if evaluation else None}
+
+
+_NOT_IN_VERSION_1 = ("run manifest sha256", "evaluation rows' sha256")  # entries a version 1 summary lacks
 
 
 @dataclass
@@ -239,8 +242,8 @@ def check_rerun(output_dir: str | os.PathLike, request: dict[str, Any], overwrit
     if overwrite or not scores_exist(output_dir):
         return
     saved = read_summary(output_dir).rerun_key()
-    differ = [name for name, value in request.items() if saved.get(name) != value
-              and not (name in ("run manifest sha256", "evaluation set") and saved.get(name) is None)]
+    differ = [name for name, value in request.items()
+              if saved.get(name) != value and not (name in _NOT_IN_VERSION_1 and saved.get(name) is None)]
     if differ:
         changes = "; ".join(f"{name} {saved.get(name)!r} there, {request[name]!r} now" for name in differ)
         raise AccInfError(f"{output_dir} holds scores of another run or other arguments ({changes}). Pass --overwrite "

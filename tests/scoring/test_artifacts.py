@@ -63,6 +63,12 @@ def test_a_format_1_summary_is_read(tmp_path):
     summary = artifacts.ScoreSummary.from_dict(version_1)
     assert summary.run.manifest_sha256 is None and summary.evaluation.rows == 20 and summary.scope == ["w"]
     assert summary.format_version == 1 and summary.extra == {} and summary.gauge == []
+    request = artifacts.rerun_key("abc", {"method": "sgd-ie", "form": "auto"}, artifacts.EvaluationSet(20, "h"))
+    assert request == {**summary.rerun_key(), "run manifest sha256": "abc", "evaluation rows' sha256": "h"}
+    (tmp_path / "scores.json").write_text(json.dumps(version_1))
+    artifacts.check_rerun(tmp_path, request)  # what version 1 did not record is not compared
+    with pytest.raises(AccInfError, match="evaluation rows 20 there, 21 now"):
+        artifacts.check_rerun(tmp_path, {**request, "evaluation rows": 21})
     with pytest.raises(AccInfError, match="newer than this hf_accinf reads"):
         artifacts.ScoreSummary.from_dict({**version_1, "format_version": artifacts.FORMAT_VERSION + 1})
     with pytest.raises(AccInfError, match="not written by hf-accinf score"):
@@ -109,7 +115,7 @@ def test_a_rerun_of_another_run_or_other_arguments_is_refused_unless_overwrite(r
                            (dict(method="sgd-ie", projection_dim=8), "projection_dim")]:
         with pytest.raises(AccInfError, match=f"{named}.*--overwrite"):
             score(run_dir, out, **options)
-    with pytest.raises(AccInfError, match="evaluation set"):
+    with pytest.raises(AccInfError, match="evaluation rows' sha256"):
         score_run(ScoreArguments(run_dir=str(run_dir), output_dir=str(out), method="sgd-ie"), digits_dataset(**TRAIN),
                   digits_dataset(num_rows=20, offset=68), progress=False)
     other = tmp_path / "other"  # another run: another learning rate, another manifest
