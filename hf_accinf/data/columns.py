@@ -15,6 +15,7 @@ this module turns what it read into a column (:func:`attach_scores`) and writes 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -41,8 +42,7 @@ SIGN_CONVENTION = (
 def column_provenance(artifact: ScoreArtifact) -> dict:
     """A column's provenance: what its scoring run recorded (absent entries are ``None``)."""
     summary = artifact.summary
-    arguments = summary.arguments
-    evaluation = summary.evaluation
+    arguments, evaluation = summary.arguments, summary.evaluation
     return {
         "method": summary.method,
         "removal": summary.removal or arguments.get("removal"),
@@ -51,8 +51,7 @@ def column_provenance(artifact: ScoreArtifact) -> dict:
         "form": summary.form,
         "score_kind": arguments.get("score_kind"),
         "run": {"run_dir": summary.run.run_dir, "manifest_sha256": summary.run.manifest_sha256},
-        "evaluation": {"rows": evaluation.rows, "content_hash": evaluation.content_hash, "source": evaluation.source}
-        if evaluation else None,
+        "evaluation": dataclasses.asdict(evaluation) if evaluation else None,
         "arguments": arguments,
         "trust": summary.trust,
         "verify": summary.verify,

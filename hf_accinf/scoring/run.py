@@ -43,22 +43,25 @@ PROJECTED_NAME = "projected"  # the one embeddings tensor of projected methods (
 
 @dataclass
 class ScoreResult:
+    """What :func:`score_run` returns: the scores, the embeddings and what ``scores.json`` says about them."""
+
     scores: torch.Tensor
     embeddings: dict[str, torch.Tensor]
-    schedule: str
-    seconds: float
     output_dir: Path
-    column: str
-    form: str = "forward"
-    trust: dict | None = None  # engine.trust.TrustReport.to_dict(): growth, epoch_growth, expansive, ratios
-    verify: dict | None = None  # evaluation.verify.verify(): agreement with K rows retrained out by replay
-    replay: dict | None = None  # trajectory.replay.ReplayReport.to_dict() when the scope needed replay
-    method: str = ""  # the method that ran (method="auto" resolved)
-    summary: artifacts.ScoreSummary | None = None  # what scores.json says
+    summary: artifacts.ScoreSummary
 
     def artifact(self) -> artifacts.ScoreArtifact:
         """The scores and their summary, as :func:`~.artifacts.load_score_artifact` reads them back."""
         return artifacts.ScoreArtifact(self.scores, self.summary, self.output_dir)
+
+    method = property(lambda self: self.summary.method)  # the method that ran (method="auto" resolved)
+    column = property(lambda self: self.summary.column)
+    form = property(lambda self: self.summary.form)
+    schedule = property(lambda self: self.summary.schedule)
+    seconds = property(lambda self: self.summary.seconds)
+    trust = property(lambda self: self.summary.trust)  # engine.trust.TrustReport.to_dict()
+    verify = property(lambda self: self.summary.verify)  # agreement with K rows retrained out by replay
+    replay = property(lambda self: self.summary.replay)  # trajectory.replay.ReplayReport.to_dict()
 
 
 def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
@@ -166,8 +169,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     if not getattr(method, "parameter_space", True):
         checks["projection"] = projection_fingerprint(method.projection)
     summary = _write(output_dir, args, identity, problem, result, scores, embeddings, form, checks)
-    return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, summary.column, form, trust,
-                       checks["verify"], checks["replay"], args.method, summary)
+    return ScoreResult(scores, embeddings, output_dir, summary)
 
 
 def check_finite(trajectory: Trajectory, clipped: bool = True) -> None:
