@@ -1,14 +1,14 @@
 """hf_accinf: trajectory-aware training-data influence for Hugging Face classifiers."""
 
-from .version import __version__  # noqa: F401
-from .config import RecordingArguments, ScoreArguments  # noqa: E402
-from .data.columns import add_score_column  # noqa: E402
-from .engine import CorrectionPolicy, estimate_influence  # noqa: E402
-from .errors import AccInfError  # noqa: E402
-from .problem import InfluenceProblem, problem_from_run  # noqa: E402
-from .recording import AccInfTrainer  # noqa: E402
-from .scoring import attribution_matrix, score_run  # noqa: E402
-from .trajectory import RunReader, Trajectory  # noqa: E402
+from .config import RecordingArguments, ScoreArguments
+from .data.columns import add_score_column
+from .engine import CorrectionPolicy, estimate_influence
+from .errors import AccInfError
+from .problem import InfluenceProblem, problem_from_run
+from .recording import AccInfTrainer
+from .scoring import attribution_matrix, score_run
+from .trajectory import RunReader, Trajectory
+from .version import __version__
 
 __all__ = [
     "AccInfError",

@@ -19,8 +19,10 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_accinf import AccInfTrainer, RecordingArguments, ScoreArguments, score_run
 from hf_accinf.data.cleanse import cleansing_check, inject_label_noise
-from hf_accinf.data.columns import attach_scores, column_name, write_scored_dataset
+from hf_accinf.data.columns import attach_scores
+from hf_accinf.data.hub import write_scored_dataset
 from hf_accinf.examples import digits_dataset, tiny_vit
+from hf_accinf.scoring.artifacts import column_name
 
 
 @dataclass
@@ -61,7 +63,8 @@ def run(args: CleanseArguments) -> dict:
     scored = train
     for method in args.methods:
         scores_dir = out / f"scores-{method}"
-        score_run(ScoreArguments(run_dir=recording.run_dir, method=method, output_dir=str(scores_dir)), train, evaluation)
+        score_run(ScoreArguments(run_dir=recording.run_dir, method=method, output_dir=str(scores_dir), overwrite=True),
+                  train, evaluation)  # the script owns its output directory: a rerun replaces it
         scored = attach_scores(scored, scores_dir)
     write_scored_dataset(scored, out / "scored", overwrite=True)
 

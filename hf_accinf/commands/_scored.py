@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from ..data.columns import DATASET_DIR, attach_scores, load_scored_dataset
+from ..data.columns import attach_scores, load_scored_dataset
 from ..errors import AccInfError
+from ..scoring.artifacts import DATASET_DIR
 
 
 @dataclass
@@ -28,6 +28,9 @@ class ScoredDataArguments:
         if self.dataset is None and not self.scores_dir:
             raise AccInfError("Pass --dataset (a save_to_disk directory) or --scores_dir (a scoring output directory).")
         source = self.dataset or str(Path(self.scores_dir[0]) / DATASET_DIR)
+        if self.dataset is None and not Path(source).is_dir():
+            raise AccInfError(f"{self.scores_dir[0]} holds no {DATASET_DIR}/ (score_run called from Python writes none; "
+                              "hf_accinf.data.columns.write_dataset_column does): pass the training dataset with --dataset.")
         dataset = load_scored_dataset(source)
         for directory in self.scores_dir or []:
             dataset = attach_scores(dataset, directory)

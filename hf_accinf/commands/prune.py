@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..data.columns import write_scored_dataset
+from ..data.hub import write_scored_dataset
 from ..data.prune import PruneArguments, prune_dataset
 from ._scored import ScoredDataArguments
 from .parsing import build_parser, parse

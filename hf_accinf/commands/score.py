@@ -2,6 +2,9 @@
 
 Works as a plain command and under ``accelerate launch`` (each process scores its shard of rows).
 Every argument and input is checked before the long work (see :func:`hf_accinf.scoring.score_run`).
+:func:`~hf_accinf.scoring.score_run` writes the score files; this command then writes ``<output_dir>/dataset``,
+the training dataset with the score column (:func:`hf_accinf.data.columns.write_dataset_column`), and
+records where the evaluation rows came from in ``scores.json``.
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ def make_parser(subparsers=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..data.columns import write_dataset_column
     from ..engine import ShardContext
     from ..scoring import score_run
-
     from ..trajectory.schema import load_manifest
 
     args, data, launch = parse(make_parser(), argv)[:3]
-    load_manifest(args.run_dir)  # a wrong run directory is named before any data is read
+    manifest = load_manifest(args.run_dir)  # a wrong run directory is named before any data is read
     collate = None
     if data.train_data or data.eval_data:
         if not (data.train_data and data.eval_data):
@@ -45,18 +48,23 @@ def main(argv: list[str] | None = None) -> int:
                               "`hf-accinf train`, whose data source the manifest records).")
         tokenizer = load_tokenizer(data.tokenizer)
         train, held_out = load_training_data(data), load_eval_data(data, tokenizer)
+        evaluation = f"--eval_data {data.eval_data}" + (f" (split {data.eval_split})" if data.eval_split else "")
     else:
         tokenizer = load_tokenizer(data.tokenizer)
         train, held_out, collate = load_recorded_data(args.run_dir)
         if held_out is None:
             raise AccInfError(f"{args.run_dir} records no evaluation split: pass --train_data and --eval_data.")
+        evaluation = _recorded_evaluation(manifest, args.run_dir)
     model = load_model_factory(data.model)
     shard = ShardContext.from_accelerate(cpu=launch.cpu or not torch.cuda.is_available())
     try:
-        result = score_run(args, train, held_out, shard, collate_fn=collate, model=model, tokenizer=tokenizer)
+        result = score_run(args, train, held_out, shard, collate_fn=collate, model=model, tokenizer=tokenizer,
+                           evaluation_source=evaluation)
     finally:
         shard.close()
     if result is not None:
+        if hasattr(train, "save_to_disk"):
+            write_dataset_column(train, result.artifact())
         order = torch.argsort(result.scores)
         print(f"{result.method} ({args.removal} removal, {result.form} form, {result.schedule} schedule) on "
               f"{len(result.scores)} rows in {result.seconds:.2f} s; wrote {result.output_dir}")
@@ -73,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"most helpful rows: {order.flip(0)[:5].tolist()} "
               f"scores {[f'{v:.2e}' for v in result.scores[order.flip(0)[:5]].tolist()]}")
     return 0
+
+
+def _recorded_evaluation(manifest, run_dir: str) -> str:
+    """The evaluation rows reloaded from the run's recorded data source, in words."""
+    dataset = manifest.dataset
+    source = (dataset.get("source") if isinstance(dataset, dict) else getattr(dataset, "source", None)) or {}
+    if not isinstance(source, dict):
+        source = source.to_dict()
+    split = (f"split '{source['eval_split']}'" if source.get("eval_split") else
+             f"rows held out of split '{source.get('split', 'train')}' (split seed {source.get('split_seed', 0)})")
+    return f"{source.get('dataset')}, {split}, as recorded in {run_dir}/manifest.json by hf-accinf train"
 
 
 if __name__ == "__main__":

@@ -1,25 +1,23 @@
 """Scores back into the ``datasets.Dataset`` as columns, each with its provenance.
 
 One column per scoring run (``influence_<method>`` by default; several coexist). What produced a
-column (method, scope, form, run identity, evaluation set, arguments, library version, trust figures)
-travels with the dataset in three places: a JSON block in ``DatasetInfo.description`` (survives
+column (method, scope, form, run identity, evaluation set, arguments, library version, trust and verify
+figures) travels with the dataset in three places: a JSON block in ``DatasetInfo.description`` (survives
 ``save_to_disk``), the ``hf_accinf`` key of the parquet schema metadata, and the dataset card
 (:mod:`hf_accinf.data.hub`). Sign convention (DESIGN.md section 1): a score is the predicted change
 of the mean evaluation loss when the row is removed, so > 0 is helpful and < 0 harmful.
 
-:func:`load_scores` is the one reader of a scoring output directory (``scores.safetensors`` and
-``scores.json``); it ignores metadata it does not know.
+Scoring outputs are read by :func:`hf_accinf.scoring.artifacts.load_score_artifact`, the one reader;
+this module turns what it read into a column (:func:`attach_scores`) and writes a scoring output's
+``dataset/`` (:func:`write_dataset_column`).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
+import dataclasses
 import json
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +25,10 @@ import torch
 from datasets import Dataset
 
 from ..errors import AccInfError
+from ..io import write_directory
+from ..scoring.artifacts import DATASET_DIR, ScoreArtifact, load_score_artifact
+from ..version import __version__
 
-SCORES_FILE = "scores.safetensors"
-SUMMARY_FILE = "scores.json"
-MANIFEST_FILE = "manifest.json"
-DATASET_DIR = "dataset"
 PARQUET_FILE = "data.parquet"
 CARD_FILE = "README.md"
 PROVENANCE_KEY = "hf_accinf"
@@ -42,85 +39,28 @@ SIGN_CONVENTION = (
 )
 
 
-@dataclass
-class ScoreArtifact:
-    """One scoring run read back: the per-row scores and everything known about how they were made."""
-
-    scores: np.ndarray
-    summary: dict = field(default_factory=dict)
-    path: Path | None = None
-
-    @property
-    def method(self) -> str:
-        return str(self.summary.get("arguments", {}).get("method") or self.summary.get("method") or "unknown")
-
-    @property
-    def column(self) -> str:
-        return self.summary.get("column") or column_name(self.method)
-
-    def provenance(self) -> dict:
-        """The column's provenance, from what the scoring run recorded (absent entries are ``None``)."""
-        summary, arguments = self.summary, self.summary.get("arguments", {})
-        run_dir = arguments.get("run_dir") or summary.get("run_dir")
-        return {
-            "method": self.method,
-            "removal": arguments.get("removal"),
-            "schedule": summary.get("schedule"),
-            "scope": summary.get("scope") or summary.get("modules") or arguments.get("modules") or "recorded chosen parameters",
-            "form": summary.get("form"),
-            "score_kind": arguments.get("score_kind"),
-            "run": {"run_dir": run_dir, "manifest_sha256": manifest_hash(run_dir)},
-            "evaluation": summary.get("evaluation") or arguments.get("eval_data") or "not recorded by the scoring run",
-            "arguments": arguments,
-            "trust": summary.get("trust"),
-            "verify": {k: v for k, v in (summary.get("verify") or {}).items() if k not in ("estimate", "truth", "truth_half")}
-            or None,
-            "replay_max_rel_error": (summary.get("replay") or {}).get("max_rel"),
-            "scores_dir": str(self.path) if self.path else None,
-            "hf_accinf_version": summary.get("hf_accinf_version") or _version(),
-            "sign": SIGN_CONVENTION,
-        }
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def column_name(method: str) -> str:
-    return "influence_" + method.replace("-", "_")
-
-
-def manifest_hash(run_dir: str | os.PathLike | None) -> str | None:
-    """sha256 of the run's ``manifest.json``: names the exact run a column was computed from."""
-    if not run_dir or not Path(run_dir, MANIFEST_FILE).is_file():
-        return None
-    return hashlib.sha256(Path(run_dir, MANIFEST_FILE).read_bytes()).hexdigest()
-
-
-def load_scores(scores_dir: str | os.PathLike) -> ScoreArtifact:
-    """Read ``<scores_dir>/scores.safetensors`` (key ``scores``) and ``scores.json`` when present."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(scores_dir)
-    path = directory / SCORES_FILE
-    if not path.is_file():
-        raise AccInfError(f"No {SCORES_FILE} in {directory}: run `hf-accinf score` first, or pass its --output_dir.")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise AccInfError(f"{path} cannot be read ({error}): score the run again.") from error
-    if "scores" not in tensors or tensors["scores"].ndim != 1:
-        raise AccInfError(f"{path} holds no one-dimensional 'scores' tensor: score the run again.")
-    summary = {}
-    if (directory / SUMMARY_FILE).is_file():
-        try:
-            summary = json.loads((directory / SUMMARY_FILE).read_text())
-        except json.JSONDecodeError as error:
-            raise AccInfError(f"{directory / SUMMARY_FILE} is not valid JSON ({error}): score the run again.") from error
-    return ScoreArtifact(tensors["scores"].double().numpy(), summary, directory)
+def column_provenance(artifact: ScoreArtifact) -> dict:
+    """A column's provenance: what its scoring run recorded (absent entries are ``None``)."""
+    summary = artifact.summary
+    arguments, evaluation = summary.arguments, summary.evaluation
+    return {
+        "method": summary.method,
+        "removal": summary.removal or arguments.get("removal"),
+        "schedule": summary.schedule,
+        "scope": summary.scope or summary.modules or "recorded chosen parameters",
+        "form": summary.form,
+        "score_kind": arguments.get("score_kind"),
+        "run": {"run_dir": summary.run.run_dir, "manifest_sha256": summary.run.manifest_sha256},
+        "evaluation": dataclasses.asdict(evaluation) if evaluation else None,
+        "arguments": arguments,
+        "trust": summary.trust,
+        "verify": summary.verify,
+        "replay_max_rel_error": (summary.replay or {}).get("max_rel"),
+        "gauge": summary.gauge,
+        "scores_dir": str(artifact.path) if artifact.path else None,
+        "hf_accinf_version": summary.hf_accinf_version or __version__,
+        "sign": SIGN_CONVENTION,
+    }
 
 
 def read_provenance(dataset: Dataset) -> dict:
@@ -159,10 +99,20 @@ def add_score_column(dataset: Dataset, scores, name: str, provenance: dict | Non
     return with_provenance(dataset, known)
 
 
-def attach_scores(dataset: Dataset, scores_dir: str | os.PathLike, name: str | None = None) -> Dataset:
-    """Add the scores of one scoring run as a column with its provenance (name default: ``influence_<method>``)."""
-    artifact = load_scores(scores_dir)
-    return add_score_column(dataset, artifact.scores, name or artifact.column, artifact.provenance())
+def attach_scores(dataset: Dataset, scores: ScoreArtifact | str | os.PathLike, name: str | None = None) -> Dataset:
+    """``dataset`` with the scores of one scoring run (a :class:`ScoreArtifact`, e.g. ``score_run(...).artifact()``,
+    or its output directory) as a column with its provenance (name default: ``influence_<method>``)."""
+    artifact = scores if isinstance(scores, ScoreArtifact) else load_score_artifact(scores)
+    return add_score_column(dataset, artifact.scores, name or artifact.column, column_provenance(artifact))
+
+
+def write_dataset_column(dataset: Dataset, artifact: ScoreArtifact, name: str | None = None) -> Path:
+    """Write ``<scoring output>/dataset/``: ``dataset`` with the score column of ``artifact`` (``save_to_disk``),
+    replacing a previous one as a whole. The ``score`` command calls it after :func:`~hf_accinf.score_run`."""
+    if artifact.path is None:
+        raise AccInfError("The scores have no output directory: pass the result of score_run or load_score_artifact.")
+    scored = attach_scores(dataset, artifact, name)
+    return write_directory(Path(artifact.path) / DATASET_DIR, lambda staging: scored.save_to_disk(str(staging)))
 
 
 def score_columns(dataset: Dataset) -> list[str]:
@@ -172,50 +122,9 @@ def score_columns(dataset: Dataset) -> list[str]:
     return recorded or [c for c in dataset.column_names if c.startswith("influence_")]
 
 
-def write_scored_dataset(dataset: Dataset, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``dataset/`` (``save_to_disk``), ``data.parquet`` (provenance in its schema metadata) and the
-    card ``README.md`` into ``directory``, as a whole: a staging directory, then one rename."""
-    import pyarrow.parquet as pq
-
-    from .hub import dataset_card
-
-    target = Path(directory)
-    if target.exists() and any(target.iterdir()):
-        if not overwrite:
-            raise AccInfError(f"{target} exists and is not empty: choose another directory or pass --overwrite.")
-        if not (target / DATASET_DIR).is_dir() or not (target / CARD_FILE).is_file():
-            raise AccInfError(f"{target} was not written by hf_accinf: refusing to replace it; choose another directory.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        dataset.save_to_disk(str(staging / DATASET_DIR))
-        table = dataset.with_format("arrow")[:]
-        metadata = dict(table.schema.metadata or {})
-        metadata[PROVENANCE_KEY.encode()] = json.dumps(read_provenance(dataset), sort_keys=True).encode()
-        pq.write_table(table.replace_schema_metadata(metadata), staging / PARQUET_FILE)
-        (staging / CARD_FILE).write_text(dataset_card(dataset))
-        os.chmod(staging, 0o777 & ~_umask())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def load_scored_dataset(directory: str | os.PathLike) -> Dataset:
-    """A dataset written by :func:`write_scored_dataset` (its ``dataset/``), or any ``save_to_disk`` directory."""
+    """A dataset written by :func:`hf_accinf.data.hub.write_scored_dataset` or :func:`write_dataset_column` (its
+    ``dataset/``), or any ``save_to_disk`` directory."""
     from datasets import load_from_disk
 
     path = Path(directory)

@@ -16,7 +16,7 @@ import numpy as np
 from datasets import Dataset
 
 from ..errors import AccInfError
-from .columns import read_provenance, with_provenance
+from .columns import read_provenance, score_columns, with_provenance
 
 
 @dataclass
@@ -101,8 +101,6 @@ def prune_dataset(dataset: Dataset, args: PruneArguments) -> Dataset:
 
 
 def _only_score_column(dataset: Dataset) -> list[str]:
-    from .columns import score_columns
-
     found = score_columns(dataset)
     if len(found) != 1:
         raise AccInfError(f"Choose the ranking with --columns: the dataset has score columns {found or 'none'}.")

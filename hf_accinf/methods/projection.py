@@ -55,3 +55,16 @@ class GradientProjection:
         for start, block in self._blocks():
             result += vectors[..., start : start + block.shape[1]] @ block.to(vectors.dtype).T
         return result
+
+
+def projection_fingerprint(projection: GradientProjection) -> dict:
+    """What identifies a projection (saved in scores.json): its width and its image of a fixed probe."""
+    probe = torch.linspace(-1, 1, projection.input_dim, dtype=torch.float64)
+    image = projection(probe.to(projection.dtype)).double()
+    return {"dim": projection.dim, "identity": projection.identity, "probe": [float(x) for x in image[:4]]}
+
+
+def same_projection(rebuilt: dict, saved: dict) -> bool:
+    """Whether two fingerprints name the same projection (up to float rounding)."""
+    return rebuilt["dim"] == saved["dim"] and rebuilt["identity"] == saved["identity"] and \
+        torch.allclose(torch.tensor(rebuilt["probe"]), torch.tensor(saved["probe"]), rtol=1e-4, atol=1e-6)

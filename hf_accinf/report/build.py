@@ -2,15 +2,14 @@
 
 Sections: the score columns (provenance, summary statistics) and their distributions; the most helpful
 and most harmful rows of each column (text snippets or image thumbnails, with labels); agreement
-between columns (Kendall's tau, scatter); the trust figures a scoring run recorded; and, given ground
-truth (e.g. leave-one-out retraining), estimate against truth (DESIGN.md section 7's metrics).
+between columns (Kendall's tau, scatter); the agreement of each column with the rows its scoring run
+retrained out (``--verify``: a table and an estimate-against-truth scatter); the trust figures the
+scoring run recorded (a table); and, given ground truth (e.g. leave-one-out retraining), estimate
+against truth (DESIGN.md section 7's metrics). The report is written as a whole (:mod:`hf_accinf.io`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,9 @@ import numpy as np
 from datasets import Dataset
 
 from ..data.columns import SIGN_CONVENTION, read_provenance, score_columns
+from ..data.hub import VERIFY_HEADER, describe_evaluation, text, trust_rows, verify_cells
 from ..errors import AccInfError
+from ..io import refuse_foreign, write_directory
 from . import plots
 from .document import Block, Heading, Image, Paragraph, Table, to_html, to_markdown
 
@@ -58,27 +59,16 @@ def build_report(dataset: Dataset, args: ReportArguments) -> Report:
         raise AccInfError(f"No score columns in the dataset (columns {dataset.column_names}): attach scores with --scores_dir.")
     truth = _truth(args.truth, len(dataset))
     plots.pyplot()  # matplotlib present, before any work
-    target = Path(args.output_dir)
-    if target.exists() and any(target.iterdir()):
-        if not args.overwrite:
-            raise AccInfError(f"{target} exists and is not empty: choose another directory or pass --overwrite.")
-        if not (target / REPORT_FILE).is_file():
-            raise AccInfError(f"{target} holds no report written by hf_accinf: refusing to replace it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+    target = refuse_foreign(args.output_dir, args.overwrite, lambda directory: (directory / REPORT_FILE).is_file())
+    images: list[str] = []
+
+    def fill(staging: Path) -> None:
         blocks = _blocks(dataset, columns, truth, args, staging)
         (staging / REPORT_FILE).write_text(to_markdown(blocks))
         (staging / HTML_FILE).write_text(to_html(blocks, args.title))
-        images = sorted(p.name for p in staging.glob("*.png"))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(staging, 0o777 & ~mask)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        images.extend(sorted(p.name for p in staging.glob("*.png")))
+
+    write_directory(target, fill)
     return Report(target / REPORT_FILE, target / HTML_FILE, [target / name for name in images])
 
 
@@ -100,8 +90,10 @@ def _blocks(dataset: Dataset, columns: dict[str, np.ndarray], truth, args: Repor
     blocks: list[Block] = [Heading(args.title, 1), Paragraph(f"{len(dataset)} training rows; score columns "
                            f"{', '.join(f'`{c}`' for c in columns)}. Sign convention: {SIGN_CONVENTION}")]
     blocks += [Heading("Score columns"), Table(
-        ["column", "method", "form", "scope", "run manifest", "mean", "std", "min", "max", "harmful rows", "helpful rows"],
-        [[f"`{name}`", known.get(name, {}).get("method"), known.get(name, {}).get("form"), known.get(name, {}).get("scope"),
+        ["column", "method", "form", "scope", "evaluation set", "run manifest", "mean", "std", "min", "max",
+         "harmful rows", "helpful rows"],
+        [[f"`{name}`", known.get(name, {}).get("method"), known.get(name, {}).get("form"), text(known.get(name, {}).get("scope")),
+          describe_evaluation(known.get(name, {}).get("evaluation")),
           ((known.get(name, {}).get("run") or {}).get("manifest_sha256") or "")[:12], float(v.mean()), float(v.std()),
           float(v.min()), float(v.max()), int((v < 0).sum()), int((v > 0).sum())] for name, v in columns.items()])]
     plots.distributions(columns, out / "distributions.png")
@@ -109,14 +101,8 @@ def _blocks(dataset: Dataset, columns: dict[str, np.ndarray], truth, args: Repor
     blocks += _examples(dataset, columns, args.top_k, out)
     if len(columns) > 1:
         blocks += _agreement(columns, out)
-    trust = {name: _numbers(known[name].get("trust")) for name in columns if known.get(name, {}).get("trust")}
-    trust = {name: values for name, values in trust.items() if values}
-    if trust:
-        names = sorted({k for v in trust.values() for k in v})
-        blocks += [Heading("Trust figures"), Paragraph("Figures the scoring run recorded about its own reliability."),
-                   Table(["figure"] + [f"`{c}`" for c in trust], [[n] + [trust[c].get(n) for c in trust] for n in names])]
-        plots.trust(trust, out / "trust.png")
-        blocks.append(Image("trust.png", "Trust figures per score column."))
+    blocks += _verify(known, columns, out)
+    blocks += _trust(known, columns)
     if truth is not None:
         blocks += _versus_truth(columns, truth, args.truth, out)
     if "prune" in provenance:
@@ -126,15 +112,32 @@ def _blocks(dataset: Dataset, columns: dict[str, np.ndarray], truth, args: Repor
     return blocks
 
 
-def _numbers(values) -> dict[str, float]:
-    """The numeric entries of a (possibly nested) dict, keys joined with '.'."""
-    flat: dict[str, float] = {}
-    for key, value in (values or {}).items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in _numbers(value).items()})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
-            flat[key] = float(value)
-    return flat
+def _verify(known: dict, columns: dict[str, np.ndarray], out: Path) -> list[Block]:
+    checks = {name: known[name]["verify"] for name in columns if (known.get(name) or {}).get("verify")}
+    if not checks:
+        return []
+    blocks: list[Block] = [
+        Heading("Agreement with rows retrained out (--verify)"),
+        Paragraph("Each scoring run retrained k random rows out by replay (their loss weight 0 at every occurrence, "
+                  "everything else as recorded) and compared its scores of these rows with the exact change of the "
+                  "evaluation loss. The linearity ceiling (truth at weight 0 against twice the truth at weight 0.5) "
+                  "bounds the agreement any first-order estimate can reach on this run."),
+        Table(["column"] + VERIFY_HEADER, [[f"`{name}`"] + verify_cells(check) for name, check in checks.items()])]
+    plotted = {name: check for name, check in checks.items() if check.get("estimate") and check.get("truth")}
+    if plotted:
+        plots.verify(plotted, out / "verify.png")
+        blocks.append(Image("verify.png", "Estimated score of each retrained row against the exact change of the "
+                                          "evaluation loss without it (truth at weight 0); the diagonal is agreement."))
+    return blocks
+
+
+def _trust(known: dict, columns: dict[str, np.ndarray]) -> list[Block]:
+    figures = {name: dict(trust_rows(known[name]["trust"])) for name in columns if (known.get(name) or {}).get("trust")}
+    if not figures:
+        return []
+    names = list(dict.fromkeys(label for rows in figures.values() for label in rows))
+    return [Heading("Trust figures"), Paragraph("Figures the scoring run recorded about its own reliability."),
+            Table(["figure"] + [f"`{c}`" for c in figures], [[n] + [figures[c].get(n) for c in figures] for n in names])]
 
 
 def _agreement(columns: dict[str, np.ndarray], out: Path) -> list[Block]:

@@ -76,41 +76,43 @@ def agreement(columns: dict[str, np.ndarray], taus: dict[tuple[str, str], float]
     return _save(figure, path)
 
 
+def _estimate_against_truth(axis, truth: np.ndarray, estimate: np.ndarray, name: str, title: str,
+                            truth_label: str = "ground truth") -> None:
+    """Truth on x, the estimate on y (one scale for both), and the diagonal where they agree."""
+    scale, suffix = _scale(truth, estimate)
+    truth, estimate = truth / scale, estimate / scale
+    axis.scatter(truth, estimate, s=8 if len(truth) > 30 else 18, alpha=0.6 if len(truth) > 30 else 0.9, color=HELPFUL,
+                 edgecolors="none")
+    low, high = float(min(truth.min(), estimate.min())), float(max(truth.max(), estimate.max()))
+    axis.plot([low, high], [low, high], color="black", linewidth=0.8, label="estimate = truth")
+    axis.axhline(0.0, color="grey", linewidth=0.5)
+    axis.axvline(0.0, color="grey", linewidth=0.5)
+    axis.set_xlabel(truth_label + suffix, fontsize=8)
+    axis.set_ylabel(f"estimate: {name}{suffix}", fontsize=8)
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7, loc="upper left")
+
+
 def versus_truth(columns: dict[str, np.ndarray], truth: np.ndarray, metrics: dict[str, dict], path: Path) -> Path:
     """Estimate against ground truth for each score column, with the diagonal."""
     plt = pyplot()
     figure, axes = plt.subplots(1, len(columns), figsize=(4.0 * len(columns), 3.8), squeeze=False)
     for axis, (name, values) in zip(axes[0], columns.items()):
-        scale, suffix = _scale(truth, values)
-        metric_rmse = metrics[name]["rmse"]
-        truth_scaled, values = truth / scale, values / scale
-        axis.scatter(truth_scaled, values, s=8, alpha=0.6, color=HELPFUL, edgecolors="none")
-        low, high = float(min(truth_scaled.min(), values.min())), float(max(truth_scaled.max(), values.max()))
-        axis.plot([low, high], [low, high], color="black", linewidth=0.8, label="estimate = truth")
-        axis.set_xlabel("ground truth" + suffix, fontsize=8)
-        axis.set_ylabel(f"estimate: {name}{suffix}", fontsize=8)
-        axis.set_title(f"Kendall tau = {metrics[name]['kendall_tau']:.3f}, RMSE = {metric_rmse:.2e}", fontsize=9)
-        axis.legend(fontsize=7, loc="upper left")
+        _estimate_against_truth(axis, truth, values, name, f"Kendall tau = {metrics[name]['kendall_tau']:.3f}, "
+                                f"RMSE = {metrics[name]['rmse']:.2e}")
     return _save(figure, path)
 
 
-def trust(figures: dict[str, dict[str, float]], path: Path) -> Path:
-    """Horizontal bars of the numeric trust figures of each column (from scores.json)."""
+def verify(checks: dict[str, dict], path: Path) -> Path:
+    """Per score column with ``--verify`` figures: the estimate of each retrained row against the exact change of the
+    evaluation loss without it (truth at weight 0 on x), with the diagonal."""
     plt = pyplot()
-    names = sorted({key for values in figures.values() for key in values})
-    figure, axis = plt.subplots(figsize=(8.0, 0.45 * len(names) * len(figures) + 1.2))
-    height = 0.8 / len(figures)
-    for offset, (column, values) in enumerate(figures.items()):
-        positions = np.arange(len(names)) + offset * height
-        axis.barh(positions, [values.get(n, np.nan) for n in names], height=height, label=column)
-    axis.set_yticks(np.arange(len(names)) + 0.4 - height / 2, names, fontsize=8)
-    axis.invert_yaxis()
-    for container in axis.containers:
-        axis.bar_label(container, fmt="%.3g", fontsize=7, padding=2)
-    largest = max((abs(v) for values in figures.values() for v in values.values()), default=1.0)
-    axis.set_xlim(right=1.15 * largest)
-    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axis.set_title("trust figures recorded by the scoring run", fontsize=9)
+    figure, axes = plt.subplots(1, len(checks), figsize=(4.0 * len(checks), 3.8), squeeze=False)
+    for axis, (name, check) in zip(axes[0], checks.items()):
+        _estimate_against_truth(axis, np.asarray(check["truth"], dtype=np.float64),
+                                np.asarray(check["estimate"], dtype=np.float64), name,
+                                f"{check['k']} rows retrained out: Kendall tau = {check['kendall_tau']:.3f}",
+                                "truth: eval loss change, row retrained out (weight 0)")
     return _save(figure, path)
 
 

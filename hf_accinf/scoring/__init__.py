@@ -1,6 +1,9 @@
 """Scoring a recorded run (:mod:`.run`) and the files it writes (:mod:`.artifacts`)."""
 
-from .artifacts import load_embeddings, load_scores, load_summary, scores_exist
+from .artifacts import (
+    ScoreArtifact, ScoreSummary, load_embeddings, load_score_artifact, load_scores, read_summary, scores_exist,
+)
 from .run import ScoreResult, attribution_matrix, score_run
 
-__all__ = ["ScoreResult", "attribution_matrix", "load_embeddings", "load_scores", "load_summary", "score_run", "scores_exist"]
+__all__ = ["ScoreArtifact", "ScoreResult", "ScoreSummary", "attribution_matrix", "load_embeddings", "load_score_artifact",
+           "load_scores", "read_summary", "score_run", "scores_exist"]

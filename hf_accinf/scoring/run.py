@@ -2,7 +2,9 @@
 
 Checks every input before the long work (arguments, output directory, run directory, finite
 trajectory, training dataset identity, evaluation labels, method and optimizer), runs the engine on
-this process's shard, and on the main process writes the artifact set of :mod:`.artifacts` at once.
+this process's shard, and on the main process writes the artifact set of :mod:`.artifacts` at once and
+returns the result. The score column of the training dataset is the caller's to add
+(:func:`hf_accinf.data.columns.attach_scores`, :func:`~hf_accinf.data.columns.write_dataset_column`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import __version__
 from ..config import ScoreArguments
-from ..data.columns import ScoreArtifact, add_score_column
 from ..curvature.model import ModelCurvature
 from ..data.features import check_eval_labels, eval_collator
 from ..modules import resolve_scope
@@ -29,10 +29,11 @@ from ..engine.adjoint import adjoint_scores
 from ..engine.objective import check_score_kind, scores_from_embeddings
 from ..engine.trust import trust_check
 from ..errors import AccInfError
-from ..methods.projection import GradientProjection
+from ..methods.projection import GradientProjection, projection_fingerprint, same_projection
 from ..methods.registry import build_method
 from ..problem import problem_from_run
 from ..trajectory import RunReader, Trajectory
+from ..trajectory.schema import content_hash
 from . import artifacts
 from .plan import plan_scoring, replay_unavailable
 
@@ -43,21 +44,30 @@ PROJECTED_NAME = "projected"  # the one embeddings tensor of projected methods (
 
 @dataclass
 class ScoreResult:
+    """What :func:`score_run` returns: the scores, the embeddings and what ``scores.json`` says about them."""
+
     scores: torch.Tensor
     embeddings: dict[str, torch.Tensor]
-    schedule: str
-    seconds: float
     output_dir: Path
-    column: str
-    form: str = "forward"
-    trust: dict | None = None  # engine.trust.TrustReport.to_dict(): growth, epoch_growth, expansive, ratios
-    verify: dict | None = None  # evaluation.verify.verify(): agreement with K rows retrained out by replay
-    replay: dict | None = None  # trajectory.replay.ReplayReport.to_dict() when the scope needed replay
-    method: str = ""  # the method that ran (method="auto" resolved)
+    summary: artifacts.ScoreSummary
+
+    def artifact(self) -> artifacts.ScoreArtifact:
+        """The scores and their summary, as :func:`~.artifacts.load_score_artifact` reads them back."""
+        return artifacts.ScoreArtifact(self.scores, self.summary, self.output_dir)
+
+    method = property(lambda self: self.summary.method)  # the method that ran (method="auto" resolved)
+    column = property(lambda self: self.summary.column)
+    form = property(lambda self: self.summary.form)
+    schedule = property(lambda self: self.summary.schedule)
+    seconds = property(lambda self: self.summary.seconds)
+    trust = property(lambda self: self.summary.trust)  # engine.trust.TrustReport.to_dict()
+    verify = property(lambda self: self.summary.verify)  # agreement with K rows retrained out by replay
+    replay = property(lambda self: self.summary.replay)  # trajectory.replay.ReplayReport.to_dict()
 
 
 def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
-              collate_fn=None, progress: bool = True, model=None, tokenizer=None, states=None) -> ScoreResult | None:
+              collate_fn=None, progress: bool = True, model=None, tokenizer=None, states=None,
+              evaluation_source: str | None = None) -> ScoreResult | None:
     """Estimate every training row's influence on the mean loss of ``eval_dataset``.
 
     ``model``: the model (or a factory, see :meth:`RunReader.build_model`) when the recorded class cannot
@@ -67,6 +77,11 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
     A scope outside the recorded head (``args.modules``, e.g. ``last:1`` or ``all``) runs the whole model
     on each step's rows of ``train_dataset`` (collated by ``collate_fn``) at ``theta_t`` from ``states``
     (default: replay from the run's checkpoints) and evaluates the objective through the whole model.
+    ``evaluation_source``: where ``eval_dataset`` came from, recorded in ``scores.json`` beside a hash of its rows.
+    Writes the score files of :mod:`.artifacts` (not the dataset column: attach it with
+    :func:`hf_accinf.data.columns.attach_scores` or write it with :func:`~hf_accinf.data.columns.write_dataset_column`).
+    A rerun into the output of another run, or with other arguments (``artifacts.RERUN_ARGUMENTS``, the
+    evaluation rows), is refused unless ``args.overwrite``.
     Returns the result on the main process (``None`` on the others).
     """
     own_shard = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -74,13 +89,15 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
         shard = ShardContext.from_accelerate(cpu=not torch.cuda.is_available())
     shard = shard or ShardContext.single()
     try:
-        return _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer, states)
+        return _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer, states,
+                      evaluation_source)
     finally:
         if own_shard:
             shard.close()
 
 
-def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer, states) -> ScoreResult | None:
+def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer, states,
+           evaluation_source=None) -> ScoreResult | None:
     output_dir = Path(args.output_dir or artifacts.default_output_dir(args.run_dir))
     artifacts.check_output_dir(output_dir, args.overwrite)
     run = RunReader(args.run_dir)
@@ -105,6 +122,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     inputs, labels = curvature.evaluation_inputs(built, run.manifest.head.module, eval_dataset, collate_fn, tokenizer)
     check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
     final = problem.final_parameters()
+    identity = _check_rerun(output_dir, args, run, eval_dataset, len(labels), evaluation_source)
     began = time.perf_counter()
     embeddings, trust = {}, None
     if form == "direct":
@@ -144,22 +162,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         checks["replay"] = states.report().to_dict()
     if not getattr(method, "parameter_space", True):
         checks["projection"] = projection_fingerprint(method.projection)
-    column = f"influence_{args.method.replace('-', '_')}"
-    _write(output_dir, args, run, problem, result, scores, embeddings, train_dataset, column, len(labels), form, checks)
-    return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column, form, trust,
-                       checks["verify"], checks["replay"], args.method)
-
-
-def projection_fingerprint(projection: GradientProjection) -> dict:
-    """What identifies a projection: its width and its image of a fixed probe."""
-    probe = torch.linspace(-1, 1, projection.input_dim, dtype=torch.float64)
-    image = projection(probe.to(projection.dtype)).double()
-    return {"dim": projection.dim, "identity": projection.identity, "probe": [float(x) for x in image[:4]]}
-
-
-def same_projection(rebuilt: dict, saved: dict) -> bool:
-    return rebuilt["dim"] == saved["dim"] and rebuilt["identity"] == saved["identity"] and \
-        torch.allclose(torch.tensor(rebuilt["probe"]), torch.tensor(saved["probe"]), rtol=1e-4, atol=1e-6)
+    summary = _write(output_dir, args, identity, problem, result, scores, embeddings, form, checks)
+    return ScoreResult(scores, embeddings, output_dir, summary)
 
 
 def check_finite(trajectory: Trajectory, clipped: bool = True) -> None:
@@ -197,19 +201,18 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
     The scope is read back from the scores' summary; ``modules``, if given, must name the same parameters."""
     run = RunReader(run_dir)
     scores_dir = scores_dir or artifacts.default_output_dir(run_dir)
-    summary = artifacts.load_summary(scores_dir)
-    if artifacts.EMBEDDINGS_NAME not in summary.get("files", [artifacts.EMBEDDINGS_NAME]) or \
-            not (Path(scores_dir) / artifacts.EMBEDDINGS_NAME).is_file():
+    summary = artifacts.read_summary(scores_dir)
+    if artifacts.EMBEDDINGS_NAME not in summary.files or not (Path(scores_dir) / artifacts.EMBEDDINGS_NAME).is_file():
         raise AccInfError(f"No embeddings at {scores_dir}: run `hf-accinf score --run_dir {run_dir} --form forward` "
                           "first (the adjoint form and direct scorers write scores only).")
     saved = artifacts.load_embeddings(scores_dir)
     built = run.build_model(model=model)
     head_name = run.manifest.head.module
-    scope = summary.get("scope") or [f"{head_name}.{name}" for name in saved]
+    scope = summary.scope or [f"{head_name}.{name}" for name in saved]
     if modules and list(resolve_scope(built, modules, head=head_name).parameters) != list(scope):
         raise AccInfError(f"The embeddings at {scores_dir} were scored for {scope}, not for {modules}. "
                           "Leave modules out (the saved scope is used) or score again with these modules.")
-    if summary.get("backend") == "model":
+    if summary.backend == "model":
         curvature = ModelCurvature(None, built, scope, None, run.manifest.loss["label_smoothing"])
         final = run.load_checkpoint(run.num_steps)
     else:
@@ -221,18 +224,32 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
     check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
     gradients = curvature.example_grads(final, inputs, labels)
     if projected:  # the same seeded projection the scores used (a pure function of P, k and the seed)
-        arguments = summary["arguments"]
+        arguments = summary.arguments
         projection = GradientProjection(curvature.dim, int(arguments["projection_dim"]), int(arguments["projection_seed"]),
                                         gradients.dtype, gradients.device)
-        if summary.get("projection") and not same_projection(projection_fingerprint(projection), summary["projection"]):
+        if summary.projection and not same_projection(projection_fingerprint(projection), summary.projection):
             raise AccInfError(f"The projection rebuilt from {scores_dir}/scores.json differs from the one the scores "
                               "used (another torch version draws other numbers?): score again with this installation.")
         gradients = projection(gradients)
     return gradients @ embeddings.to(gradients.dtype).T
 
 
-def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, result, scores, embeddings, train_dataset,
-           column: str, eval_rows: int, form: str, checks: dict) -> None:
+def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_dataset, eval_rows: int,
+                 evaluation_source: str | None) -> tuple[artifacts.RunIdentity, artifacts.EvaluationSet]:
+    """The scored run and evaluation set, identified; a rerun into another run's or other arguments' output is
+    refused here, before the long work."""
+    manifest = run.manifest
+    identity = artifacts.RunIdentity(
+        str(args.run_dir), artifacts.manifest_sha256(args.run_dir), manifest.model_class, manifest.num_steps,
+        manifest.dataset.get("content_hash"), manifest.dataset["length"])
+    evaluation = artifacts.EvaluationSet(eval_rows, content_hash(eval_dataset), evaluation_source)
+    artifacts.check_rerun(output_dir, artifacts.rerun_key(identity.manifest_sha256, args.to_dict(), evaluation),
+                          args.overwrite)
+    return identity, evaluation
+
+
+def _write(output_dir: Path, args: ScoreArguments, identity: tuple[artifacts.RunIdentity, artifacts.EvaluationSet],
+           problem, result, scores, embeddings, form: str, checks: dict) -> artifacts.ScoreSummary:
     scope = list(problem.scope.parameters) if problem.scope else list(embeddings)
     backend = "model" if isinstance(problem.curvature, ModelCurvature) else "head"
     metadata = {"method": args.method, "removal": args.removal, "form": form, "schedule": result.schedule,
@@ -240,21 +257,14 @@ def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, resu
     writers = {artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata)}
     if embeddings:  # the adjoint form and direct scorers have none
         writers[artifacts.EMBEDDINGS_NAME] = lambda path: save_file(embeddings, path, metadata=metadata)
-    if hasattr(train_dataset, "save_to_disk"):
-        writers[artifacts.DATASET_DIR] = lambda path: add_score_column(
-            train_dataset, scores, column, ScoreArtifact(scores, summary, output_dir).provenance()).save_to_disk(str(path))
     order = torch.argsort(scores)
-    manifest = run.manifest
-    summary = {
-        "hf_accinf_version": __version__,
-        "run": {"run_dir": str(args.run_dir), "model_class": manifest.model_class, "num_steps": manifest.num_steps,
-                "dataset_content_hash": manifest.dataset.get("content_hash"), "dataset_length": manifest.dataset["length"]},
-        "method": args.method, "removal": args.removal, "modules": args.modules, "column": column,
-        "scope": scope, "backend": backend,
-        "evaluation_rows": eval_rows, "arguments": args.to_dict(), "form": form, **checks,
-        "schedule": result.schedule,
-        "seconds": result.seconds, "cost_model": result.cost_model,
-        "most_harmful": order[:10].tolist(), "most_helpful": order.flip(0)[:10].tolist(),
-    }
-    artifacts.write_set(output_dir, writers, summary, args.overwrite)
+    run, evaluation = identity
+    summary = artifacts.ScoreSummary(
+        run=run, method=args.method, column=artifacts.column_name(args.method), arguments=args.to_dict(),
+        scope=scope, form=form, removal=args.removal, modules=args.modules, backend=backend, schedule=result.schedule,
+        evaluation=evaluation, trust=checks["trust"], verify=checks["verify"], replay=checks["replay"],
+        projection=checks["projection"], gauge=list(checks.get("gauge") or []), plan=checks.get("plan"), seconds=result.seconds,
+        cost_model=result.cost_model, most_harmful=order[:10].tolist(), most_helpful=order.flip(0)[:10].tolist())
+    summary = artifacts.write_set(output_dir, writers, summary, args.overwrite)
     logger.info("wrote %s", output_dir)
+    return summary

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import AccInfError
+from ..io import write_atomic
 
 SCHEMA_VERSION = 2
 REPLAY_SCHEMA_VERSION = 2  # first schema whose runs can be replayed
@@ -222,31 +222,6 @@ class Manifest:
 
     def group_of(self, param_name: str) -> ParamGroupSpec:
         return self.param_groups[self.head.param_groups[param_name]]
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path``: readers never see half a file.
-
-    The file gets the permissions an ordinary ``open()`` would give it (``0o666`` less the umask),
-    not ``mkstemp``'s private ``0o600``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_tensors(path: str | os.PathLike) -> dict:

@@ -37,3 +37,10 @@ def test_a_config_key_typo_is_named(tmp_path, capsys):
     config.write_text("drop_fractoin: 0.25\n")
     assert main(["prune", f"--config={config}", "--dataset", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
     assert "Unknown key 'drop_fractoin'" in capsys.readouterr().err
+
+
+def test_scores_without_a_dataset_directory_ask_for_the_dataset(tmp_path, capsys):
+    """score_run from Python writes the score files only: the commands then need --dataset."""
+    scores_dir = fake_scores_dir(tmp_path / "scores", np.zeros(4), "sgd-ie", fake_run_dir(tmp_path / "run"))
+    assert main(["prune", "--scores_dir", str(scores_dir), "--drop_fraction", "0.25", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "holds no dataset/" in capsys.readouterr().err and not (tmp_path / "o").exists()

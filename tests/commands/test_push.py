@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import yaml
 from datasets import Dataset
 
-from hf_accinf.data.columns import attach_scores, read_provenance, write_scored_dataset
+from hf_accinf.data.columns import attach_scores, read_provenance
+from hf_accinf.data.hub import write_scored_dataset
 from tests.data.fake_hub import FakeHub
 from tests.data.helpers import fake_run_dir, fake_scores_dir
 
@@ -42,6 +43,6 @@ def test_push_uploads_the_rows_and_the_card(tmp_path):
     header = yaml.safe_load(card.split("---")[1])
     assert "hf-accinf" in header["tags"]  # our header, kept by push_to_hub
     assert header["dataset_info"]["splits"][0]["num_examples"] == 12  # and push_to_hub's additions
-    assert "`influence_acc_sgd_ie`" in card and "< 0 harmful" in card and "kendall_tau = 0.8" in card
+    assert "`influence_acc_sgd_ie`" in card and "< 0 harmful" in card and "| kendall_tau | 0.8 |" in card
     assert json.loads(card.split("```json")[1].split("```")[0]) == read_provenance(data)
     assert not any("xet" in request.lower() for request in hub.requests)

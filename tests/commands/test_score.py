@@ -11,6 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from hf_accinf import AccInfError, AccInfTrainer, RecordingArguments, ScoreArguments
 from hf_accinf.cli import main
+from hf_accinf.data.columns import read_provenance
 from hf_accinf.scoring import load_scores, score_run
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "plot", "was", "very", "not"]
@@ -53,8 +54,16 @@ def test_cli_scores_a_tokenized_training_set_with_a_raw_text_evaluation_set(text
                  "--modules", "head", "--output_dir", str(root / "scores")]) == 0
     assert "schedule" in capsys.readouterr().err  # INFO logs are shown by default
     dynamic = load_scores(root / "scores")
-    column = load_from_disk(str(root / "scores" / "dataset"))["influence_acc_sgd_ie"]
-    torch.testing.assert_close(torch.tensor(column, dtype=torch.float64), dynamic)
+    scored = load_from_disk(str(root / "scores" / "dataset"))  # the command writes the column, score_run does not
+    torch.testing.assert_close(torch.tensor(scored["influence_acc_sgd_ie"], dtype=torch.float64), dynamic)
+    provenance = read_provenance(scored)["columns"]["influence_acc_sgd_ie"]
+    assert provenance["evaluation"]["source"] == f"--eval_data {root / 'eval'}" and provenance["evaluation"]["rows"] == 24
+    # Another method into the same output is refused before any work, naming the difference; --overwrite replaces it.
+    assert main(["score", "--run_dir", str(root / "run"), "--train_data", str(root / "train"), "--eval_data",
+                 str(root / "eval"), "--tokenizer", str(root / "tokenizer"), "--text_columns", "text",
+                 "--method", "sgd-ie", "--output_dir", str(root / "scores")]) == 2
+    assert "method 'acc-sgd-ie' there, 'sgd-ie' now" in capsys.readouterr().err
+    torch.testing.assert_close(load_scores(root / "scores"), dynamic)
 
     # Padding is inert: the same evaluation rows padded to a fixed length, collated without a tokenizer.
     fixed = sentences(24, seed=1).map(lambda b: tokenizer(b["text"], padding="max_length", max_length=16), batched=True)
@@ -111,4 +120,5 @@ def test_ignored_evaluation_labels_are_counted_and_warned(text_run, tmp_path, ca
     args.output_dir, args.overwrite = str(tmp_path / "t"), True
     only_labelled = score_run(args, load_from_disk(str(root / "train")), kept, tokenizer=tokenizer, progress=False)
     torch.testing.assert_close(partial.scores, only_labelled.scores)
-    assert json.loads((tmp_path / "s" / "scores.json").read_text())["evaluation_rows"] == 4
+    assert json.loads((tmp_path / "s" / "scores.json").read_text())["evaluation"]["rows"] == 4
+    assert not (tmp_path / "s" / "dataset").exists()  # score_run writes the score files only

@@ -11,9 +11,9 @@ import yaml
 from datasets import Dataset, load_from_disk
 
 from hf_accinf import AccInfError
-from hf_accinf.data.columns import (
-    PROVENANCE_KEY, add_score_column, attach_scores, load_scores, read_provenance, score_columns, write_scored_dataset,
-)
+from hf_accinf.data.columns import PROVENANCE_KEY, add_score_column, attach_scores, read_provenance, score_columns
+from hf_accinf.data.hub import write_scored_dataset
+from hf_accinf.scoring.artifacts import load_score_artifact
 from tests.data.helpers import fake_run_dir, fake_scores_dir
 
 
@@ -39,6 +39,7 @@ def test_each_scoring_run_becomes_a_column_with_its_provenance(scored):
     manifest_sha = hashlib.sha256((run / "manifest.json").read_bytes()).hexdigest()
     assert columns["influence_acc_sgd_ie"]["method"] == "acc-sgd-ie"
     assert columns["influence_acc_sgd_ie"]["run"] == {"run_dir": str(run), "manifest_sha256": manifest_sha}
+    assert columns["influence_acc_sgd_ie"]["evaluation"]["source"] == "a stand-in evaluation set"
     assert columns["influence_acc_sgd_ie"]["trust"] == {"kendall_tau": 0.9}
     assert columns["influence_sgd_ie"]["score_kind"] == "linear" and columns["influence_sgd_ie"]["trust"] is None
     assert "< 0 harmful" in columns["influence_sgd_ie"]["sign"]
@@ -82,12 +83,23 @@ def test_the_output_set_is_replaced_as_a_whole_and_foreign_directories_are_refus
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "own"]  # no staging leftovers
 
 
+def test_the_manifest_hash_is_the_one_taken_at_scoring_time(tmp_path):
+    """A column names the run as it was scored: a manifest changed afterwards does not change the provenance."""
+    run = fake_run_dir(tmp_path / "run")
+    scored_sha = hashlib.sha256((run / "manifest.json").read_bytes()).hexdigest()
+    directory = fake_scores_dir(tmp_path / "s", np.zeros(3), "sgd-ie", run)
+    (run / "manifest.json").write_text("{}")
+    data = attach_scores(Dataset.from_dict({"labels": [0, 1, 0]}), directory)
+    assert read_provenance(data)["columns"]["influence_sgd_ie"]["run"]["manifest_sha256"] == scored_sha
+
+
 def test_bad_score_inputs_are_refused_with_the_path(tmp_path):
     data = Dataset.from_dict({"labels": [0, 1, 0]})
     with pytest.raises(AccInfError, match="2 scores for a dataset of 3 rows"):
         add_score_column(data, [0.1, 0.2], "influence_x")
-    with pytest.raises(AccInfError, match="No scores.safetensors in"):
-        load_scores(tmp_path)
-    (tmp_path / "scores.safetensors").write_bytes(b"\x10\x00\x00")
-    with pytest.raises(AccInfError, match=str(tmp_path / "scores.safetensors")):
-        load_scores(tmp_path)
+    with pytest.raises(AccInfError, match=f"No scores at {tmp_path}"):
+        attach_scores(data, tmp_path)
+    scores_dir = fake_scores_dir(tmp_path / "s", np.zeros(3), "sgd-ie", fake_run_dir(tmp_path / "run"))
+    (scores_dir / "scores.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(AccInfError, match=str(scores_dir / "scores.safetensors")):
+        load_score_artifact(scores_dir)

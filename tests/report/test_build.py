@@ -26,7 +26,12 @@ def image_report(tmp_path_factory):
     np.save(root / "truth.npy", truth)
     run = fake_run_dir(root / "run")
     data = attach_scores(digits_dataset(60), fake_scores_dir(root / "a", first, "sgd-ie", run))
-    data = attach_scores(data, fake_scores_dir(root / "b", second, "acc-sgd-ie", run, trust={"probe_tau": 0.8}))
+    rows = [3, 11, 29, 40, 52]
+    check = {"k": 5, "rows": rows, "kendall_tau": 0.6, "kendall_tau_interval": [0.2, 0.8], "pearson_r": 0.9, "sign_agreement": 0.8,
+             "linearity_ceiling": {"kendall_tau": 1.0, "pearson_r": 0.99}, "estimate": second[rows].tolist(),
+             "truth": truth[rows].tolist()}
+    data = attach_scores(data, fake_scores_dir(root / "b", second, "acc-sgd-ie", run, trust={"probe_tau": 0.8},
+                                               verify=check))
     report = build_report(data, ReportArguments(output_dir=str(root / "out"), truth=str(root / "truth.npy"), top_k=4))
     return report, first, second
 
@@ -40,7 +45,7 @@ def test_the_markdown_and_html_link_exactly_the_valid_pngs_written(image_report)
     markdown, html = report.markdown.read_text(), report.html.read_text()
     written = {path.name for path in report.markdown.parent.glob("*.png")}
     assert linked_images(markdown) == written == set(re.findall(r'<img src="([^"]+)"', html))
-    assert {"distributions.png", "agreement.png", "trust.png", "truth.png",
+    assert {"distributions.png", "agreement.png", "verify.png", "truth.png",
             "examples_influence_sgd_ie_most_harmful.png"} <= written
     for name in written:
         path = report.markdown.parent / name
@@ -59,6 +64,9 @@ def test_sections_follow_the_scores(image_report):
 
     assert f"{kendalltau(first, second).statistic:.4g}" in markdown.split("## Agreement between columns")[1]
     assert "probe_tau" in markdown and "kendall_tau" in markdown.split("## Estimate against ground truth")[1]
+    verify = markdown.split("## Agreement with rows retrained out (--verify)")[1].split("\n#")[0]
+    assert "| `influence_acc_sgd_ie` | 5 | 0.6 [0.2, 0.8] | 0.9 | 0.8 | 1 | 0.99 |" in verify  # tau with its interval
+    assert "`influence_sgd_ie`" not in verify  # a column scored without --verify has no row
 
 
 def test_text_rows_are_shown_as_snippets_with_label_names(tmp_path):
