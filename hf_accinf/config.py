@@ -4,6 +4,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
+DTYPES = ("auto", "float32", "float64")
+
+
+def resolve_dtype(dtype: str, deep_scope: bool) -> torch.dtype:
+    """The propagation dtype of ``ScoreArguments.dtype``: ``auto`` is float32 for a scope outside the head (the
+    model backend: its products dominate the cost and float32 scores agree with float64, docs/ENGINE.md) and
+    float64 for the closed-form head (cheap, and the oracle tests' precision); the others as named."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if dtype == "auto":
+        return torch.float32 if deep_scope else torch.float64
+    return getattr(torch, dtype)
+
 
 @dataclass
 class RecordingArguments:
@@ -80,7 +95,9 @@ class ScoreArguments:
     score_kind: str = field(default="linear", metadata={
         "help": "linear (objective gradient dot embedding: the predicted loss change), cosine (LESS-style cosine "
                 "of the two) or evaluated (the objective at the moved parameters; parameter-space methods)."})
-    dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the propagation."})
+    dtype: str = field(default="auto", metadata={"help": (
+        "float64, float32 or auto for the propagation: auto is float32 for scopes outside the head (the whole "
+        "model, where float32 scores match float64 ones, see docs/ENGINE.md) and float64 for the closed-form head.")})
     verify: int = field(
         default=0, metadata={"help": "Retrain this many random rows out by replay (weight 0 and 0.5) and report the "
                                      "agreement of the scores with those exact counterfactuals (0: skip)."}
@@ -108,8 +125,8 @@ class ScoreArguments:
             start, sep, stop = str(value).partition(":")
             if not sep or not start.strip().lstrip("-").isdigit() or not stop.strip().lstrip("-").isdigit():
                 raise ValueError(f"Stage windows are start:stop integers, got '{value}'.")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
         if self.form not in ("auto", "forward", "adjoint"):
             raise ValueError(f"form must be auto, forward or adjoint, got {self.form}")
         if self.verify < 0 or self.verify == 1:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..config import ScoreArguments
+from ..config import ScoreArguments, resolve_dtype
 from ..data.columns import ScoreArtifact, add_score_column
 from ..curvature.model import ModelCurvature
 from ..data.features import check_eval_labels, eval_collator
@@ -95,7 +95,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     # The training rows of each step (deep scopes, --verify) are collated as the Trainer collated them:
     # padded per micro-batch (tokenized datasets.map output is not padded), unused columns dropped.
     train_collate = eval_collator(built, tokenizer, collate_fn)
-    problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built,
+    dtype = resolve_dtype(args.dtype, _deep_scope(run, built, args.modules))
+    problem = problem_from_run(run, dtype, modules=args.modules, model=built,
                                train_dataset=train_dataset, collate_fn=train_collate, states=states)
     method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
     if method.output == "embeddings":
@@ -119,7 +120,13 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         result = InfluenceResult(None, "direct", time.perf_counter() - began)
     elif form == "adjoint":
         gradient = method.embed_gradient(curvature.objective_grad(final, inputs, labels))
-        scores = adjoint_scores(method, problem, gradient, shard, progress, policy if method.accumulative else None)
+        # The default trust figure rides on the backward pass (random probes, kind "adjoint-probes"); the power
+        # iteration stays available (trust "power").
+        probes = args.trust_probes if _trust_kind(args, form) == "adjoint-probes" else 0
+        backward = adjoint_scores(method, problem, gradient, shard, progress,
+                                  policy if method.accumulative else None, probes=probes)
+        scores = backward.scores if backward is not None else None
+        trust = backward.trust.to_dict() if backward is not None and backward.trust is not None else None
         result = InfluenceResult(None, "backward", time.perf_counter() - began)
     else:
         result = estimate_influence(problem, method, policy=policy, schedule=args.schedule,
@@ -131,7 +138,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
                                         rule=method)
         embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()} \
             if method.parameter_space else {PROJECTED_NAME: result.embeddings.contiguous()}
-    if args.trust_probes > 0 and form != "direct":
+    if _trust_kind(args, form) == "power-iteration":
         trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
                             progress=progress).to_dict()
     checks = {"trust": trust, "verify": None, "replay": None, "projection": None}
@@ -154,6 +161,27 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     _write(output_dir, args, run, problem, result, scores, embeddings, train_dataset, column, len(labels), form, checks)
     return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column, form, trust,
                        checks["verify"], checks["replay"], args.method)
+
+
+def _deep_scope(run: RunReader, model, modules: list[str] | None) -> bool:
+    """Whether ``modules`` reaches outside the recorded head's chosen parameters (the model backend), as
+    :func:`problem_from_run` decides."""
+    if not modules:
+        return False
+    head = run.manifest.head
+    relative = resolve_scope(model, modules, head=head.module).inside(head.module)
+    return relative is None or not set(relative) <= set(head.chosen)
+
+
+def _trust_kind(args: ScoreArguments, form: str) -> str | None:
+    """Which trust figure a run gets: none (``trust_probes=0``, direct scorers), the random probes carried by
+    the adjoint form's own backward pass (its default), or the power iteration (the forward form; or asked for
+    by ``trust="power"``)."""
+    if args.trust_probes <= 0 or form == "direct":
+        return None
+    if form == "adjoint" and getattr(args, "trust", "auto") != "power":
+        return "adjoint-probes"
+    return "power-iteration"
 
 
 def projection_fingerprint(projection: GradientProjection) -> dict:
@@ -256,7 +284,7 @@ def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, resu
         "run": {"run_dir": str(args.run_dir), "model_class": manifest.model_class, "num_steps": manifest.num_steps,
                 "dataset_content_hash": manifest.dataset.get("content_hash"), "dataset_length": manifest.dataset["length"]},
         "method": args.method, "removal": args.removal, "modules": args.modules, "column": column,
-        "scope": scope, "backend": backend,
+        "scope": scope, "backend": backend, "dtype": str(problem.curvature.dtype).removeprefix("torch."),
         "evaluation_rows": eval_rows, "arguments": args.to_dict(), "form": form, **checks,
         "schedule": result.schedule,
         "seconds": result.seconds, "cost_model": result.cost_model,

@@ -70,7 +70,7 @@ def test_cli_scores_the_whole_model_on_unpadded_tokenized_rows(text_run):
     root, _ = text_run
     common = ["score", "--run_dir", str(root / "run"), "--train_data", str(root / "train"), "--eval_data",
               str(root / "eval"), "--tokenizer", str(root / "tokenizer"), "--text_columns", "text",
-              "--method", "sgd-ie", "--modules", "all", "--trust_probes", "0"]
+              "--method", "sgd-ie", "--modules", "all", "--trust_probes", "0", "--dtype", "float64"]
     assert main([*common, "--form", "adjoint", "--verify", "2", "--output_dir", str(root / "all_adjoint")]) == 0
     assert main([*common, "--form", "forward", "--output_dir", str(root / "all_forward")]) == 0
     adjoint, forward = load_scores(root / "all_adjoint"), load_scores(root / "all_forward")

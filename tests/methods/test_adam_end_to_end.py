@@ -104,7 +104,7 @@ def test_dvemb_scores_any_scope_and_its_saved_embeddings_score_new_test_sets(def
 
     run_dir, data = default_recipe
     args = ScoreArguments(run_dir=str(run_dir), method="acc-dvemb", projection_dim=projection_dim, modules=modules,
-                          output_dir=str(tmp_path), trust_probes=2)
+                          output_dir=str(tmp_path), trust_probes=2, dtype="float64")
     result = score_run(args, data, data, progress=False)
     assert result.form == "forward" and torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
     width = min(projection_dim, problem_from_run(RunReader(run_dir)).curvature.dim) if modules is None else projection_dim

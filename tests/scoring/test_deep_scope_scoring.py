@@ -24,7 +24,7 @@ def scored(tmp_path_factory):
     record_run(model, data, run_dir, recording={"checkpoint_every": 1}, optim="sgd", optim_args="momentum=0.9",
                learning_rate=0.5, max_grad_norm=0.5, per_device_train_batch_size=3, num_train_epochs=2)
     evaluation = synthetic_text_dataset(5, length=6, seed=1)
-    args = ScoreArguments(run_dir=str(run_dir), modules=["last:1"], method="acc-sgd-ie")
+    args = ScoreArguments(run_dir=str(run_dir), modules=["last:1"], method="acc-sgd-ie", dtype="float64")
     result = score_run(args, data, evaluation, progress=False)
     yield RunReader(run_dir), data, evaluation, result
     torch.set_num_threads(threads)
