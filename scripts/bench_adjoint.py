@@ -251,7 +251,7 @@ def precision(rows: int, epochs: int, removal: str) -> None:
         relative = float((low - reference).norm() / reference.norm())
         worst = float((low - reference).abs().max() / reference.abs().max())
         print(f"| tiny {kind.upper() if kind == 'vit' else 'BERT'} | {rule.param_dim} | {problem.trajectory.num_steps} | "
-              f"{seconds[torch.float64]:.2f} | {seconds[torch.float32]:.2f} | {tau:.4f} | {pearson:.6f} | "
+              f"{seconds[torch.float64]:.2f} | {seconds[torch.float32]:.2f} | {tau:.6f} | {pearson:.8f} | "
               f"{relative:.1e} | {worst:.1e} |", flush=True)
 
 
