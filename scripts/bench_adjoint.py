@@ -7,7 +7,8 @@
 A linear head (``--width`` x ``--classes``, batch 32, 3 epochs, lr 0.05, as section 2 of
 ``scripts/bench_engine.py``) trained with SGD; SGD-IE scores of one objective by the forward form (the
 engine's schedule picked by its cost model, then one dot product per row) and by the adjoint form (one
-backward pass), their largest difference, and the trust check's cost (tangent growth, default probes).
+backward pass), their largest difference, and the two trust figures' cost (the adjoint with its 4 random probes
+riding on the backward pass; the power-iteration trust check, default probes).
 The machine is printed first. Every figure comes from this one run.
 
 ``--profile``: a tiny BERT (examples.tiny_bert, dropout off) trained on synthetic text with the HF default AdamW
@@ -74,8 +75,9 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.platform()}; {args.dtype}")
     print(f"linear head {args.width} x {args.classes}, batch {BATCH}, {EPOCHS} epochs, SGD-IE, one objective")
-    print("| N | steps | forward (s) | schedule | adjoint (s) | speed-up | max rel. difference | trust check (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| N | steps | forward (s) | schedule | adjoint (s) | speed-up | max rel. difference | "
+          "adjoint with 4 trust probes (s) | power-iteration trust check (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     warm = head_problem(2 * BATCH, args.width, args.classes, dtype)  # first calls pay one-off initialization
     estimate_influence(warm, "sgd-ie", progress=False)
     rule, _ = make_rule(warm, "sgd-ie", "exact")
@@ -90,15 +92,18 @@ def main() -> None:
         forward_seconds = time.perf_counter() - began
         rule, _ = make_rule(problem, "sgd-ie", "exact")
         began = time.perf_counter()
-        adjoint = adjoint_scores(rule, problem, objective, progress=False)
+        adjoint = adjoint_scores(rule, problem, objective, progress=False).scores
         adjoint_seconds = time.perf_counter() - began
+        began = time.perf_counter()
+        adjoint_scores(rule, problem, objective, progress=False, probes=4)
+        probes_seconds = time.perf_counter() - began
         began = time.perf_counter()
         trust_check(rule, problem)
         trust_seconds = time.perf_counter() - began
         difference = float((adjoint - forward).abs().max() / forward.abs().max())
         print(f"| {size} | {problem.trajectory.num_steps} | {forward_seconds:.2f} | {result.schedule} | "
               f"{adjoint_seconds:.2f} | {forward_seconds / adjoint_seconds:.1f}x | {difference:.1e} | "
-              f"{trust_seconds:.2f} |", flush=True)
+              f"{probes_seconds:.2f} | {trust_seconds:.2f} |", flush=True)
 
 
 # ---- --profile: the per-step time split of the whole-model adjoint on a tiny BERT run -------------------------

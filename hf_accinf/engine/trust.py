@@ -140,7 +140,7 @@ class ProbeGrowth:
         return _log10_norm(self.product.T @ self.states[:, : self.params], self.log_scale)
 
     def report(self, objective_growth: float | None = None, threshold: float = EXPANSIVE_GROWTH) -> "TrustReport":
-        log10_growth = self.growth_from[-1] if self.growth_from else self.log10_growth()
+        log10_growth = self.log10_growth()  # over every step carried (a hybrid stops at its prefix)
         epoch_growth = [10.0**g if g < 300 else math.inf for g in reversed(self.growth_from)]
         report = TrustReport(10.0**log10_growth if log10_growth < 300 else math.inf, log10_growth, epoch_growth,
                              self.count, 0, threshold, kind="adjoint-probes", objective_growth=objective_growth)

@@ -118,6 +118,9 @@ def test_stage_limited_acc_by_the_hybrid_equals_the_forward_form(removal, policy
     hybrid = adjoint_scores(rule, problem, objective, progress=False, policy=policy).scores
     assert (hybrid - forward).abs().max() <= 1e-9 * forward.abs().max()
     classical = adjoint_scores(rule, problem, objective, progress=False).scores
+    with_probes = adjoint_scores(rule, problem, objective, progress=False, policy=policy, probes=2)
+    torch.testing.assert_close(with_probes.scores, hybrid, rtol=1e-12, atol=1e-15 * float(hybrid.abs().max()))
+    assert with_probes.trust.kind == "adjoint-probes" and with_probes.trust.growth > 0
     assert (hybrid - classical).abs().max() > 1e-6 * classical.abs().max()  # the corrections did something
     assert choose_form("adjoint", True, policy=policy)[0] == "adjoint"
     for refused in (CorrectionPolicy("all"), CorrectionPolicy("random", p=0.5)):
@@ -125,3 +128,14 @@ def test_stage_limited_acc_by_the_hybrid_equals_the_forward_form(removal, policy
             choose_form("adjoint", True, policy=refused)
         with pytest.raises(AccInfError, match="--form forward"):
             adjoint_scores(rule, problem, objective, progress=False, policy=refused)
+
+
+def test_dtype_auto_is_float32_for_deep_scopes_and_float64_for_the_head():
+    from hf_accinf.config import ScoreArguments, resolve_dtype
+
+    assert ScoreArguments(run_dir="run").dtype == "auto"
+    assert resolve_dtype("auto", deep_scope=True) == torch.float32
+    assert resolve_dtype("auto", deep_scope=False) == torch.float64
+    assert resolve_dtype("float64", deep_scope=True) == torch.float64
+    with pytest.raises(ValueError, match="dtype"):
+        ScoreArguments(run_dir="run", dtype="bfloat16")
