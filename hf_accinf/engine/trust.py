@@ -124,24 +124,27 @@ class ProbeGrowth:
         self.states = _padded(_random_probes(probes, rule.param_dim, seed, dtype, device), rule.state_dim)
         self.count = len(self.states)
         self.product = torch.eye(self.count, dtype=dtype, device=device)
-        self.log_scale = 0.0
-        self.growth_from: list[float] = []  # log10 growth from each epoch's start to the end, last epoch first
+        # Tensors, not floats: no host synchronization inside the step loop.
+        self.log_scale = torch.zeros((), dtype=dtype, device=device)
+        self.growth_from: list[torch.Tensor] = []  # log10 growth from each epoch's start to the end, last epoch first
 
     def carried(self, step: int, states: torch.Tensor) -> torch.Tensor:
         """The probes after ``apply_adjoint`` of ``step`` (``states`` (k, S)), re-orthonormalized and recorded."""
         self.states, r = _orthonormal_rows(states)
-        self.product, scale = _rescaled(r @ self.product)
-        self.log_scale += scale
+        product = r @ self.product
+        scale = product.abs().amax().clamp_min(torch.finfo(product.dtype).tiny)
+        self.product, self.log_scale = product / scale, self.log_scale + scale.log()
         if step == 0 or self.epochs[step - 1] != self.epochs[step]:
-            self.growth_from.append(self.log10_growth())
+            self.growth_from.append(self._log10_growth())
         return self.states
 
-    def log10_growth(self) -> float:
-        return _log10_norm(self.product.T @ self.states[:, : self.params], self.log_scale)
+    def _log10_growth(self) -> torch.Tensor:
+        top = torch.linalg.matrix_norm(self.product.T @ self.states[:, : self.params], ord=2)
+        return top.log10() + self.log_scale / math.log(10)
 
     def report(self, objective_growth: float | None = None, threshold: float = EXPANSIVE_GROWTH) -> "TrustReport":
-        log10_growth = self.log10_growth()  # over every step carried (a hybrid stops at its prefix)
-        epoch_growth = [10.0**g if g < 300 else math.inf for g in reversed(self.growth_from)]
+        log10_growth = float(self._log10_growth())  # over every step carried (a hybrid stops at its prefix)
+        epoch_growth = [10.0**g if g < 300 else math.inf for g in (float(g) for g in reversed(self.growth_from))]
         report = TrustReport(10.0**log10_growth if log10_growth < 300 else math.inf, log10_growth, epoch_growth,
                              self.count, 0, threshold, kind="adjoint-probes", objective_growth=objective_growth)
         _log(report)
