@@ -4,6 +4,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
+DTYPES = ("auto", "float32", "float64")
+
+
+def resolve_dtype(dtype: str, deep_scope: bool) -> torch.dtype:
+    """The propagation dtype of ``ScoreArguments.dtype``: ``auto`` is float32 for a scope outside the head (the
+    model backend: its products dominate the cost and float32 scores agree with float64, docs/ENGINE.md) and
+    float64 for the closed-form head (cheap, and the oracle tests' precision); the others as named."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if dtype == "auto":
+        return torch.float32 if deep_scope else torch.float64
+    return getattr(torch, dtype)
+
 
 @dataclass
 class RecordingArguments:
@@ -70,6 +85,10 @@ class ScoreArguments:
     trust_probes: int = field(
         default=4, metadata={"help": "Random probes of the tangent-growth estimate (trust check); 0 skips it."}
     )
+    trust: str = field(default="auto", metadata={
+        "help": "auto (the adjoint form: random probes carried by its own backward pass, about 5-10%% of its cost; the "
+                "forward form: the power iteration) or power (the power iteration also for the adjoint form: about one "
+                "more adjoint pass per iteration)."})
     trust_iterations: int = field(
         default=1, metadata={"help": "Power iterations (two extra passes over the run each) of the trust check."}
     )
@@ -83,8 +102,9 @@ class ScoreArguments:
     score_kind: str = field(default="linear", metadata={
         "help": "linear (objective gradient dot embedding: the predicted loss change), cosine (LESS-style cosine "
                 "of the two) or evaluated (the objective at the moved parameters; parameter-space methods)."})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (float32 on deep scopes, float64 on the head), float64 or float32 for the propagation."})
+    dtype: str = field(default="auto", metadata={"help": (
+        "float64, float32 or auto for the propagation: auto is float32 for scopes outside the head (the whole "
+        "model, where float32 scores match float64 ones, see docs/ENGINE.md) and float64 for the closed-form head.")})
     verify: int = field(
         default=0, metadata={"help": "Retrain this many random rows out by replay (weight 0 and 0.5) and report the "
                                      "agreement of the scores with those exact counterfactuals (0: skip)."}
@@ -112,8 +132,10 @@ class ScoreArguments:
             start, sep, stop = str(value).partition(":")
             if not sep or not start.strip().lstrip("-").isdigit() or not stop.strip().lstrip("-").isdigit():
                 raise ValueError(f"Stage windows are start:stop integers, got '{value}'.")
-        if self.dtype not in ("auto", "float32", "float64"):
-            raise ValueError(f"dtype must be auto, float32 or float64, got {self.dtype}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
+        if self.trust not in ("auto", "power"):
+            raise ValueError(f"trust must be auto or power, got {self.trust}")
         if self.form not in ("auto", "forward", "adjoint"):
             raise ValueError(f"form must be auto, forward or adjoint, got {self.form}")
         if self.verify < 0 or self.verify == 1:

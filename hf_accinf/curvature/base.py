@@ -6,8 +6,9 @@ parameters (dimension ``P``); :meth:`HeadCurvature.unflatten` names them.
 
 For step ``t`` with batch rows ``r`` (weights ``w_r``), :class:`BatchCurvature` gives
 ``H_B X = sum_r w_r H_r X`` for a block of vectors (DESIGN.md section 3, the shared transition),
-the per-row gradients ``g_r`` and per-row products ``H_r x_r`` (the per-occurrence terms), and the
-batch gradient ``G_S = sum_r w_r g_r``. The objective side (:meth:`HeadCurvature.objective_grad`,
+the per-row gradients ``g_r`` and per-row products ``H_r x_r`` (the per-occurrence terms), the per-row
+loss tangents ``g_r . v`` along one vector (first-order injections and TracIn without per-row gradients),
+and the batch gradient ``G_S = sum_r w_r g_r``. The objective side (:meth:`HeadCurvature.objective_grad`,
 ``example_grads``, ``shifted_losses``) takes an evaluation set in the backend's own input form, made by
 :meth:`HeadCurvature.evaluation_inputs`: head inputs for head backends, model inputs for the model backend.
 """
@@ -39,6 +40,11 @@ class BatchCurvature(ABC):
     @abstractmethod
     def row_hvp(self, vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``H_r x`` for each pair of batch row ``rows[i]`` and vector ``vectors[i]``."""
+
+    def row_loss_tangents(self, vector: torch.Tensor) -> torch.Tensor:
+        """``d/de l_r(theta + e v)`` at ``e = 0`` for every batch row ``r`` (b,), i.e. ``g_r . v`` (unweighted).
+        Backends override this default (per-row gradients) with one forward-mode pass for the batch."""
+        return self.row_grads(torch.arange(len(self.row_weight), device=self.row_weight.device)) @ vector
 
 
 class HeadCurvature(ABC):

@@ -42,6 +42,12 @@ class FunctionalBatch(BatchCurvature):
     def row_grads(self, rows: torch.Tensor) -> torch.Tensor:
         return vmap(grad(self._row_loss), in_dims=(None, 0, 0))(self.point, self.inputs[rows], self.targets[rows])
 
+    def row_loss_tangents(self, vector: torch.Tensor) -> torch.Tensor:
+        def losses(flat):
+            return cross_entropy_rows(self.owner.logits(flat, self.fixed, self.inputs), self.targets)
+
+        return jvp(losses, (self.point,), (vector,))[1]
+
     def row_hvp(self, vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         def one(v, inputs, target):
             return jvp(lambda flat: grad(self._row_loss)(flat, inputs, target), (self.point,), (v,))[1]

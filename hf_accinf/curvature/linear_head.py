@@ -87,6 +87,10 @@ class LinearBatch(BatchCurvature):
     def row_grads(self, rows: torch.Tensor) -> torch.Tensor:
         return (self.residual[rows][:, :, None] * self.inputs[rows][:, None, :]).flatten(1)
 
+    def row_loss_tangents(self, vector: torch.Tensor) -> torch.Tensor:
+        """``g_r . V = (p_r - t_r) . (V ã_r)``: one (b, d̃) x (d̃, C) product."""
+        return ((self.inputs @ vector.reshape(self.num_classes, -1).T) * self.residual).sum(1)
+
     def row_hvp(self, vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         inputs, probs = self.inputs[rows], self.probs[rows]
         projected = torch.einsum("mcd,md->mc", vectors.reshape(len(rows), self.num_classes, -1), inputs)

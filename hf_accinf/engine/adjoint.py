@@ -6,6 +6,9 @@ with the shared transition ``M_t``, so ``s_j = u_T . Delta^j_T = sum_{t: j in B_
 the one shared adjoint ``u_t = M_t^T u_{t+1}``, ``u_T = (grad L_val, 0, ...)`` on the full optimizer state.
 The injection of an occurrence is the classical occurrence step of a zero state (exact or first-order
 removal alike, repeated rows counted), so only the ``b`` rows of each step are touched: no ``N x S`` tensor.
+Each step reads ``u_{t+1} . inj_{j,t}`` from :meth:`StepOps.injection_scores` (no curvature product with
+zero states; first-order removal by per-row loss tangents, no per-row gradients) and then applies ``M_t^T``
+once, to the adjoint and the trust probes together (:class:`.trust.ProbeGrowth`).
 Accumulative corrections make the transition per-row. When they are limited to steps before ``s``
 (stage-limited ACC), DESIGN.md's hybrid applies: the forward form on ``[0, s)`` gives ``Delta^j_s`` and
 ``s_j = u_s . Delta^j_s + sum_{t >= s, j in B_t} u_{t+1} . inj_{j,t}``. ACC at every occurrence, or at random
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +32,7 @@ from .policies import CorrectionPolicy
 from .propagator import propagate
 from .sharding import ShardContext
 from .sweep import sweep
+from .trust import EXPANSIVE_GROWTH, ProbeGrowth, TrustReport
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +86,27 @@ def _prefix_plan(plan: OccurrencePlan, stop: int) -> OccurrencePlan:
     return OccurrencePlan(plan.start, plan.size, plan.steps[:stop], windows)
 
 
+@dataclass
+class AdjointScores:
+    """What one backward pass gives: every row's score and, with probes, the run's trust figure."""
+
+    scores: torch.Tensor  # (N,)
+    trust: TrustReport | None = None  # kind "adjoint-probes"; None without probes
+
+
 def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradient: torch.Tensor,
                    shard: ShardContext | None = None, progress: bool = True,
-                   policy: CorrectionPolicy | None = None) -> torch.Tensor | None:
+                   policy: CorrectionPolicy | None = None, probes: int = 0, probe_seed: int = 0,
+                   threshold: float = EXPANSIVE_GROWTH) -> AdjointScores | None:
     """``s_j = u_T . Delta^j_T`` for every row ``j``, ``(N,)``, by one backward pass.
 
     ``objective_gradient`` ``(P,)`` is ``grad L_val(theta_T)`` in the rule's parameter layout. ``policy``:
     the correction coefficients (``None``: classical); a stage-limited policy runs the hybrid, whose forward
-    part on the corrected prefix holds ``N x S`` states. The shared adjoint is the same on every process,
-    so sharding by rows would save nothing: the main process computes all rows and the others return ``None``.
+    part on the corrected prefix holds ``N x S`` states. ``probes > 0`` carries that many random probes with
+    the adjoint (:class:`.trust.ProbeGrowth`, extra rows of each ``apply_adjoint``) and returns their trust
+    figure; on a hybrid it covers the backward steps ``[s, T)``. The shared adjoint is the same on every
+    process, so sharding by rows would save nothing: the main process computes all rows and the others
+    return ``None``.
     """
     shard = shard or ShardContext.single()
     if objective_gradient.shape != (rule.param_dim,):
@@ -104,19 +121,22 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     plan = build_plan(trajectory, 0, problem.num_samples, device)
     began = time.perf_counter()
     prefix = corrected_prefix(policy, trajectory.epoch)
-    adjoint = rule.final_objective_state(objective_gradient)[None]  # (1, S)
+    tracker = ProbeGrowth(rule, probes, trajectory.epoch.tolist(), probe_seed, dtype, device) if probes > 0 else None
+    block = rule.final_objective_state(objective_gradient)[None]  # (1, S): the adjoint, then the probes
+    if tracker is not None:
+        block = torch.cat([block, tracker.states])
     scores = torch.zeros(problem.num_samples, dtype=dtype, device=device)
     for step in tqdm(reversed(range(prefix, trajectory.num_steps)), total=trajectory.num_steps - prefix,
                      desc="adjoint", disable=not progress, leave=False):
         ops = rule.at_step(step)
         occurrences = plan.steps[step]
         if len(occurrences.samples):
-            count = len(occurrences.samples)
-            zero = torch.zeros(count, rule.state_dim, dtype=dtype, device=device)
-            injected = ops.occurrence(zero, occurrences.row_owner, occurrences.rows,
-                                      torch.zeros(count, dtype=dtype, device=device))
-            scores.index_add_(0, occurrences.samples, injected @ adjoint[0])
-        adjoint = ops.apply_adjoint(adjoint)
+            scores.index_add_(0, occurrences.samples, ops.injection_scores(
+                block[0], occurrences.row_owner, occurrences.rows, len(occurrences.samples)))
+        block = ops.apply_adjoint(block)
+        if tracker is not None:
+            block = torch.cat([block[:1], tracker.carried(step, block[1:])])
+    adjoint = block[0]
     if prefix:
         head = _prefix_plan(plan, prefix)
         mean_batch = float(trajectory.row_offsets[prefix]) / prefix
@@ -124,6 +144,11 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
         logger.info("hybrid: forward form (%s) on the corrected steps [0, %d), %s", schedule, prefix, costs)
         run = sweep if schedule == "sweep" else propagate
         states = run(rule, head, policy, trajectory.epoch, dtype, device, progress=progress)
-        scores += states @ adjoint[0]
+        scores += states @ adjoint
     logger.info("adjoint form: %d steps backward in %.2f s", trajectory.num_steps, time.perf_counter() - began)
-    return scores
+    trust = None
+    if tracker is not None:
+        start = objective_gradient.norm()
+        objective_growth = float(rule.parameter_part(adjoint).norm() / start) if bool(start > 0) else None
+        trust = tracker.report(objective_growth, threshold)
+    return AdjointScores(scores, trust)

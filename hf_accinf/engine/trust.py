@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..methods.base import UpdateRule
+from ..methods.removal import RemovalStepOps
 from ..problem import InfluenceProblem
 from .plan import build_plan
 
@@ -57,6 +58,10 @@ class TrustReport:
     iterations: int
     threshold: float = EXPANSIVE_GROWTH
     embedding_ratio: dict | None = field(default=None)  # median, p90, max, argmax of ||Delta^j_T|| / injected
+    # "power-iteration" (tangent_growth: epoch_growth from the start to each epoch's end) or "adjoint-probes"
+    # (ProbeGrowth: epoch_growth from each epoch's start to the end of the run, in epoch order).
+    kind: str = "power-iteration"
+    objective_growth: float | None = None  # adjoint-probes: ||P u_0|| / ||P u_T||, the objective's own growth
 
     @property
     def expansive(self) -> bool:
@@ -66,6 +71,13 @@ class TrustReport:
         return {**asdict(self), "expansive": self.expansive}
 
     def message(self) -> str:
+        if self.kind == "adjoint-probes":
+            text = (f"tangent growth {self.growth:.3g} over the run by {self.probes} random probes carried with the adjoint "
+                    f"(an estimate from below of the largest growth; threshold {self.threshold:g}); from each epoch's "
+                    "start to the end " + ", ".join(f"{g:.3g}" for g in self.epoch_growth))
+            if self.objective_growth is not None:
+                text += f"; the objective gradient's own growth {self.objective_growth:.3g}"
+            return text
         text = (f"tangent growth {self.growth:.3g} over the run (threshold {self.threshold:g}); up to each epoch's end "
                 + ", ".join(f"{g:.3g}" for g in self.epoch_growth))
         if self.embedding_ratio:
@@ -87,6 +99,58 @@ def _padded(block: torch.Tensor, size: int) -> torch.Tensor:
     return states
 
 
+def _random_probes(count: int, params: int, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``min(count, params)`` orthonormal random parameter vectors (rows), the same for a given seed."""
+    generator = torch.Generator().manual_seed(seed)
+    probe, _ = _orthonormal_rows(torch.randn(min(count, params), params, generator=generator, dtype=dtype).to(device))
+    return probe
+
+
+class ProbeGrowth:
+    """The default trust figure of the adjoint form: random probes carried backward by the adjoint's own
+    ``apply_adjoint`` calls (as extra rows of the adjoint's block, so each step's operator is built once).
+
+    ``k`` orthonormal random parameter vectors (zero optimizer states) go from ``T`` back to ``0``; the
+    figure is the largest singular value of their propagated parameter blocks, ``||P A^T P^T Q^T||_2``: the
+    largest growth of a parameter perturbation within the probes' span, a random-probe estimate from below
+    of ``||P A P^T||_2`` (the two share their singular values), not the top singular value itself. The block
+    is re-orthonormalized after every step (QR, the factors kept as in :func:`tangent_growth`): no overflow.
+    Its cost is ``k`` more vectors in each step's curvature product and a ``(k, S)`` QR.
+    """
+
+    def __init__(self, rule: UpdateRule, probes: int, epochs: list[int], seed: int = 0,
+                 dtype: torch.dtype = torch.float64, device="cpu"):
+        self.params, self.epochs = rule.param_dim, epochs
+        self.states = _padded(_random_probes(probes, rule.param_dim, seed, dtype, device), rule.state_dim)
+        self.count = len(self.states)
+        self.product = torch.eye(self.count, dtype=dtype, device=device)
+        # Tensors, not floats: no host synchronization inside the step loop.
+        self.log_scale = torch.zeros((), dtype=dtype, device=device)
+        self.growth_from: list[torch.Tensor] = []  # log10 growth from each epoch's start to the end, last epoch first
+
+    def carried(self, step: int, states: torch.Tensor) -> torch.Tensor:
+        """The probes after ``apply_adjoint`` of ``step`` (``states`` (k, S)), re-orthonormalized and recorded."""
+        self.states, r = _orthonormal_rows(states)
+        product = r @ self.product
+        scale = product.abs().amax().clamp_min(torch.finfo(product.dtype).tiny)
+        self.product, self.log_scale = product / scale, self.log_scale + scale.log()
+        if step == 0 or self.epochs[step - 1] != self.epochs[step]:
+            self.growth_from.append(self._log10_growth())
+        return self.states
+
+    def _log10_growth(self) -> torch.Tensor:
+        top = torch.linalg.matrix_norm(self.product.T @ self.states[:, : self.params], ord=2)
+        return top.log10() + self.log_scale / math.log(10)
+
+    def report(self, objective_growth: float | None = None, threshold: float = EXPANSIVE_GROWTH) -> "TrustReport":
+        log10_growth = float(self._log10_growth())  # over every step carried (a hybrid stops at its prefix)
+        epoch_growth = [10.0**g if g < 300 else math.inf for g in (float(g) for g in reversed(self.growth_from))]
+        report = TrustReport(10.0**log10_growth if log10_growth < 300 else math.inf, log10_growth, epoch_growth,
+                             self.count, 0, threshold, kind="adjoint-probes", objective_growth=objective_growth)
+        _log(report)
+        return report
+
+
 def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4, iterations: int = 1,
                    seed: int = 0, dtype: torch.dtype = torch.float64, device="cpu", injected: torch.Tensor | None = None,
                    progress: bool = False) -> tuple[float, list[float]]:
@@ -99,8 +163,7 @@ def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4,
     """
     trajectory = problem.trajectory
     steps, size, params = trajectory.num_steps, rule.state_dim, rule.param_dim
-    generator = torch.Generator().manual_seed(seed)
-    probe, _ = _orthonormal_rows(torch.randn(min(probes, params), params, generator=generator, dtype=dtype).to(device))
+    probe = _random_probes(probes, params, seed, dtype, device)
     bar = tqdm(total=(2 * iterations + 1) * steps, desc="trust", disable=not progress, leave=False)
     for _ in range(iterations):
         for order, move in ((range(steps), "apply"), (reversed(range(steps)), "apply_adjoint")):
@@ -120,9 +183,12 @@ def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4,
         if plan is not None and len(plan.steps[step].samples):
             occurrences = plan.steps[step]
             count = len(occurrences.samples)
-            zero = torch.zeros(count, size, dtype=dtype, device=device)
-            injection = ops.occurrence(zero, occurrences.row_owner, occurrences.rows,
-                                       torch.zeros(count, dtype=dtype, device=device))
+            if isinstance(ops, RemovalStepOps):
+                injection = ops.injection(occurrences.row_owner, occurrences.rows, count)
+            else:
+                zero = torch.zeros(count, size, dtype=dtype, device=device)
+                injection = ops.occurrence(zero, occurrences.row_owner, occurrences.rows,
+                                           torch.zeros(count, dtype=dtype, device=device))
             injected.index_add_(0, occurrences.samples, rule.parameter_part(injection).norm(dim=1).to(injected.dtype))
         block, r = _orthonormal_rows(ops.apply(block))
         product, scale = _rescaled(r @ product)
@@ -169,9 +235,13 @@ def trust_check(rule: UpdateRule, problem: InfluenceProblem, embeddings: torch.T
                      "max": float(values.max()), "argmax": int(rows[values.argmax()])}
     growth = 10.0**log10_growth if log10_growth < 300 else math.inf
     report = TrustReport(growth, log10_growth, epoch_growth, min(probes, rule.param_dim), iterations, threshold, ratio)
+    _log(report)
+    return report
+
+
+def _log(report: TrustReport) -> None:
     if report.expansive:
         logger.warning("The run is expansive: %s. First-order estimates (every method) are unreliable where "
                        "training amplifies perturbations; check a few rows by retraining.", report.message())
     else:
         logger.info("trust: %s", report.message())
-    return report

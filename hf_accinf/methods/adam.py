@@ -30,14 +30,14 @@ import torch
 
 from ..errors import AccInfError
 from ..problem import InfluenceProblem
-from .base import StepOps, UpdateRule
-from .removal import ClipMap, check_removal, removal_step, removed_terms
+from .base import UpdateRule
+from .removal import ClipMap, RemovalStepOps, check_removal, removal_step, removed_terms
 
 
-class AdamStep(StepOps):
+class AdamStep(RemovalStepOps):
     def __init__(self, rule: "AdamRule", step: int):
         problem, curvature = rule.problem, rule.problem.curvature
-        self.rule, self.batch = rule, curvature.at_step(step)
+        self.rule, self.batch, self.removal = rule, curvature.at_step(step), rule.removal
         self.clip = ClipMap(self.batch, problem.optimizer.max_grad_norm, float(problem.trajectory.grad_norm[step]))
         self.lr = problem.learning_rates(step)
         count = int(problem.trajectory.optimizer_step_count[step]) + 1
@@ -107,20 +107,28 @@ class AdamStep(StepOps):
         new_theta = self.clip.curvature_term(z, base, 1.0, transpose=True)
         return torch.cat([new_theta, rule.beta1 * z_m, rule.beta2 * z_v], dim=1)
 
+    def _output(self, g: torch.Tensor, m_next: torch.Tensor, v_next: torch.Tensor) -> torch.Tensor:
+        """The step's own output ``(theta' - alpha theta, m' - b1 m, v' - b2 v)`` at the point ``(g, m', v')``."""
+        rule = self.rule
+        root, _ = self._root(v_next)
+        moved = -self.lr * (m_next / self.bias1) / (root + rule.eps)
+        second = torch.zeros_like(g) if rule.frozen else (1 - rule.beta2) * g * g
+        return torch.cat([moved, (1 - rule.beta1) * g, second], dim=1)
+
+    def _point_of(self, clipped: torch.Tensor):
+        g, m_next, v_next = self._point(clipped)
+        return g, m_next, self.v_next.expand_as(g) if self.rule.frozen else v_next
+
+    def step_output(self, gradient: torch.Tensor) -> torch.Tensor:
+        return self._output(*self._point_of(self.clip.clipped(gradient)))
+
     def _removal_map(self, states: torch.Tensor):
         """``f(G, E) -> (tangent step, step output)`` for rows of batch gradients ``G`` and tangents ``E``."""
-        rule = self.rule
 
         def step(gradient, curved):
             clip_tangent, clipped = self.clip.rows(gradient, curved)
-            g, m_next, v_next = self._point(clipped)
-            if rule.frozen:
-                v_next = self.v_next.expand_as(g)
-            transition = self._tangent(states, clip_tangent, g, m_next, v_next)
-            root, _ = self._root(v_next)
-            moved = -self.lr * (m_next / self.bias1) / (root + rule.eps)
-            second = torch.zeros_like(g) if rule.frozen else (1 - rule.beta2) * g * g
-            return transition, torch.cat([moved, (1 - rule.beta1) * g, second], dim=1)
+            g, m_next, v_next = self._point_of(clipped)
+            return self._tangent(states, clip_tangent, g, m_next, v_next), self._output(g, m_next, v_next)
 
         return step
 

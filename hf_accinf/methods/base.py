@@ -6,7 +6,9 @@ blocks of per-sample states (rows of a ``(K, S)`` tensor):
 * ``apply``: the transition ``M_t`` shared by all samples (DESIGN.md section 6a);
 * ``occurrence``: the whole step for samples whose rows are in the batch: ``M_t`` plus their own
   terms (injection, ACC correction, exact removal), given which batch rows belong to which sample and
-  each sample's correction coefficient ``c`` (0 classical, 1 accumulative).
+  each sample's correction coefficient ``c`` (0 classical, 1 accumulative);
+* ``injection`` / ``injection_scores``: the classical occurrence of zero states (what the adjoint form
+  adds up), without products of the curvature with zero states where the rule knows how.
 
 The adjoint ``M_t^T`` is derived from ``apply`` by a VJP: ``M_t`` is linear and rarely symmetric.
 The engine never knows the method; the method never knows the schedule.
@@ -33,6 +35,19 @@ class StepOps(ABC):
 
         With ``c_t = 0`` (the classical twin) it must be ``apply(states) + occurrence(0)``: the
         propagator then skips the forward pass of windows without corrections."""
+
+    def injection(self, row_owner: torch.Tensor, rows: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """``inj`` (m, S): the classical occurrence step of zero states (``occurrence(0, ..., c = 0)``) for the
+        ``count`` samples owning ``rows`` (default ``row_owner.max() + 1``). Rules with a cheaper form override it."""
+        raise NotImplementedError(f"{type(self).__name__} gives its injections through occurrence() only")
+
+    def injection_scores(self, adjoint: torch.Tensor, row_owner: torch.Tensor, rows: torch.Tensor,
+                         count: int | None = None) -> torch.Tensor:
+        """``inj @ adjoint`` (m,): what each occurring sample adds to its adjoint-form score, ``adjoint`` ``(S,)``
+        the adjoint after the step. This default runs :meth:`occurrence` on zero states."""
+        count = int(row_owner.max()) + 1 if count is None else count
+        zero = adjoint.new_zeros(count, adjoint.shape[-1])
+        return self.occurrence(zero, row_owner, rows, adjoint.new_zeros(count)) @ adjoint
 
     def apply_adjoint(self, states: torch.Tensor) -> torch.Tensor:
         """``M_t^T`` applied to each row of ``states``."""

@@ -44,10 +44,11 @@ import logging
 import torch
 
 from ..errors import AccInfError
-from ..losses import CLIP_EPS, clip_coefficient
+from ..losses import clip_coefficient
 from ..problem import InfluenceProblem
 from .base import StepOps, UpdateRule
 from .projection import GradientProjection
+from .removal import ClipMap
 
 logger = logging.getLogger(__name__)
 
@@ -193,19 +194,12 @@ class DVEmbRule(UpdateRule):
                                   "decay through a preconditioner near 1/eps): it must lie in [0, 1). Train with AdamW "
                                   "(decoupled decay) or score with adam-ie.")
             gradients = batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
-            both = self.projection(torch.cat([self._clip_map(gradients, batch.batch_grad, clip, step) * direction,
+            clip_map = ClipMap.of_gradient(batch.batch_grad, spec.max_grad_norm, float(trajectory.grad_norm[step]))
+            both = self.projection(torch.cat([clip_map.jacobian(gradients) * direction,
                                               gradients]))
             update, projected = both.split(len(gradients))
             factors[step] = (update, projected, batch.row_weight, decay)
         return factors
-
-    def _clip_map(self, gradients: torch.Tensor, batch_grad: torch.Tensor, clip: float, step: int) -> torch.Tensor:
-        """The clip map on rows (DESIGN.md section 4): ``a (e - G (G . e) / (n (n + CLIP_EPS)))`` on clipped steps,
-        ``G`` the scope's batch gradient and ``n`` the recorded norm of all clipped gradients."""
-        if clip >= 1.0:
-            return gradients
-        norm = float(self.problem.trajectory.grad_norm[step])
-        return clip * (gradients - torch.outer(gradients @ batch_grad / (norm * (norm + CLIP_EPS)), batch_grad))
 
     def factors(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """Projected update directions ``u~`` (b, k), projected gradients ``g~`` (b, k), row weights and decay."""

@@ -19,14 +19,16 @@ step's own output at ``G``. Removing sample ``j`` (rows ``r``, weights ``w_r``) 
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Callable
 
 import torch
-from torch.func import jvp
+from torch.func import jvp, vjp
 
 from ..curvature.base import BatchCurvature
 from ..errors import AccInfError
 from ..losses import CLIP_EPS, clip_coefficient
+from .base import StepOps
 
 REMOVALS = ("exact", "first-order")
 
@@ -37,24 +39,38 @@ def check_removal(removal: str) -> None:
 
 
 class ClipMap:
-    """The clip map of one step: the batch gradient ``G`` of the chosen parameters, the rest of the norm fixed."""
+    """The clip map of one step: the batch gradient ``G`` of the chosen parameters, the rest of the norm fixed.
 
-    def __init__(self, batch: BatchCurvature, max_norm: float, recorded_norm: float):
+    It never applies ``H_B`` by itself: :meth:`curvature_term` puts the rank-one term on the vectors before
+    (adjoint) or on the products after (forward) the one product with the batch curvature the step needs.
+    """
+
+    def __init__(self, batch: BatchCurvature | None, max_norm: float, recorded_norm: float,
+                 gradient: torch.Tensor | None = None):
         self.batch, self.max_norm = batch, max_norm
-        gradient = batch.batch_grad
-        squared = float(gradient @ gradient)
+        self.gradient = batch.batch_grad if gradient is None else gradient
+        squared = float(self.gradient @ self.gradient)
         self.rest = max(recorded_norm**2 - squared, 0.0)
         # a and n as rows() computes them, so that shared step and occurrences agree to the last bit.
         norm = (self.rest + squared) ** 0.5
         self.coef = clip_coefficient(norm, max_norm)
         self.active = self.coef < 1.0
-        if self.active:
-            self.projection = 1.0 / (norm * (norm + CLIP_EPS))
-            self.curved_gradient = batch.hvp(gradient[None])[0]  # H_B G, for the rank-one term
+        self.projection = 1.0 / (norm * (norm + CLIP_EPS)) if self.active else 0.0
+
+    @classmethod
+    def of_gradient(cls, gradient: torch.Tensor, max_norm: float, recorded_norm: float) -> "ClipMap":
+        """The Jacobian alone (:meth:`jacobian`, :meth:`rows`), for callers without a batch curvature."""
+        return cls(None, max_norm, recorded_norm, gradient)
 
     @property
     def clipped_gradient(self) -> torch.Tensor:
-        return self.coef * self.batch.batch_grad
+        return self.coef * self.gradient
+
+    def jacobian(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``clip(G, e)`` for each row ``e`` of ``vectors`` (m, P): symmetric, so also its transpose."""
+        if not self.active:
+            return self.coef * vectors
+        return self.coef * torch.addr(vectors, vectors @ self.gradient, self.gradient, alpha=-self.projection)
 
     def rows(self, gradient: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-wise ``(clip(G, e), a(G) G)`` for gradients ``G`` and vectors ``e`` (m, P); differentiable."""
@@ -66,25 +82,39 @@ class ClipMap:
         dots = (gradient * vectors).sum(-1) * active / (norm * (norm + CLIP_EPS))
         return clip[:, None] * (vectors - gradient * dots[:, None]), clip[:, None] * gradient
 
+    def clipped(self, gradient: torch.Tensor) -> torch.Tensor:
+        """Row-wise ``a(G) G`` for gradients ``G`` (m, P); differentiable."""
+        if self.max_norm <= 0:
+            return gradient
+        norm = (self.rest + (gradient * gradient).sum(-1)).sqrt()
+        return (self.max_norm / (norm + CLIP_EPS)).clamp(max=1.0)[:, None] * gradient
+
     def curvature_term(self, theta: torch.Tensor, base: torch.Tensor | None, scale: float,
                        transpose: bool = False) -> torch.Tensor:
-        """``base + scale clip(G, H_B theta)`` (or ``H_B clip(G, .)`` transposed), rows of ``theta``.
+        """``base + scale clip(G, H_B theta)`` (or ``base + scale H_B clip(G, theta)`` transposed), rows of ``theta``:
+        one product with the batch curvature, the rank-one term on its result (forward) or on its input (adjoint)."""
+        if not self.active:
+            return self.batch.hvp_add(theta, base, scale * self.coef)
+        if transpose:
+            projected = torch.addr(theta, theta @ self.gradient, self.gradient, alpha=-self.projection)
+            return self.batch.hvp_add(projected, base, scale * self.coef)
+        product = self.batch.hvp(theta)
+        product.addr_(product @ self.gradient, self.gradient, alpha=-self.projection)
+        return product.mul_(scale * self.coef) if base is None else base.add(product, alpha=scale * self.coef)
 
-        ``G . H_B theta = (H_B G) . theta``: one product with the block and a rank-one update.
-        """
-        result = self.batch.hvp_add(theta, base, scale * self.coef)
-        if self.active:
-            gradient, curved = self.batch.batch_grad, self.curved_gradient
-            left, right = (curved, gradient) if transpose else (gradient, curved)
-            result.addr_(theta @ right, left, alpha=-scale * self.coef * self.projection)
-        return result
+
+def removed_gradients(batch: BatchCurvature, row_owner: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``sum_r w_r g_r`` per occurring sample (count, P), repeats counted: the removal direction of the gradient."""
+    weights = batch.row_weight[rows][:, None]
+    gradients = weights * batch.row_grads(rows)
+    return gradients.new_zeros(count, gradients.shape[1]).index_add_(0, row_owner, gradients)
 
 
 def removed_terms(batch: BatchCurvature, theta: torch.Tensor, row_owner: torch.Tensor, rows: torch.Tensor,
                   coefficient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per occurring sample: ``sum_r w_r g_r`` and, where ``c != 0``, ``sum_r w_r H_r theta`` (repeats counted)."""
     weights = batch.row_weight[rows][:, None]
-    removed_grad = torch.zeros_like(theta).index_add_(0, row_owner, weights * batch.row_grads(rows))
+    removed_grad = removed_gradients(batch, row_owner, rows, len(theta))
     removed_hvp = torch.zeros_like(theta)
     corrected = coefficient[row_owner] != 0
     if corrected.any():
@@ -104,3 +134,41 @@ def removal_step(step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor
         return c * own + (1 - c) * shared + (removed - kept)
     (shared, _), (d_transition, d_update) = jvp(step, (gradient.contiguous(), curved), (-removed_grad, -removed_hvp))
     return shared + c * d_transition + d_update
+
+
+class RemovalStepOps(StepOps):
+    """Step operators of a rule whose occurrences are :func:`removal_step`: their injections come from
+    :meth:`step_output` alone, the step of a zero state as a function of the batch gradient, so no
+    product with the batch curvature is ever applied to a zero state.
+
+    An occurrence of sample ``j`` injects ``f(G_j) - f(G)`` (exact) or ``J_f(G) (-R_j)`` (first-order),
+    ``R_j = sum_r w_r g_r``. In the adjoint form the first-order score needs no per-row gradient:
+    ``u . J_f (-R_j) = -sum_r w_r (J_f^T u) . g_r``, one VJP through ``f`` and the per-row loss tangents
+    along ``J_f^T u`` (:meth:`BatchCurvature.row_loss_tangents`, one forward-mode pass for the batch).
+    """
+
+    batch: BatchCurvature
+    removal: str
+
+    @abstractmethod
+    def step_output(self, gradient: torch.Tensor) -> torch.Tensor:
+        """The step's change of a zero state (m, S) for rows of batch gradients ``gradient`` (m, P); differentiable."""
+
+    def injection(self, row_owner: torch.Tensor, rows: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        count = int(row_owner.max()) + 1 if count is None else count
+        removed = removed_gradients(self.batch, row_owner, rows, count)
+        gradient = self.batch.batch_grad[None]
+        if self.removal == "exact":
+            return self.step_output(gradient - removed) - self.step_output(gradient)
+        return jvp(self.step_output, (gradient.expand_as(removed).contiguous(),), (-removed,))[1]
+
+    def injection_scores(self, adjoint: torch.Tensor, row_owner: torch.Tensor, rows: torch.Tensor,
+                         count: int | None = None) -> torch.Tensor:
+        if self.removal == "exact":
+            return self.injection(row_owner, rows, count) @ adjoint
+        count = int(row_owner.max()) + 1 if count is None else count
+        _, pullback = vjp(self.step_output, self.batch.batch_grad[None])
+        direction = pullback(adjoint[None])[0][0]  # J_f^T u
+        tangents = self.batch.row_loss_tangents(direction)  # g_r . J_f^T u for every batch row
+        contribution = self.batch.row_weight[rows] * tangents[rows]
+        return -contribution.new_zeros(count).index_add_(0, row_owner, contribution)

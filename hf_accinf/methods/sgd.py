@@ -32,14 +32,14 @@ from __future__ import annotations
 import torch
 
 from ..problem import InfluenceProblem
-from .base import StepOps, UpdateRule
-from .removal import ClipMap, check_removal, removal_step, removed_terms
+from .base import UpdateRule
+from .removal import ClipMap, RemovalStepOps, check_removal, removal_step, removed_terms
 
 
-class SGDStep(StepOps):
+class SGDStep(RemovalStepOps):
     def __init__(self, rule: "SGDRule", step: int):
         problem = rule.problem
-        self.rule, self.batch = rule, problem.curvature.at_step(step)
+        self.rule, self.batch, self.removal = rule, problem.curvature.at_step(step), rule.removal
         self.state_dim = rule.state_dim
         self.lr = problem.learning_rates(step)
         self.uniform_lr = float(self.lr[0]) if bool((self.lr == self.lr[0]).all()) else None
@@ -77,14 +77,18 @@ class SGDStep(StepOps):
     def apply_adjoint(self, states: torch.Tensor) -> torch.Tensor:
         return self._linear_step(states, transpose=True)
 
-    def _move(self, states: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    def _move(self, states: torch.Tensor | None, change: torch.Tensor) -> torch.Tensor:
+        """The states moved by a gradient-space change ``change``; ``states=None``: zero states."""
         rule, size = self.rule, self.rule.param_dim
-        theta = states[:, :size]
         if not rule.has_momentum:
-            return theta - self.lr * change
-        buffer = rule.momentum * states[:, size:] + change
+            return -self.lr * change if states is None else states - self.lr * change
+        buffer = change if states is None else rule.momentum * states[:, size:] + change
         update = change + rule.momentum * buffer if rule.nesterov else buffer
-        return torch.cat([theta - self.lr * update, buffer], dim=1)
+        step = -self.lr * update
+        return torch.cat([step if states is None else states[:, :size] + step, buffer], dim=1)
+
+    def step_output(self, gradient: torch.Tensor) -> torch.Tensor:
+        return self._move(None, self.clip.clipped(gradient))
 
     def occurrence(self, states, row_owner, rows, coefficient) -> torch.Tensor:
         theta = states[:, : self.rule.param_dim]

@@ -4,7 +4,8 @@
 with ``eta_t`` the recorded learning rate of each chosen parameter. It scores one objective directly
 (``output == "scores"``): the scorer injects ``objective_at(step)``, the objective's gradient at the
 parameters before ``step`` in the curvature's layout, so that methods never import the scorer.
-Per step, all rows of the batch at once: one ``(b, P) @ (P,)`` product.
+Per step, all rows of the batch at once: the per-row loss tangents along ``eta_t grad L_val`` (one
+forward-mode pass; no per-row gradients).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class TracIn:
         for step in tqdm(range(trajectory.num_steps), desc="tracin", disable=not progress, leave=False):
             batch = curvature.at_step(step)
             direction = objective_at(step).to(scores.dtype) * problem.learning_rates(step)
-            rows = torch.arange(len(batch.row_weight), device=scores.device)
-            contribution = batch.row_weight * (batch.row_grads(rows) @ direction)
+            contribution = batch.row_weight * batch.row_loss_tangents(direction)
             scores.index_add_(0, trajectory.batch(step).to(scores.device), contribution)
         return scores

@@ -100,6 +100,7 @@ class ScoreSummary:
     scope: list[str] = field(default_factory=list)
     form: str | None = None
     removal: str | None = None
+    dtype: str | None = None  # the propagation's (ScoreArguments.dtype resolved)
     modules: list[str] | None = None
     backend: str | None = None
     schedule: str | None = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import ScoreArguments
+from ..config import ScoreArguments, resolve_dtype
 from ..engine.adjoint import choose_form
 from ..engine.policies import CorrectionPolicy
 from ..errors import AccInfError
@@ -55,7 +55,7 @@ class ScoringPlan:
         """``args`` with every ``auto`` replaced by what the plan resolved (what ``scores.json`` saves)."""
         import dataclasses
 
-        return dataclasses.replace(args, method=self.method, form=self.form,
+        return dataclasses.replace(args, method=self.method, form=args.form if self.form == "direct" else self.form,
                                    modules=list(self.modules) if self.modules is not None else [HEAD],
                                    dtype=str(self.dtype).removeprefix("torch."))
 
@@ -146,12 +146,11 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_
         form, why = choose_form(args.form, spec.accumulative, args.score_kind, policy)
         reasons["form"] = why
 
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "float32" if deep else "float64"
-        reasons["dtype"] = ("float32: a deep scope (float64 changes its scores by less than their round-off to "
-                            "verification; docs/ENGINE.md)" if deep else "float64: the head's closed form is cheap")
-    return ScoringPlan(method, modules, deep, form, getattr(torch, dtype), torch.device(device), policy, reasons, fallback)
+    dtype = resolve_dtype(args.dtype, deep)
+    if args.dtype == "auto":
+        reasons["dtype"] = ("float32: a deep scope (its scores agree with float64 ones to about 1e-5; docs/ENGINE.md)"
+                            if deep else "float64: the head's closed form is cheap")
+    return ScoringPlan(method, modules, deep, form, dtype, torch.device(device), policy, reasons, fallback)
 
 
 def replay_unavailable(run: RunReader) -> str | None:

@@ -9,7 +9,6 @@ returns the result. The score column of the training dataset is the caller's to 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from ..config import ScoreArguments
 from ..curvature.model import ModelCurvature
 from ..data.features import check_eval_labels, eval_collator
 from ..modules import resolve_scope
-from ..engine import CorrectionPolicy, InfluenceResult, ShardContext, estimate_influence
+from ..engine import InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores
 from ..engine.objective import check_score_kind, scores_from_embeddings
 from ..engine.trust import trust_check
@@ -131,7 +130,13 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         result = InfluenceResult(None, "direct", time.perf_counter() - began)
     elif form == "adjoint":
         gradient = method.embed_gradient(curvature.objective_grad(final, inputs, labels))
-        scores = adjoint_scores(method, problem, gradient, shard, progress, policy)
+        # The default trust figure rides on the backward pass (random probes, kind "adjoint-probes"); the power
+        # iteration stays available (trust "power").
+        probes = args.trust_probes if _trust_kind(args, form) == "adjoint-probes" else 0
+        backward = adjoint_scores(method, problem, gradient, shard, progress,
+                                  policy, probes=probes)
+        scores = backward.scores if backward is not None else None
+        trust = backward.trust.to_dict() if backward is not None and backward.trust is not None else None
         result = InfluenceResult(None, "backward", time.perf_counter() - began)
     else:
         result = estimate_influence(problem, method, policy=policy, schedule=args.schedule,
@@ -143,7 +148,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
                                         rule=method)
         embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()} \
             if method.parameter_space else {PROJECTED_NAME: result.embeddings.contiguous()}
-    if args.trust_probes > 0 and form != "direct":
+    if _trust_kind(args, form) == "power-iteration":
         trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
                             progress=progress).to_dict()
     checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict()}
@@ -164,6 +169,17 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         checks["projection"] = projection_fingerprint(method.projection)
     summary = _write(output_dir, args, identity, problem, result, scores, embeddings, form, checks)
     return ScoreResult(scores, embeddings, output_dir, summary)
+
+
+def _trust_kind(args: ScoreArguments, form: str) -> str | None:
+    """Which trust figure a run gets: none (``trust_probes=0``, direct scorers), the random probes carried by
+    the adjoint form's own backward pass (its default), or the power iteration (the forward form; or asked for
+    by ``trust="power"``)."""
+    if args.trust_probes <= 0 or form == "direct":
+        return None
+    if form == "adjoint" and args.trust != "power":
+        return "adjoint-probes"
+    return "power-iteration"
 
 
 def check_finite(trajectory: Trajectory, clipped: bool = True) -> None:
@@ -261,7 +277,8 @@ def _write(output_dir: Path, args: ScoreArguments, identity: tuple[artifacts.Run
     run, evaluation = identity
     summary = artifacts.ScoreSummary(
         run=run, method=args.method, column=artifacts.column_name(args.method), arguments=args.to_dict(),
-        scope=scope, form=form, removal=args.removal, modules=args.modules, backend=backend, schedule=result.schedule,
+        scope=scope, form=form, removal=args.removal, dtype=str(problem.curvature.dtype).removeprefix("torch."),
+        modules=args.modules, backend=backend, schedule=result.schedule,
         evaluation=evaluation, trust=checks["trust"], verify=checks["verify"], replay=checks["replay"],
         projection=checks["projection"], gauge=list(checks.get("gauge") or []), plan=checks.get("plan"), seconds=result.seconds,
         cost_model=result.cost_model, most_harmful=order[:10].tolist(), most_helpful=order.flip(0)[:10].tolist())

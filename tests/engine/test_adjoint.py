@@ -35,7 +35,7 @@ def test_forward_and_adjoint_forms_give_the_same_classical_scores(case):
     for removal in ("exact", "first-order"):
         forward = estimate_influence(problem, "sgd-ie", removal, progress=False).embeddings @ objective
         rule, _ = make_rule(problem, "sgd-ie", removal)
-        adjoint = adjoint_scores(rule, problem, objective, progress=False)
+        adjoint = adjoint_scores(rule, problem, objective, progress=False).scores
         assert adjoint.shape == (problem.num_samples,)
         assert (adjoint - forward).abs().max() <= 1e-9 * forward.abs().max()
 
@@ -62,10 +62,9 @@ class _Spy:
                 calls.append(("apply_adjoint", step, tuple(states.shape)))
                 return ops.apply_adjoint(states)
 
-            def occurrence(self, states, row_owner, rows, coefficient):
-                calls.append(("occurrence", step, tuple(states.shape)))
-                assert not coefficient.any()
-                return ops.occurrence(states, row_owner, rows, coefficient)
+            def injection_scores(self, adjoint, row_owner, rows, count):
+                calls.append(("injection_scores", step, (count, len(adjoint))))
+                return ops.injection_scores(adjoint, row_owner, rows, count)
 
         return Ops()
 
@@ -81,7 +80,7 @@ def test_adjoint_touches_one_state_and_the_batch_rows_only():
     assert [c[1] for c in adjoint_calls] == list(reversed(range(steps)))  # one backward pass, steps T-1 .. 0
     assert all(shape == (1, rule.state_dim) for _, _, shape in adjoint_calls)
     assert not [c for c in spy.calls if c[0] == "apply"]
-    for _, step, shape in (c for c in spy.calls if c[0] == "occurrence"):
+    for _, step, shape in (c for c in spy.calls if c[0] == "injection_scores"):
         assert shape == (len(problem.trajectory.batch(step).unique()), rule.state_dim)  # the step's rows, no N x S
     assert len(spy.calls) == 2 * steps
 
@@ -116,9 +115,12 @@ def test_stage_limited_acc_by_the_hybrid_equals_the_forward_form(removal, policy
     objective = torch.randn(problem.curvature.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     rule, _ = make_rule(problem, "acc-sgd-ie", removal)
     forward = estimate_influence(problem, "acc-sgd-ie", removal, policy, progress=False).embeddings @ objective
-    hybrid = adjoint_scores(rule, problem, objective, progress=False, policy=policy)
+    hybrid = adjoint_scores(rule, problem, objective, progress=False, policy=policy).scores
     assert (hybrid - forward).abs().max() <= 1e-9 * forward.abs().max()
-    classical = adjoint_scores(rule, problem, objective, progress=False)
+    classical = adjoint_scores(rule, problem, objective, progress=False).scores
+    with_probes = adjoint_scores(rule, problem, objective, progress=False, policy=policy, probes=2)
+    torch.testing.assert_close(with_probes.scores, hybrid, rtol=1e-12, atol=1e-15 * float(hybrid.abs().max()))
+    assert with_probes.trust.kind == "adjoint-probes" and with_probes.trust.growth > 0
     assert (hybrid - classical).abs().max() > 1e-6 * classical.abs().max()  # the corrections did something
     assert choose_form("adjoint", True, policy=policy)[0] == "adjoint"
     for refused in (CorrectionPolicy("all"), CorrectionPolicy("random", p=0.5)):
@@ -126,3 +128,14 @@ def test_stage_limited_acc_by_the_hybrid_equals_the_forward_form(removal, policy
             choose_form("adjoint", True, policy=refused)
         with pytest.raises(AccInfError, match="--form forward"):
             adjoint_scores(rule, problem, objective, progress=False, policy=refused)
+
+
+def test_dtype_auto_is_float32_for_deep_scopes_and_float64_for_the_head():
+    from hf_accinf.config import ScoreArguments, resolve_dtype
+
+    assert ScoreArguments(run_dir="run").dtype == "auto"
+    assert resolve_dtype("auto", deep_scope=True) == torch.float32
+    assert resolve_dtype("auto", deep_scope=False) == torch.float64
+    assert resolve_dtype("float64", deep_scope=True) == torch.float64
+    with pytest.raises(ValueError, match="dtype"):
+        ScoreArguments(run_dir="run", dtype="bfloat16")

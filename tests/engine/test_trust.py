@@ -103,3 +103,45 @@ def test_embedding_ratio_is_the_embedding_over_the_injected_norm():
     assert math.isclose(float(ratios[report.embedding_ratio["argmax"]]), float(ratios.max()), rel_tol=1e-9)
     last = trajectory.batch(trajectory.num_steps - 1)  # the last step's rows: no transition after them
     torch.testing.assert_close(ratios[last], torch.ones(len(last), dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def _explicit_probe_growth(rule, problem, probes: torch.Tensor, start: int = 0) -> float:
+    """``||P M_start^T ... M_{T-1}^T probes||_2`` by plain ``apply_adjoint`` calls (no re-orthonormalization)."""
+    block = torch.zeros(len(probes), rule.state_dim, dtype=torch.float64)
+    block[:, : rule.param_dim] = probes
+    for step in reversed(range(start, problem.trajectory.num_steps)):
+        block = rule.at_step(step).apply_adjoint(block)
+    return float(torch.linalg.matrix_norm(block[:, : rule.param_dim], ord=2))
+
+
+@pytest.mark.parametrize("lr", [0.1, 5.0], ids=["stable", "chaotic"])
+def test_adjoint_probes_are_the_same_probes_carried_backward_and_bound_the_norm_from_below(lr):
+    """The default trust figure of the adjoint form: the probes ride on its backward pass (scores unchanged) and
+    their figure is what explicit ``apply_adjoint`` of the same probes gives, at most the exact norm."""
+    from hf_accinf.engine.adjoint import adjoint_scores
+    from hf_accinf.engine.trust import _random_probes
+
+    problem = _trained(lr)
+    rule, _ = make_rule(problem, "sgd-ie", "exact")
+    objective = torch.randn(rule.param_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    plain = adjoint_scores(rule, problem, objective, progress=False)
+    assert plain.trust is None
+    carried = adjoint_scores(rule, problem, objective, progress=False, probes=3, probe_seed=7)
+    torch.testing.assert_close(carried.scores, plain.scores, rtol=1e-12, atol=1e-15)
+    report = carried.trust
+    assert report.kind == "adjoint-probes" and report.probes == 3 and report.to_dict()["kind"] == "adjoint-probes"
+    probes = _random_probes(3, rule.param_dim, 7, torch.float64, "cpu")
+    assert math.isclose(report.growth, _explicit_probe_growth(rule, problem, probes), rel_tol=1e-9)
+    epochs = problem.trajectory.epoch.tolist()
+    starts = [t for t in range(len(epochs)) if t == 0 or epochs[t - 1] != epochs[t]]
+    assert len(report.epoch_growth) == len(starts) == 6
+    for growth, start in zip(report.epoch_growth, starts):  # from each epoch's start to the end of the run
+        assert math.isclose(growth, _explicit_probe_growth(rule, problem, probes, start), rel_tol=1e-9)
+    exact = trust_check(rule, problem, probes=rule.param_dim, iterations=0).growth  # power iteration, full span: exact
+    assert math.isclose(exact, _dense_growth(rule, problem), rel_tol=1e-9)
+    assert report.growth <= exact * (1 + 1e-9)
+    assert report.expansive == (lr > 1)
+    u = rule.final_objective_state(objective)[None]
+    for step in reversed(range(problem.trajectory.num_steps)):
+        u = rule.at_step(step).apply_adjoint(u)
+    assert math.isclose(report.objective_growth, float(u[0, : rule.param_dim].norm() / objective.norm()), rel_tol=1e-9)

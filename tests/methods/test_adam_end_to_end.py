@@ -43,13 +43,14 @@ def test_the_run_records_adamw_moments_and_step_counts(default_recipe):
 def test_adam_family_and_tracin_score_the_default_recipe(default_recipe, method, tmp_path):
     run_dir, data = default_recipe
     form = "auto" if method == "tracin" else "forward"
-    result = score_run(ScoreArguments(run_dir=str(run_dir), method=method, form=form, output_dir=str(tmp_path)), data,
+    result = score_run(ScoreArguments(run_dir=str(run_dir), method=method, form=form, modules=["head"],
+                                      output_dir=str(tmp_path)), data,
                        data, progress=False)
     assert result.scores.shape == (24,) and torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
     assert (tmp_path / "scores.safetensors").is_file()
     assert (tmp_path / "embeddings.safetensors").is_file() == (method != "tracin")
     if method == "adam-ie":  # the adjoint form through AdamW gives the forward form's classical scores
-        adjoint = score_run(ScoreArguments(run_dir=str(run_dir), method=method, form="adjoint",
+        adjoint = score_run(ScoreArguments(run_dir=str(run_dir), method=method, form="adjoint", modules=["head"],
                                            output_dir=str(tmp_path / "adjoint")), data, data, progress=False)
         assert adjoint.form == "adjoint"
         torch.testing.assert_close(adjoint.scores, result.scores, rtol=1e-9, atol=1e-12 * float(result.scores.abs().max()))
@@ -95,7 +96,7 @@ def test_trainer_warns_at_construction_for_an_unmodelled_optimizer(tmp_path):
                       recording=RecordingArguments(run_dir=str(tmp_path / "run")))
 
 
-@pytest.mark.parametrize("modules,projection_dim", [(None, 16), (["all"], 16), (None, 4096)])
+@pytest.mark.parametrize("modules,projection_dim", [(["head"], 16), (["all"], 16), (["head"], 4096)])
 def test_dvemb_scores_any_scope_and_its_saved_embeddings_score_new_test_sets(default_recipe, modules, projection_dim,
                                                                             tmp_path):
     """Projected embeddings (N x k) on the head and on the whole model; ``attribution_matrix`` rebuilds the
@@ -104,10 +105,10 @@ def test_dvemb_scores_any_scope_and_its_saved_embeddings_score_new_test_sets(def
 
     run_dir, data = default_recipe
     args = ScoreArguments(run_dir=str(run_dir), method="acc-dvemb", projection_dim=projection_dim, modules=modules,
-                          output_dir=str(tmp_path), trust_probes=2)
+                          output_dir=str(tmp_path), trust_probes=2, dtype="float64")
     result = score_run(args, data, data, progress=False)
     assert result.form == "forward" and torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
-    width = min(projection_dim, problem_from_run(RunReader(run_dir)).curvature.dim) if modules is None else projection_dim
+    width = min(projection_dim, problem_from_run(RunReader(run_dir)).curvature.dim) if modules == ["head"] else projection_dim
     assert list(result.embeddings) == ["projected"] and result.embeddings["projected"].shape == (24, width)
     summary = json.loads((tmp_path / "scores.json").read_text())
     assert summary["projection"]["dim"] == width and summary["projection"]["identity"] == (width < projection_dim)
