@@ -472,6 +472,7 @@ class TrajectoryRecorder(TrainerCallback):
                 "weight_decay": args.weight_decay,
                 "bf16": args.bf16,
                 "fp16": args.fp16,
+                "num_threads": torch.get_num_threads(),  # CPU reductions split by thread: replay uses the same count
             },
             dataset={
                 "length": len(dataset),

@@ -53,6 +53,7 @@ class ScoreResult:
     verify: dict | None = None  # evaluation.verify.verify(): agreement with K rows retrained out by replay
     replay: dict | None = None  # trajectory.replay.ReplayReport.to_dict() when the scope needed replay
     method: str = ""  # the method that ran (method="auto" resolved)
+    gauge: tuple[str, ...] = ()  # gauge tensors of the requested scope, left out of it (problem.gauge)
 
 
 def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
@@ -96,7 +97,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     # padded per micro-batch (tokenized datasets.map output is not padded), unused columns dropped.
     train_collate = eval_collator(built, tokenizer, collate_fn)
     problem = problem_from_run(run, getattr(torch, args.dtype), modules=args.modules, model=built,
-                               train_dataset=train_dataset, collate_fn=train_collate, states=states)
+                               train_dataset=train_dataset, collate_fn=train_collate, states=states,
+                               memory_budget=int(args.memory_budget_gb * 2**30), replay_tolerance=args.replay_tolerance)
     method = build_method(problem, args.method, args)  # refuses a method/optimizer mismatch before the long work
     if method.output == "embeddings":
         check_score_kind(args.score_kind, method)
@@ -153,7 +155,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     column = f"influence_{args.method.replace('-', '_')}"
     _write(output_dir, args, run, problem, result, scores, embeddings, train_dataset, column, len(labels), form, checks)
     return ScoreResult(scores, embeddings, result.schedule, result.seconds, output_dir, column, form, trust,
-                       checks["verify"], checks["replay"], args.method)
+                       checks["verify"], checks["replay"], args.method, problem.gauge)
 
 
 def projection_fingerprint(projection: GradientProjection) -> dict:
@@ -212,7 +214,8 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
     built = run.build_model(model=model)
     head_name = run.manifest.head.module
     scope = summary.get("scope") or [f"{head_name}.{name}" for name in saved]
-    if modules and list(resolve_scope(built, modules, head=head_name).parameters) != list(scope):
+    gauge = set(summary.get("gauge") or ())  # left out of the scope when it was scored
+    if modules and [n for n in resolve_scope(built, modules, head=head_name).parameters if n not in gauge] != list(scope):
         raise AccInfError(f"The embeddings at {scores_dir} were scored for {scope}, not for {modules}. "
                           "Leave modules out (the saved scope is used) or score again with these modules.")
     if summary.get("backend") == "model":
@@ -256,7 +259,7 @@ def _write(output_dir: Path, args: ScoreArguments, run: RunReader, problem, resu
         "run": {"run_dir": str(args.run_dir), "model_class": manifest.model_class, "num_steps": manifest.num_steps,
                 "dataset_content_hash": manifest.dataset.get("content_hash"), "dataset_length": manifest.dataset["length"]},
         "method": args.method, "removal": args.removal, "modules": args.modules, "column": column,
-        "scope": scope, "backend": backend,
+        "scope": scope, "backend": backend, "gauge": list(problem.gauge),
         "evaluation_rows": eval_rows, "arguments": args.to_dict(), "form": form, **checks,
         "schedule": result.schedule,
         "seconds": result.seconds, "cost_model": result.cost_model,
