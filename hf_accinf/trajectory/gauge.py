@@ -50,7 +50,8 @@ def output_sensitivity(model: nn.Module, probes: Iterable[Probe], projections: i
         squared = {name: torch.zeros((), dtype=torch.float64) for name in params}
         for inputs in batches:
             output = model(**inputs)
-            logits = output.logits if hasattr(output, "logits") else output[0]
+            logits = output if isinstance(output, torch.Tensor) else \
+                output.logits if hasattr(output, "logits") else output[0]
             for _ in range(projections):
                 direction = torch.randn(logits.shape, generator=generator, dtype=torch.float64).to(logits)
                 grads = torch.autograd.grad((direction * logits).sum(), list(params.values()), retain_graph=True,
