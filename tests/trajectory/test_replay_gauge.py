@@ -196,3 +196,22 @@ def test_the_thread_count_is_recorded_and_replayed(runs, tmp_path, monkeypatch):
     recorded = two.load_checkpoint(two.num_steps)
     if seen[0] == 2:
         assert all(torch.equal(final[name], recorded[name]) for name in recorded)
+
+
+def test_the_tolerance_and_the_memory_budget_reach_the_replay(runs, tmp_path):
+    from hf_accinf.trajectory.replay import REPLAY_TOLERANCE as DEFAULT
+
+    _, drifted, data = runs
+    assert ScoreArguments().replay_tolerance == DEFAULT
+    evaluation = padded_text(4, seed=1)
+    common = dict(run_dir=str(drifted.run_dir), modules=["all"], method="adam-ie", form="adjoint", trust_probes=0)
+    # The drifted run's round-off (~1e-7 after the walk) is beyond a tolerance of 1e-12.
+    with pytest.raises(AccInfError, match=r"interval \[10, 12\).*tolerance 1e-12, --replay_tolerance"):
+        score_run(ScoreArguments(**common, replay_tolerance=1e-12, output_dir=str(tmp_path / "a")), data, evaluation,
+                  progress=False)
+    with pytest.raises(AccInfError, match=r"memory_budget=1073 bytes.*--memory_budget_gb"):
+        score_run(ScoreArguments(**common, memory_budget_gb=1e-6, output_dir=str(tmp_path / "b")), data, evaluation,
+                  progress=False)
+    states = problem_from_run(drifted, modules=["all"], train_dataset=data, memory_budget=12345,
+                              replay_tolerance=0.5).curvature.states
+    assert (states.memory_budget, states.tolerance) == (12345, 0.5)
