@@ -97,9 +97,23 @@ class CheckpointStates:
         self.run, self.dataset = run, dataset
         self.collate_fn = collate_fn or default_data_collator
         self.trajectory = run.trajectory()
+        self._gauge: tuple[str, ...] | None = None
 
     def parameters_at(self, step: int) -> dict[str, torch.Tensor]:
         return self.run.load_checkpoint(step)
+
+    def gauge_parameters(self) -> tuple[str, ...]:
+        """The parameters that do not change the outputs, found at the first and the last checkpoint as
+        :meth:`~hf_accinf.trajectory.replay.Replay.gauge_parameters` finds them."""
+        from .trajectory.gauge import find_gauge, probe_inputs
+
+        if self._gauge is None:
+            last = self.run.num_steps
+            probes = [(self.run.load_checkpoint(point), [probe_inputs(self.batch_inputs(min(point, last - 1))[0][0])])
+                      for point in (0, last)]
+            with torch.enable_grad():
+                self._gauge = find_gauge(self.run.build_model().double().eval(), probes)
+        return self._gauge
 
     def batch_inputs(self, step: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         rows = self.trajectory.batch(step).tolist()

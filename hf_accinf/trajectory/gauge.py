@@ -35,6 +35,12 @@ GAUGE_PROJECTIONS = 4
 Probe = tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]  # (state_dict, model inputs without labels)
 
 
+def probe_inputs(inputs: dict) -> dict[str, torch.Tensor]:
+    """Collated model inputs for a float64 probe: tensors only, labels dropped, floating ones in float64."""
+    return {key: value.double() if value.is_floating_point() else value for key, value in inputs.items()
+            if isinstance(value, torch.Tensor) and key not in ("labels", "label", "label_ids")}
+
+
 def output_sensitivity(model: nn.Module, probes: Iterable[Probe], projections: int = GAUGE_PROJECTIONS,
                        seed: int = 0) -> dict[str, float]:
     """Per parameter name: the largest share, over the probe points, of the outputs' gradient that the

@@ -52,7 +52,7 @@ from transformers import default_data_collator
 from ..errors import AccInfError
 from ..losses import cross_entropy_rows, target_distribution
 from . import schema
-from .gauge import find_gauge
+from .gauge import find_gauge, probe_inputs
 from .reader import RunReader
 
 logger = logging.getLogger(__name__)
@@ -268,9 +268,9 @@ class Replay:
         self.model = run.build_model(step=0).to(self.device)
         self.restore_cuda_rng = self.trajectory.rng_cuda is not None and self.device.type == "cuda"
         if self.trajectory.rng_cuda is not None and not self.restore_cuda_rng:
-            if has_dropout(manifest.model_config, self.model):
-                raise AccInfError("This run was trained on a GPU with dropout: its dropout masks come from the CUDA "
-                                  "generator. Replay it on a GPU (device='cuda'), or train with dropout off.")
+            reason = replay_unavailable(run, self.device, self.model)  # the built model's dropout modules too
+            if reason is not None:
+                raise AccInfError(reason)
             logger.info("replaying a GPU run on %s: its CUDA random states are not restored (the model has no "
                         "dropout, so they decide nothing)", self.device)
         self.num_threads = self._threads(manifest.training.get("num_threads"))
@@ -592,13 +592,7 @@ class Replay:
 
     def _probe_inputs(self, *steps: int) -> list[dict[str, torch.Tensor]]:
         """The collated model inputs of the steps' rows (labels dropped; floating inputs in float64)."""
-        batches = []
-        for step in dict.fromkeys(steps):
-            for inputs, _ in self.batch_inputs(step):
-                batches.append({key: value.double() if value.is_floating_point() else value
-                                for key, value in inputs.items() if key not in ("labels", "label", "label_ids")
-                                and isinstance(value, torch.Tensor)})
-        return batches
+        return [probe_inputs(inputs) for step in dict.fromkeys(steps) for inputs, _ in self.batch_inputs(step)]
 
     @torch.no_grad()
     def _output_error(self, start: int, stop: int, replayed: dict[str, torch.Tensor], recorded: dict[str, torch.Tensor],

@@ -215,3 +215,25 @@ def test_the_tolerance_and_the_memory_budget_reach_the_replay(runs, tmp_path):
     states = problem_from_run(drifted, modules=["all"], train_dataset=data, memory_budget=12345,
                               replay_tolerance=0.5).curvature.states
     assert (states.memory_budget, states.tolerance) == (12345, 0.5)
+
+
+def test_runs_checkpointed_at_every_step_leave_the_same_gauge_out(tmp_path):
+    """A run recorded before replay existed but checkpointed at every step is served by its checkpoints
+    (``CheckpointStates``): its gauge tensors are found and left out the same way."""
+    from hf_accinf.problem import CheckpointStates, default_states
+
+    data = padded_text(8, seed=2)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    record_run(BertForSequenceClassification(config), data, tmp_path / "run", recording={"checkpoint_every": 1},
+               num_train_epochs=2, learning_rate=1e-3)
+    manifest_path = tmp_path / "run" / schema.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["schema_version"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    old = RunReader(tmp_path / "run")
+    states = default_states(old, data)
+    assert isinstance(states, CheckpointStates) and states.gauge_parameters() == KEY_BIASES
+    problem = problem_from_run(old, modules=["all"], train_dataset=data)
+    assert problem.gauge == KEY_BIASES and not set(KEY_BIASES) & set(problem.scope.parameters)
