@@ -7,7 +7,9 @@ per pair: whether every checkpoint is reproduced bitwise, and the largest judged
 parameters without the gauge tensors, optimizer state), the gauge tensors' error, and the error of the
 former check (one norm over every parameter).
 
-    python scripts/replay_threads.py [--epochs 10]   # 32 rows, 8 a step: 40 steps, a checkpoint every 5
+    python scripts/replay_threads.py [--epochs 10] [--rows 32] [--hidden 32] [--layers 2] [--checkpoint_every 5]
+
+(8 rows a step: the defaults make 40 steps.)
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from hf_accinf import RunReader
 from hf_accinf.trajectory.replay import Replay, _normwise
 
 
-def train(run_dir: Path, data, threads: int, epochs: int) -> None:
+def train(run_dir: Path, data, threads: int, options) -> None:
     from tests.trajectory.test_replay_gauge import bert_default_recipe  # the test's recipe, not a copy
 
-    bert_default_recipe(run_dir, data, threads=threads, epochs=epochs)  # 8 rows a step, a checkpoint every 5
+    bert_default_recipe(run_dir, data, threads=threads, epochs=options.epochs, hidden=options.hidden,
+                        layers=options.layers, checkpoint_every=options.checkpoint_every)  # 8 rows a step
     assert RunReader(run_dir).manifest.training["num_threads"] == threads
 
 
@@ -55,17 +58,22 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--checkpoint_every", type=int, default=5)
     options = parser.parse_args()
     torch.set_num_threads(1)
-    data = padded_text(32, seed=0)
+    data = padded_text(options.rows, seed=0)
     work = Path(tempfile.mkdtemp())
     try:
-        print(f"torch {torch.__version__}, {options.epochs * len(data) // 8} steps\n")
+        print(f"torch {torch.__version__}, hidden {options.hidden}, {options.layers} layers, "
+              f"{options.epochs * -(-len(data) // 8)} steps, a checkpoint every {options.checkpoint_every}\n")
         print("| trained | replayed | bitwise | outputs | parameters (no gauge) | optimizer state | gauge | all parameters (former check) |")
         print("|---|---|---|---|---|---|---|---|")
         for trained in (1, 2):
             run_dir = work / f"threads-{trained}"
-            train(run_dir, data, trained, options.epochs)
+            train(run_dir, data, trained, options)
             run = RunReader(run_dir)
             for replayed in (1, 2):
                 r = replay_under(run, data, replayed)

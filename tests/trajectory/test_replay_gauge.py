@@ -47,15 +47,16 @@ def padded_text(rows: int, seed: int) -> Dataset:
                               "labels": labels.tolist()}).with_format("torch")
 
 
-def bert_default_recipe(run_dir, data, threads: int = 1, epochs: int = 4) -> None:
+def bert_default_recipe(run_dir, data, threads: int = 1, epochs: int = 4, hidden: int = 32, layers: int = 2,
+                        checkpoint_every: int = 5) -> None:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0,
+    config = BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, position_embedding_type="absolute")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        record_run(BertForSequenceClassification(config), data, run_dir, recording={"checkpoint_every": 5},
+        record_run(BertForSequenceClassification(config), data, run_dir, recording={"checkpoint_every": checkpoint_every},
                    per_device_train_batch_size=8, num_train_epochs=epochs, learning_rate=2e-3, warmup_steps=4,
                    lr_scheduler_type="linear", weight_decay=0.01, max_grad_norm=1.0)  # optim: adamw_torch
     finally:
