@@ -20,13 +20,15 @@ beyond :data:`REPLAY_TOLERANCE` (``--replay_tolerance``) in (a), (b) or (c) is r
 can happen. :func:`replay_unavailable` says beforehand why a run cannot be replayed at all.
 
 Numerics: the replay runs under the training run's thread count (``training.num_threads`` in the
-manifest, capped at the CPUs available here), because CPU reductions are split by thread: measured on a
-tiny BERT (2 layers, hidden 32, AdamW, 40 steps, ``scripts/replay_threads.py``) a replay under the
-recorded count is bitwise equal to the run (1 thread and 2 threads alike), and one under another count is
-not: parameters differ by ~1e-6 of the interval's movement, dominated by the attention key biases (gauge),
-the outputs by ~1e-7. Also not bitwise by construction: the loss ``sum_r w_r l_r`` where the Trainer took
-a mean of rows whose weights are not powers of two, several processes summed in another order, GPU
-kernels that are not deterministic.
+manifest, capped at the CPUs available here), because CPU reductions are split by thread, and weighs the
+rows by the recorded weights snapped to the reciprocal integers the Trainer used (:func:`exact_weights`).
+Measured with ``scripts/replay_threads.py`` (BERT with the HF default AdamW recipe; docs/RECORDING.md):
+a replay under the recorded count is bitwise equal to the run (1 thread and 2 threads alike); under
+another count it is not: the gauge tensors walk elsewhere (0.7 to 2.4 times their own movement), the
+other parameters differ by 2e-7 to 3e-5 of the interval's movement, the outputs by 3e-8 to 5e-7.
+Also not bitwise: runs recorded before the thread count was (replayed under the current count),
+weights that are not reciprocal integers, several processes (summed here in one), GPU kernels that are
+not deterministic, other library versions.
 
 Memory is bounded by one checkpoint interval: the interval being served is cached, so that a
 reverse walk (``T-1`` down to ``0``) replays each interval forward once and serves it backwards;
