@@ -25,8 +25,9 @@ class SummaryArguments:
         "recorded by `hf-accinf train`.")})
     tokenizer: str | None = field(default=None, metadata={"help": (
         "--check_replay with --train_data: tokenizer directory, to pad text rows as the Trainer did.")})
-    replay_tolerance: float = field(default=1e-4, metadata={"help": (  # = trajectory.replay.REPLAY_TOLERANCE
-        "--check_replay: the largest relative error reported as within tolerance (as `score --replay_tolerance`).")})
+    replay_tolerance: float | None = field(default=None, metadata={"help": (
+        "--check_replay: the largest relative error reported as within tolerance (as `score --replay_tolerance`; "
+        "default: the score default, 1e-4).")})
 
 
 def make_parser(subparsers=None):
