@@ -110,7 +110,12 @@ class ScoreArguments:
                                      "agreement of the scores with those exact counterfactuals (0: skip)."}
     )
     verify_seed: int = field(default=0, metadata={"help": "Seed of the rows --verify retrains."})
-    memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory for per-sample states before chunking."})
+    memory_budget_gb: float = field(default=4.0, metadata={
+        "help": "Memory for per-sample states before chunking, and for the replay's cache of a checkpoint interval "
+                "(deep scopes: beyond it the interval is recomputed in sub-intervals)."})
+    replay_tolerance: float = field(default=1e-4, metadata={  # = trajectory.replay.REPLAY_TOLERANCE
+        "help": "Deep scopes: largest accepted relative error of the replay at each checkpoint (of the outputs, the "
+                "parameters and the optimizer state, gauge tensors left out); a replay beyond it is refused."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to write (default: <run_dir>/scores)."})
     overwrite: bool = field(
         default=False,
@@ -126,6 +131,8 @@ class ScoreArguments:
             raise ValueError(f"projection_dim must be >= 0 (0: no projection), got {self.projection_dim}.")
         if self.memory_budget_gb <= 0:
             raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}.")
+        if not self.replay_tolerance > 0:
+            raise ValueError(f"replay_tolerance must be positive, got {self.replay_tolerance}.")
         if not 0.0 <= self.correction_p <= 1.0:
             raise ValueError(f"correction_p must lie in [0, 1], got {self.correction_p}.")
         for value in (self.stage_steps or []) + (self.stage_epochs or []):

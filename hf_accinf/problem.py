@@ -4,7 +4,10 @@ The scope (:func:`~hf_accinf.modules.resolve_scope`) picks the backend (DESIGN.m
 inside the recorded head keeps the head backends (closed form or ``torch.func`` on the recorded head
 inputs, the fast path); any other scope gets :class:`~hf_accinf.curvature.model.ModelCurvature`, which
 runs the whole model at ``theta_t`` from a :class:`~hf_accinf.curvature.model.TrajectoryStates`
-provider on the step's rows collated from the training dataset.
+provider on the step's rows collated from the training dataset. The gauge tensors the provider finds
+(:meth:`~hf_accinf.trajectory.replay.Replay.gauge_parameters`: tensors that do not change the outputs,
+whose ``Delta`` is zero in exact arithmetic and whose float32 noise Adam's ``1 / eps`` gain would amplify)
+are left out of a deep scope and named in :attr:`InfluenceProblem.gauge`.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class InfluenceProblem:
     num_samples: int
     scope: Scope | None = None  # full parameter names; None for problems assembled by hand
     final_parameters: Callable[[], dict[str, torch.Tensor]] | None = None  # in the curvature's naming
+    gauge: tuple[str, ...] = ()  # gauge tensors of the requested scope, left out of it (no effect on the outputs)
 
     def learning_rates(self, step: int) -> torch.Tensor:
         lrs = self.trajectory.lr[step]
@@ -93,9 +97,23 @@ class CheckpointStates:
         self.run, self.dataset = run, dataset
         self.collate_fn = collate_fn or default_data_collator
         self.trajectory = run.trajectory()
+        self._gauge: tuple[str, ...] | None = None
 
     def parameters_at(self, step: int) -> dict[str, torch.Tensor]:
         return self.run.load_checkpoint(step)
+
+    def gauge_parameters(self) -> tuple[str, ...]:
+        """The parameters that do not change the outputs, found at the first and the last checkpoint as
+        :meth:`~hf_accinf.trajectory.replay.Replay.gauge_parameters` finds them."""
+        from .trajectory.gauge import find_gauge, probe_inputs
+
+        if self._gauge is None:
+            last = self.run.num_steps
+            probes = [(self.run.load_checkpoint(point), [probe_inputs(self.batch_inputs(min(point, last - 1))[0][0])])
+                      for point in (0, last)]
+            with torch.enable_grad():
+                self._gauge = find_gauge(self.run.build_model().double().eval(), probes)
+        return self._gauge
 
     def batch_inputs(self, step: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         rows = self.trajectory.batch(step).tolist()
@@ -104,16 +122,51 @@ class CheckpointStates:
         return [(inputs, torch.arange(len(rows)))]
 
 
-def default_states(run: RunReader, train_dataset, collate_fn=None, model: nn.Module | None = None) -> TrajectoryStates:
-    """Exact ``theta_t`` for a deep scope: replay from the sparse checkpoints (DESIGN.md section 6b), or, for
-    runs recorded before replay existed, their checkpoints when there is one at every step."""
+def default_states(run: RunReader, train_dataset, collate_fn=None, model: nn.Module | None = None,
+                   memory_budget: int | None = None, tolerance: float | None = None) -> TrajectoryStates:
+    """Exact ``theta_t`` for a deep scope: replay from the sparse checkpoints (DESIGN.md section 6b; its cache
+    within ``memory_budget`` bytes, its check at ``tolerance``), or, for runs recorded before replay existed,
+    their checkpoints when there is one at every step. ``model``: the run's model (or a factory) when its class
+    cannot be imported."""
     from .trajectory import schema
-    from .trajectory.replay import Replay
+    from .trajectory.replay import REPLAY_TOLERANCE, Replay
 
     if run.manifest.schema_version >= schema.REPLAY_SCHEMA_VERSION:
-        return Replay(run, train_dataset, collate_fn, model=model)
+        options = {"tolerance": REPLAY_TOLERANCE if tolerance is None else tolerance}
+        if memory_budget is not None:
+            options["memory_budget"] = int(memory_budget)
+        return Replay(run, train_dataset, collate_fn, model=model, **options)
     run.check_dataset(train_dataset)
     return CheckpointStates(run, train_dataset, collate_fn)
+
+
+def deep_scope_unavailable(run: RunReader, device="cpu", model: nn.Module | None = None) -> str | None:
+    """Why no scope outside the head can be scored on ``device`` (``None``: it can), before any work: the
+    reason replay is impossible (:func:`~hf_accinf.trajectory.replay.replay_unavailable`), unless the run,
+    recorded before replay existed, has a checkpoint at every step (:class:`CheckpointStates`)."""
+    from .trajectory import schema
+    from .trajectory.replay import replay_unavailable
+
+    if run.manifest.schema_version < schema.REPLAY_SCHEMA_VERSION and \
+            set(range(run.num_steps + 1)) <= set(run.manifest.checkpoints):
+        return None
+    return replay_unavailable(run, device, model)
+
+
+def without_gauge(scope: Scope, states: TrajectoryStates) -> tuple[Scope, tuple[str, ...]]:
+    """``scope`` less the gauge tensors ``states`` found (if it finds any), and those left out."""
+    finder = getattr(states, "gauge_parameters", None)
+    gauge = set(finder()) if finder is not None else set()
+    dropped = tuple(name for name in scope.parameters if name in gauge)
+    if not dropped:
+        return scope, ()
+    kept = tuple(name for name in scope.parameters if name not in gauge)
+    if not kept:
+        raise AccInfError(f"The scope {list(scope.patterns)} holds only gauge tensors {list(dropped)}: they do not "
+                          "change the model's outputs, so they carry no influence. Choose other modules.")
+    logger.info("left out of the scope: %d gauge tensors that do not change the model's outputs (%s)",
+                len(dropped), ", ".join(dropped))
+    return Scope(kept, scope.patterns), dropped
 
 
 def parameter_groups(run: RunReader, model: nn.Module, names: list[str]) -> dict[str, int]:
@@ -139,12 +192,14 @@ def parameter_groups(run: RunReader, model: nn.Module, names: list[str]) -> dict
 def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device="cpu", backend: str = "auto",
                      modules: list[str] | None = None, train_dataset=None, collate_fn=None,
                      states: TrajectoryStates | None = None, per_row: str = "auto",
-                     model: nn.Module | None = None) -> InfluenceProblem:
+                     model: nn.Module | None = None, memory_budget: int | None = None,
+                     replay_tolerance: float | None = None) -> InfluenceProblem:
     """Build the problem of a recorded run for the scope ``modules`` (see :func:`resolve_scope`; default:
     the recorded chosen parameters). A scope inside the recorded head uses the head backends; any other
     needs ``train_dataset`` (and its ``collate_fn``) and exact parameters at every step: ``states``, or a
-    run recorded with ``checkpoint_every=1``. ``model``: the run's model already built
-    (:meth:`RunReader.build_model`), else built here."""
+    replay of the run (:func:`default_states`, with ``memory_budget`` bytes and ``replay_tolerance``), or a
+    run recorded with ``checkpoint_every=1``; its gauge tensors are left out (:attr:`InfluenceProblem.gauge`).
+    ``model``: the run's model already built (:meth:`RunReader.build_model`), else built here."""
     manifest = run.manifest
     model = model if model is not None else run.build_model()
     head_name = manifest.head.module
@@ -155,6 +210,7 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
     trajectory = run.trajectory()
     smoothing = manifest.loss["label_smoothing"]
     relative = scope.inside(head_name)
+    gauge: tuple[str, ...] = ()
     if relative is not None and set(relative) <= set(manifest.head.chosen) and backend != "model":
         chosen = list(relative)
         head = model.get_submodule(head_name)
@@ -170,7 +226,8 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
                 "runs the whole model on each step's rows, so pass the training dataset (and its collator)."
             )
         if states is None:
-            states = default_states(run, train_dataset, collate_fn, model)
+            states = default_states(run, train_dataset, collate_fn, model, memory_budget, replay_tolerance)
+        scope, gauge = without_gauge(scope, states)
         names = list(scope.parameters)
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
             logger.warning("The model has dropout; the model backend runs it in eval mode (no dropout), so the "
@@ -185,4 +242,4 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
         name=manifest.optimizer_class, groups=manifest.param_groups, group_of=group_of,
         max_grad_norm=manifest.training["max_grad_norm"],
     )
-    return InfluenceProblem(trajectory, curvature, optimizer, manifest.dataset["length"], scope, final)
+    return InfluenceProblem(trajectory, curvature, optimizer, manifest.dataset["length"], scope, final, gauge)

@@ -17,8 +17,17 @@ DESCRIPTION = "describe a run directory"
 class SummaryArguments:
     run_dir: str | None = field(default=None, metadata={"help": "Run directory (also accepted as the positional RUN_DIR)."})
     check_replay: bool = field(default=False, metadata={"help": (
-        "Replay every checkpoint interval from the recorded data source (runs recorded by `hf-accinf train`) and "
-        "report how far the replay is from the next checkpoint (the exact trajectory deep scopes use).")})
+        "Replay every checkpoint interval and report how far the replay is from the next checkpoint (the exact "
+        "trajectory deep scopes use): outputs, parameters and optimizer state, gauge tensors apart. The rows come "
+        "from --train_data, else from the recorded data source (runs recorded by `hf-accinf train`).")})
+    train_data: str | None = field(default=None, metadata={"help": (
+        "--check_replay: the training dataset (load_from_disk directory), exactly as trained, for runs not "
+        "recorded by `hf-accinf train`.")})
+    tokenizer: str | None = field(default=None, metadata={"help": (
+        "--check_replay with --train_data: tokenizer directory, to pad text rows as the Trainer did.")})
+    replay_tolerance: float | None = field(default=None, metadata={"help": (
+        "--check_replay: the largest relative error reported as within tolerance (as `score --replay_tolerance`; "
+        "default: the score default, 1e-4).")})
 
 
 def make_parser(subparsers=None):
@@ -27,7 +36,8 @@ def make_parser(subparsers=None):
     return parser
 
 
-def summary(run_dir: str | Path, check_replay: bool = False) -> str:
+def summary(run_dir: str | Path, check_replay: bool = False, train_data: str | None = None,
+            replay_tolerance: float | None = None, tokenizer: str | None = None) -> str:
     from ..modules import describe_scopes
     from ..trajectory import RunReader
 
@@ -52,19 +62,37 @@ def summary(run_dir: str | Path, check_replay: bool = False) -> str:
         describe_scopes(run.build_model()),
     ]
     if check_replay:
-        lines.append(_replay_line(run))
+        lines.extend(_replay_lines(run, train_data, replay_tolerance, tokenizer))
+    elif train_data:
+        raise AccInfError("--train_data is read by --check_replay only: add --check_replay.")
     return "\n".join(lines)
 
 
-def _replay_line(run) -> str:
+def _replay_lines(run, train_data: str | None, tolerance: float | None, tokenizer: str | None) -> list[str]:
+    from ..data.features import eval_collator
+    from ..data.loading import DataArguments, load_tokenizer, load_training_data
     from ..data.sources import load_recorded_data
-    from ..trajectory.replay import Replay
+    from ..trajectory.replay import REPLAY_TOLERANCE, Replay
 
-    train, _, collate = load_recorded_data(run.run_dir)
-    report = Replay(run, train, collate).check()
+    if train_data:
+        train = load_training_data(DataArguments(train_data=train_data, tokenizer=tokenizer))
+        collate = eval_collator(run.build_model(), load_tokenizer(tokenizer))  # as `hf-accinf score` collates them
+    else:
+        train, _, collate = load_recorded_data(run.run_dir)
+    report = Replay(run, train, collate, tolerance=REPLAY_TOLERANCE if tolerance is None else tolerance).check()
     verdict = "within" if report.ok else "ABOVE"
-    return (f"replay          max relative error {report.max_rel:.2e} over {len(report.intervals)} checkpoint "
-            f"intervals ({verdict} the tolerance {report.tolerance:g})")
+    worst = max(report.intervals, key=lambda interval: interval.max_rel, default=None)
+    lines = [f"replay          max relative error {report.max_rel:.2e} over {len(report.intervals)} checkpoint "
+             f"intervals ({verdict} the tolerance {report.tolerance:g})"]
+    if worst is not None:
+        lines.append(f"                worst [{worst.start}, {worst.stop}): outputs {worst.output_rel:.2e}, parameters "
+                     f"{worst.parameter_rel:.2e}, optimizer state {worst.state_rel:.2e}"
+                     + (f" (furthest: '{worst.worst}')" if worst.worst else ""))
+    if report.gauge:
+        gauge_rel = max(interval.gauge_rel for interval in report.intervals) if report.intervals else 0.0
+        lines.append(f"gauge tensors   {len(report.gauge)} left out (no effect on the outputs; their replay error "
+                     f"{gauge_rel:.2e} of their movement is not judged): {', '.join(report.gauge)}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = extra.path or arguments.run_dir
     if not run_dir:
         raise AccInfError("Which run directory? hf-accinf summary RUN_DIR")
-    print(summary(run_dir, arguments.check_replay))
+    print(summary(run_dir, arguments.check_replay, arguments.train_data, arguments.replay_tolerance,
+                  arguments.tokenizer))
     return 0
 
 

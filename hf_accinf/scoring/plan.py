@@ -152,17 +152,3 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_
                             if deep else "float64: the head's closed form is cheap")
     return ScoringPlan(method, modules, deep, form, dtype, torch.device(device), policy, reasons, fallback)
 
-
-def replay_unavailable(run: RunReader) -> str | None:
-    """Why the run's exact trajectory cannot be replayed here (``None``: it can). Temporary: replaced by
-    ``trajectory.replay.replay_unavailable`` when replay's own check lands."""
-    from ..trajectory import schema
-
-    manifest = run.manifest
-    if manifest.schema_version < schema.REPLAY_SCHEMA_VERSION:
-        return f"the run was recorded with run-directory schema {manifest.schema_version}, before replay existed"
-    if manifest.training.get("bf16") or manifest.training.get("fp16"):
-        return "replay of mixed-precision (bf16/fp16) runs is not supported yet"
-    if run.trajectory().rng_cuda is not None:
-        return "the run's dropout masks come from the CUDA generator and this scorer runs on the CPU"
-    return None

@@ -30,11 +30,11 @@ from ..engine.trust import trust_check
 from ..errors import AccInfError
 from ..methods.projection import GradientProjection, projection_fingerprint, same_projection
 from ..methods.registry import build_method
-from ..problem import problem_from_run
+from ..problem import deep_scope_unavailable, problem_from_run
 from ..trajectory import RunReader, Trajectory
 from ..trajectory.schema import content_hash
 from . import artifacts
-from .plan import plan_scoring, replay_unavailable
+from .plan import plan_scoring
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class ScoreResult:
     trust = property(lambda self: self.summary.trust)  # engine.trust.TrustReport.to_dict()
     verify = property(lambda self: self.summary.verify)  # agreement with K rows retrained out by replay
     replay = property(lambda self: self.summary.replay)  # trajectory.replay.ReplayReport.to_dict()
+    gauge = property(lambda self: tuple(self.summary.gauge))  # gauge tensors left out of the scope
 
 
 def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardContext | None = None,
@@ -103,7 +104,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     run.check_dataset(train_dataset)
     check_finite(run.trajectory(), clipped=float(run.manifest.training.get("max_grad_norm") or 0.0) > 0)
     built = run.build_model(model=model)
-    plan = plan_scoring(args, run, built, replay_unavailable(run))
+    plan = plan_scoring(args, run, built, deep_scope_unavailable(run, "cpu", built))
     if shard.is_main:
         plan.log()
     args = plan.arguments(args)
@@ -111,7 +112,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     # padded per micro-batch (tokenized datasets.map output is not padded), unused columns dropped.
     train_collate = eval_collator(built, tokenizer, collate_fn)
     problem = problem_from_run(run, plan.dtype, modules=list(plan.modules) if plan.modules else None, model=built,
-                               train_dataset=train_dataset, collate_fn=train_collate, states=states)
+                               train_dataset=train_dataset, collate_fn=train_collate, states=states,
+                               memory_budget=int(args.memory_budget_gb * 2**30), replay_tolerance=args.replay_tolerance)
     method = build_method(problem, plan.method, args)  # refuses a method/optimizer mismatch before the long work
     if method.output == "embeddings":
         check_score_kind(args.score_kind, method)
@@ -151,7 +153,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     if _trust_kind(args, form) == "power-iteration":
         trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
                             progress=progress).to_dict()
-    checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict()}
+    checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict(),
+              "gauge": list(problem.gauge)}
     if args.verify:
         from ..evaluation.verify import verify
 
@@ -225,7 +228,8 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
     built = run.build_model(model=model)
     head_name = run.manifest.head.module
     scope = summary.scope or [f"{head_name}.{name}" for name in saved]
-    if modules and list(resolve_scope(built, modules, head=head_name).parameters) != list(scope):
+    gauge = set(summary.gauge or ())  # left out of the scope when it was scored
+    if modules and [n for n in resolve_scope(built, modules, head=head_name).parameters if n not in gauge] != list(scope):
         raise AccInfError(f"The embeddings at {scores_dir} were scored for {scope}, not for {modules}. "
                           "Leave modules out (the saved scope is used) or score again with these modules.")
     if summary.backend == "model":
@@ -280,8 +284,9 @@ def _write(output_dir: Path, args: ScoreArguments, identity: tuple[artifacts.Run
         scope=scope, form=form, removal=args.removal, dtype=str(problem.curvature.dtype).removeprefix("torch."),
         modules=args.modules, backend=backend, schedule=result.schedule,
         evaluation=evaluation, trust=checks["trust"], verify=checks["verify"], replay=checks["replay"],
-        projection=checks["projection"], gauge=list(checks.get("gauge") or []), plan=checks.get("plan"), seconds=result.seconds,
-        cost_model=result.cost_model, most_harmful=order[:10].tolist(), most_helpful=order.flip(0)[:10].tolist())
+        projection=checks["projection"], gauge=list(checks.get("gauge") or []), plan=checks.get("plan"),
+        seconds=result.seconds, cost_model=result.cost_model, most_harmful=order[:10].tolist(),
+        most_helpful=order.flip(0)[:10].tolist())
     summary = artifacts.write_set(output_dir, writers, summary, args.overwrite)
     logger.info("wrote %s", output_dir)
     return summary

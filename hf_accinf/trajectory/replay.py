@@ -9,8 +9,26 @@ cross-entropy with the manifest's label smoothing), gradients accumulate, they a
 torch optimizer of the recorded class and hyperparameters steps.
 
 Checks: each replayed step's loss and pre-clip gradient norm against the recorded ones (cheap, at
-every step), and each interval's end against the next checkpoint (every parameter and optimizer
-state, :data:`REPLAY_TOLERANCE`). A replay beyond tolerance is refused with the reason it can happen.
+every step), and each interval's end against the next checkpoint where influence lives (DESIGN.md
+section 6b, "Judge the replay where influence lives"): (a) the model's outputs, the logits of the replayed
+and the recorded parameters on the interval's first and last steps' rows (float64, eval mode), relative
+to how far the interval moved them; (b) the parameters relative to how far the interval moved them and
+(c) each optimizer-state key relative to its size, both without the gauge tensors
+(:mod:`.gauge`: tensors that do not change the outputs, like attention key biases under absolute
+positions, whose float32 random walk no replay reproduces; their error is reported apart). A replay
+beyond :data:`REPLAY_TOLERANCE` (``--replay_tolerance``) in (a), (b) or (c) is refused with the reason it
+can happen. :func:`replay_unavailable` says beforehand why a run cannot be replayed at all.
+
+Numerics: the replay runs under the training run's thread count (``numerics.torch_threads`` in the
+manifest, capped at the CPUs available here), because CPU reductions are split by thread, and weighs the
+rows by the recorded weights snapped to the reciprocal integers the Trainer used (:func:`exact_weights`).
+Measured with ``scripts/replay_threads.py`` (BERT with the HF default AdamW recipe; docs/RECORDING.md):
+a replay under the recorded count is bitwise equal to the run (1 thread and 2 threads alike); under
+another count it is not: the gauge tensors walk elsewhere (0.7 to 2.4 times their own movement), the
+other parameters differ by 2e-7 to 3e-5 of the interval's movement, the outputs by 3e-8 to 5e-7.
+Also not bitwise: runs recorded before the thread count was (replayed under the current count),
+weights that are not reciprocal integers, several processes (summed here in one), GPU kernels that are
+not deterministic, other library versions.
 
 Memory is bounded by one checkpoint interval: the interval being served is cached, so that a
 reverse walk (``T-1`` down to ``0``) replays each interval forward once and serves it backwards;
@@ -23,7 +41,10 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -33,13 +54,16 @@ from transformers import default_data_collator
 from ..errors import AccInfError
 from ..losses import cross_entropy_rows, target_distribution
 from . import schema
+from .gauge import find_gauge, probe_inputs
 from .reader import RunReader
 
+logger = logging.getLogger(__name__)
+
 REPLAY_TOLERANCE = 1e-4
-"""Largest accepted relative error of a replayed interval at the next checkpoint: of the parameters
-relative to the distance the interval moved them, and of each optimizer-state key relative to its size
-(normwise over all tensors: a parameter whose true gradient is zero, such as BERT's attention key bias,
-moves by round-off alone and has no meaningful relative error of its own).
+"""Largest accepted relative error of a replayed interval at the next checkpoint: of the outputs (logits on
+the interval's probe rows) and of the parameters, each relative to how far the interval moved them, and of
+each optimizer-state key relative to its size; normwise, the gauge tensors left out (a tensor whose true
+gradient is zero, such as BERT's attention key bias, moves by round-off alone: its error changes no output).
 
 The replay computes the loss as ``sum_r w_r l_r`` from measured weights where the Trainer computed
 the model's own mean (or ``num_items_in_batch``) loss, and sums the processes' gradients in another
@@ -47,10 +71,12 @@ order: each step's gradient differs from the recorded one by float32 round-off (
 and these differences are carried, and may be amplified, along the interval. Measured on the test
 runs (tiny BERT with dropout, AdamW, clipping, accumulation; ViT with SGD momentum): <= 1e-6 over
 4-step intervals. A different dataset, collator or dropout mask gives errors of order 1e-2 to 1.
+``ScoreArguments.replay_tolerance`` (``--replay_tolerance``) overrides it.
 """
 CHEAP_CHECK_TOLERANCE = 1e-3
 """Largest accepted relative difference of a replayed step's loss or pre-clip gradient norm."""
 STATE_KEYS = {"SGD": ("momentum_buffer",), "Adam": ("exp_avg", "exp_avg_sq"), "AdamW": ("exp_avg", "exp_avg_sq")}
+DROPOUT_WORDS = ("dropout", "drop_path", "layerdrop")  # config fields whose positive value means random masks
 WHY = ("This happens when the training dataset or collator differs from the recorded one (other rows, order "
        "or preprocessing), when kernels are not deterministic (some GPU kernels; set "
        "torch.use_deterministic_algorithms(True) when recording), or when torch/transformers versions differ "
@@ -65,23 +91,39 @@ class IntervalError:
 
     start: int
     stop: int
-    parameter_max_abs: float = field(metadata={"help": "max |replayed - recorded| over all parameters and buffers."})
-    parameter_rel: float = field(metadata={"help": "||replayed - recorded|| / ||recorded - checkpoint at start||: "
-                                                   "the error relative to how far the interval moved the model."})
-    state_max_abs: float = field(metadata={"help": "max |replayed - recorded| over the optimizer's state tensors."})
+    parameter_max_abs: float = field(metadata={"help": "max |replayed - recorded| over the parameters and buffers "
+                                                       "other than the gauge tensors."})
+    parameter_rel: float = field(metadata={"help": "||replayed - recorded|| / ||recorded - checkpoint at start|| "
+                                                   "without the gauge tensors: the error relative to how far the "
+                                                   "interval moved the model."})
+    state_max_abs: float = field(metadata={"help": "max |replayed - recorded| over the optimizer's state tensors "
+                                                   "of the parameters other than the gauge tensors."})
     state_rel: float = field(metadata={"help": "max over state keys (exp_avg, ...) of ||replayed - recorded|| / "
-                                               "||recorded|| (inf when the per-parameter step counts differ)."})
-    worst: str = field(metadata={"help": "The tensor with the largest error relative to its own size (diagnosis)."})
+                                               "||recorded||, gauge tensors left out (inf when the per-parameter "
+                                               "step counts differ)."})
+    worst: str = field(metadata={"help": "What is furthest off: 'outputs', or the judged tensor with the largest "
+                                         "error relative to its own size (diagnosis)."})
+    output_max_abs: float = field(default=0.0, metadata={
+        "help": "max |replayed - recorded| of the logits on the probe rows (float64, eval mode)."})
+    output_rel: float = field(default=0.0, metadata={
+        "help": "||logits(replayed) - logits(recorded)|| / ||logits(recorded) - logits(checkpoint at start)|| on the "
+                "interval's first and last steps' rows: the error of what influence depends on."})
+    gauge_max_abs: float = field(default=0.0, metadata={
+        "help": "max |replayed - recorded| over the gauge tensors (reported, not judged)."})
+    gauge_rel: float = field(default=0.0, metadata={
+        "help": "||replayed - recorded|| / ||recorded - checkpoint at start|| over the gauge tensors (reported, "
+                "not judged: their random walk does not change the outputs)."})
 
     @property
     def max_rel(self) -> float:
-        return max(self.parameter_rel, self.state_rel)
+        return max(self.parameter_rel, self.state_rel, self.output_rel)
 
 
 @dataclass
 class ReplayReport:
     intervals: list[IntervalError]
     tolerance: float
+    gauge: tuple[str, ...] = ()  # the gauge tensors left out of the judged norms
 
     @property
     def max_rel(self) -> float:
@@ -92,17 +134,21 @@ class ReplayReport:
         return self.max_rel <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tolerance": self.tolerance, "max_rel": self.max_rel, "ok": self.ok,
+        return {"tolerance": self.tolerance, "max_rel": self.max_rel, "ok": self.ok, "gauge": list(self.gauge),
+                "gauge_max_rel": max((i.gauge_rel for i in self.intervals), default=0.0),
+                "output_max_rel": max((i.output_rel for i in self.intervals), default=0.0),
                 "intervals": [asdict(interval) for interval in self.intervals]}
 
 
 def _normwise(replayed: dict[str, torch.Tensor], recorded: dict[str, torch.Tensor],
-              reference: dict[str, torch.Tensor] | None = None) -> tuple[float, float, str]:
-    """``(max |replayed - recorded|, ||replayed - recorded|| / ||recorded - reference||, worst tensor)`` over all
-    floating tensors (``reference`` absent: ``||recorded||``); the worst tensor by its own relative error."""
-    worst_abs, squared_error, squared_scale, worst, worst_rel = 0.0, 0.0, 0.0, "", -1.0
+              reference: dict[str, torch.Tensor] | None = None,
+              names: set[str] | None = None) -> tuple[float, float, str]:
+    """``(max |replayed - recorded|, ||replayed - recorded|| / ||recorded - reference||, worst tensor)`` over the
+    floating tensors of ``recorded`` (only those in ``names`` when given; ``reference`` absent: ``||recorded||``);
+    the worst tensor by its own relative error (``""`` when every tensor agrees)."""
+    worst_abs, squared_error, squared_scale, worst, worst_rel = 0.0, 0.0, 0.0, "", 0.0
     for name, truth in recorded.items():
-        if not truth.is_floating_point():
+        if not truth.is_floating_point() or (names is not None and name not in names):
             continue
         value = replayed.get(name)
         if value is None:
@@ -110,14 +156,82 @@ def _normwise(replayed: dict[str, torch.Tensor], recorded: dict[str, torch.Tenso
         difference = value.detach().to(truth.device, torch.float64) - truth.double()
         base = truth.double() - (reference[name].double() if reference is not None else 0.0)
         error, scale = difference.square().sum().item(), base.square().sum().item()
-        worst_abs = max(worst_abs, difference.abs().max().item())
+        worst_abs = max(worst_abs, difference.abs().max().item() if difference.numel() else 0.0)
         squared_error, squared_scale = squared_error + error, squared_scale + scale
         own = math.sqrt(error / scale) if scale > 0 else (0.0 if error == 0 else math.inf)
         if own > worst_rel:
             worst_rel, worst = own, name
+    return worst_abs, _ratio(squared_error, squared_scale), worst
+
+
+def _ratio(squared_error: float, squared_scale: float) -> float:
     if squared_error == 0:
-        return worst_abs, 0.0, worst
-    return worst_abs, math.sqrt(squared_error / squared_scale) if squared_scale > 0 else math.inf, worst
+        return 0.0
+    return math.sqrt(squared_error / squared_scale) if squared_scale > 0 else math.inf
+
+
+def exact_weights(measured: torch.Tensor) -> torch.Tensor:
+    """The recorded loss weights, each snapped to ``1 / k`` for the integer ``k`` it is within 1e-6 of.
+
+    The recorder measures every row's weight from the gradient that reached the logits (float32, ~1e-8
+    relative); the Trainer's weights are reciprocals of integers (a mean over ``k`` rows, ``num_items_in_batch``,
+    accumulation and processes). With the measured value a step whose weight rounds to another float32 than
+    ``1 / k`` is not bitwise (measured: one step in 40 on a tiny BERT); snapped, it is."""
+    count = torch.round(1.0 / measured)
+    close = (measured * count - 1.0).abs() < 1e-6
+    return torch.where(close, 1.0 / count, measured)
+
+
+def has_dropout(model_config: dict[str, Any], model: torch.nn.Module | None = None) -> bool:
+    """Whether the model draws random masks in training: a positive dropout-like field of its config, or an
+    ``nn.Dropout`` with ``p > 0`` among its modules."""
+    for key, value in model_config.items():
+        if any(word in key for word in DROPOUT_WORDS) and isinstance(value, (int, float)) and value > 0:
+            return True
+    if model is not None:
+        return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    return False
+
+
+def replay_unavailable(run: RunReader, device: str | torch.device = "cpu",
+                       model: torch.nn.Module | None = None) -> str | None:
+    """Why the recorded run cannot be replayed on ``device`` (``None``: it can), before any work.
+
+    A run trained on a GPU draws its dropout masks from the CUDA generator: on a CPU it is replayable only
+    when the model has no dropout (its random state then decides nothing; ``model``, if given, is checked
+    too)."""
+    manifest = run.manifest
+    if manifest.schema_version < schema.REPLAY_SCHEMA_VERSION:
+        return (f"{run.run_dir} was recorded with run-directory schema {manifest.schema_version}, which does not hold "
+                "the optimizer state and random states a replay needs. Record the run again with this hf_accinf.")
+    if manifest.training.get("bf16") or manifest.training.get("fp16"):
+        return "Replay of mixed-precision (bf16/fp16) runs is not supported; record in float32."
+    if manifest.optimizer_class not in STATE_KEYS:
+        return f"Replay supports torch SGD, Adam and AdamW, not {manifest.optimizer_class}."
+    if torch.device(device).type != "cuda" and run.trajectory().rng_cuda is not None \
+            and has_dropout(manifest.model_config, model):
+        return ("This run was trained on a GPU with dropout: its dropout masks come from the CUDA generator. "
+                "Replay it on a GPU (device='cuda'), or train with dropout off.")
+    return None
+
+
+def available_threads() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def thread_count(count: int | None):
+    """Run the block under ``count`` torch threads (``None``: unchanged), restoring the current count."""
+    current = torch.get_num_threads()
+    if count is None or count == current:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(current)
 
 
 def _by_key(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
@@ -135,34 +249,35 @@ class Replay:
     >>> replay = Replay(RunReader("run"), train_dataset)  # doctest: +SKIP
     >>> theta = replay.parameters_at(17)  # every state_dict entry before step 17, float32  # doctest: +SKIP
     >>> replay.check().max_rel  # doctest: +SKIP
+    >>> replay.gauge_parameters()  # e.g. BERT's attention key biases  # doctest: +SKIP
 
-    Returned tensors belong to the cache: read them, do not modify them in place.
+    Returned tensors belong to the cache: read them, do not modify them in place. Steps run under the
+    recorded thread count (see the module docstring for what is bitwise).
     """
 
     def __init__(self, run: RunReader, train_dataset, collate_fn: Callable | None = None, device: str | torch.device = "cpu",
                  memory_budget: int = 2**30, tolerance: float = REPLAY_TOLERANCE, check_steps: bool = True,
                  model: torch.nn.Module | Callable | None = None):
         manifest = run.manifest
-        if manifest.schema_version < schema.REPLAY_SCHEMA_VERSION:
-            raise AccInfError(
-                f"{run.run_dir} was recorded with run-directory schema {manifest.schema_version}, which does not hold "
-                "the optimizer state and random states a replay needs. Record the run again with this hf_accinf."
-            )
-        if manifest.training.get("bf16") or manifest.training.get("fp16"):
-            raise AccInfError("Replay of mixed-precision (bf16/fp16) runs is not supported; record in float32.")
-        if manifest.optimizer_class not in STATE_KEYS:
-            raise AccInfError(f"Replay supports torch SGD, Adam and AdamW, not {manifest.optimizer_class}.")
+        self.device = torch.device(device)
+        reason = replay_unavailable(run, self.device)
+        if reason is not None:
+            raise AccInfError(reason)
         run.check_dataset(train_dataset)
         self.run, self.dataset = run, train_dataset
         self.collate_fn = collate_fn or default_data_collator
-        self.device = torch.device(device)
         self.tolerance, self.check_steps = tolerance, check_steps
         self.trajectory = run.trajectory()
-        if self.trajectory.rng_cuda is not None and self.device.type != "cuda":
-            raise AccInfError("This run was trained on a GPU: its dropout masks come from the CUDA generator. "
-                              "Replay it on a GPU (device='cuda').")
         # ``model``: the run's model or a factory, when its class cannot be imported (RunReader.build_model).
         self.model = run.build_model(step=0, model=copy.deepcopy(model) if isinstance(model, torch.nn.Module) else model).to(self.device)
+        self.restore_cuda_rng = self.trajectory.rng_cuda is not None and self.device.type == "cuda"
+        if self.trajectory.rng_cuda is not None and not self.restore_cuda_rng:
+            reason = replay_unavailable(run, self.device, self.model)  # the built model's dropout modules too
+            if reason is not None:
+                raise AccInfError(reason)
+            logger.info("replaying a GPU run on %s: its CUDA random states are not restored (the model has no "
+                        "dropout, so they decide nothing)", self.device)
+        self.num_threads = self._threads(manifest.numerics.get("torch_threads"))
         self.signature = set(inspect.signature(self.model.forward).parameters) | {"label", "label_ids", "labels"}
         self.num_labels = int(manifest.loss["num_labels"])
         self.smoothing = float(manifest.loss.get("label_smoothing", 0.0))
@@ -179,6 +294,20 @@ class Replay:
         self._stride = 0
         self._snapshots: dict[int, State] = {}
         self._dense: dict[int, State] = {}
+        self._gauge: tuple[str, ...] | None = None
+        self._probe_model: torch.nn.Module | None = None
+
+    @staticmethod
+    def _threads(recorded: int | None) -> int | None:
+        if recorded is None:
+            return None
+        available = available_threads()
+        if recorded > available:
+            logger.info("the run was trained with %d threads, %d CPUs here: replaying with %d threads (CPU "
+                        "reductions may then round differently; the replay check judges the difference)",
+                        recorded, available, available)
+            return available
+        return int(recorded)
 
     # -- public ------------------------------------------------------------------------------------
     @property
@@ -229,7 +358,22 @@ class Replay:
 
     def report(self) -> ReplayReport:
         """The errors of the intervals replayed so far."""
-        return ReplayReport([self.errors[key] for key in sorted(self.errors)], self.tolerance)
+        return ReplayReport([self.errors[key] for key in sorted(self.errors)], self.tolerance,
+                            self._gauge if self._gauge is not None else ())
+
+    def gauge_parameters(self) -> tuple[str, ...]:
+        """The parameters that do not change the model's outputs (:mod:`.gauge`), found once at the first and
+        the last checkpoint on the rows of the first and the last step (``named_parameters`` names)."""
+        if self._gauge is None:
+            first, last = self.checkpoints[0], self.checkpoints[-1]
+            probes = [(self._checkpoint_state(point)[0], self._probe_inputs(min(point, self.num_steps - 1)))
+                      for point in dict.fromkeys((first, last))]
+            with torch.enable_grad():
+                self._gauge = find_gauge(self._float64_model(), probes)
+            if self._gauge:
+                logger.info("gauge tensors (no effect on the outputs; left out of the replay check): %s",
+                            ", ".join(self._gauge))
+        return self._gauge
 
     def train(self, weight_scale: dict[int, float] | torch.Tensor | None = None, start: int = 0,
               stop: int | None = None) -> dict[str, torch.Tensor]:
@@ -254,10 +398,15 @@ class Replay:
         return {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
 
     def step(self, step: int, scale: torch.Tensor | None = None) -> None:
-        """One recorded optimizer step on the replay model and optimizer (their current state is the input)."""
+        """One recorded optimizer step on the replay model and optimizer (their current state is the input),
+        under the recorded thread count."""
+        with thread_count(self.num_threads):
+            self._step(step, scale)
+
+    def _step(self, step: int, scale: torch.Tensor | None) -> None:
         trajectory = self.trajectory
         rows = trajectory.rows_of(step)
-        weights = trajectory.row_weight[rows]
+        weights = exact_weights(trajectory.row_weight[rows])
         if scale is not None:
             weights = weights * scale[trajectory.row_index[rows]]
         micro = trajectory.micro_batches_of(step)
@@ -271,7 +420,7 @@ class Replay:
                 if not torch.equal(labels.cpu(), trajectory.labels[rows][positions]):
                     self._refuse(step, f"the collated labels of step {step} differ from the recorded ones")
                 torch.set_rng_state(trajectory.rng_cpu[index].clone())  # a view at an offset crashes torch
-                if trajectory.rng_cuda is not None:
+                if self.restore_cuda_rng:
                     torch.cuda.set_rng_state(trajectory.rng_cuda[index].clone(), self.device)
                 logits = self.model(**inputs).logits
                 target = target_distribution(labels, self.num_labels, self.smoothing, dtype=logits.dtype)
@@ -323,7 +472,9 @@ class Replay:
         if stride == 0:
             raise AccInfError(
                 f"memory_budget={self.memory_budget} bytes cannot hold 2*sqrt({length}) model and optimizer states "
-                f"of {self.state_bytes} bytes each; raise it."
+                f"of {self.state_bytes} bytes each (the replay of the checkpoint interval [{start}, {stop})); raise "
+                f"it: --memory_budget_gb (ScoreArguments.memory_budget_gb) reaches the replay, or record with a "
+                f"smaller checkpoint_every."
             )
         self._interval, self._stride, self._dense = (start, stop), stride, {}
         self._snapshots = {start: self._checkpoint_state(start)}
@@ -406,7 +557,11 @@ class Replay:
 
     def _compare(self, start: int, stop: int, replayed: State, refuse: bool) -> IntervalError:
         weights, state = self._checkpoint_state(stop)
-        p_abs, p_rel, p_worst = _normwise(replayed[0], weights, self._checkpoint_state(start)[0])
+        start_weights = self._checkpoint_state(start)[0]
+        gauge = set(self.gauge_parameters())
+        judged = {name for name in weights if name not in gauge}
+        p_abs, p_rel, p_worst = _normwise(replayed[0], weights, start_weights, judged)
+        g_abs, g_rel, _ = _normwise(replayed[0], weights, start_weights, gauge) if gauge else (0.0, 0.0, "")
         s_abs, s_rel, s_worst = 0.0, 0.0, ""
         steps = {name: keys["step"] for name, keys in state.items() if "step" in keys}
         replayed_steps = {name: keys["step"] for name, keys in replayed[1].items() if "step" in keys}
@@ -414,15 +569,46 @@ class Replay:
             s_rel, s_worst = math.inf, "step"
         recorded_by_key, replayed_by_key = _by_key(state), _by_key(replayed[1])
         for key, recorded in recorded_by_key.items():
-            k_abs, k_rel, k_worst = _normwise(replayed_by_key.get(key, {}), recorded)
+            k_abs, k_rel, k_worst = _normwise(replayed_by_key.get(key, {}), recorded, names=judged)
             s_abs = max(s_abs, k_abs)
             if k_rel > s_rel:
                 s_rel, s_worst = k_rel, f"{k_worst}{schema.OPTIMIZER_KEY_SEPARATOR}{key}"
-        error = IntervalError(start, stop, p_abs, p_rel, s_abs, s_rel, p_worst if p_rel >= s_rel else s_worst)
+        o_abs, o_rel = self._output_error(start, stop, replayed[0], weights, start_weights)
+        worst = "outputs" if o_rel > max(p_rel, s_rel) else (p_worst if p_rel >= s_rel else s_worst)
+        error = IntervalError(start, stop, p_abs, p_rel, s_abs, s_rel, worst, o_abs, o_rel, g_abs, g_rel)
         self.errors[(start, stop)] = error
         if refuse and error.max_rel > self.tolerance:
+            left_out = f"; the gauge tensors {sorted(gauge)} left out" if gauge else ""
             raise AccInfError(
                 f"Replay of the checkpoint interval [{start}, {stop}) does not reproduce the checkpoint at step {stop}: "
-                f"relative error {error.max_rel:.3g} in '{error.worst}' (tolerance {self.tolerance:g}). {WHY}"
+                f"relative error {error.max_rel:.3g} in '{error.worst}' (outputs {o_rel:.3g}, parameters {p_rel:.3g}, "
+                f"optimizer state {s_rel:.3g}{left_out}; tolerance {self.tolerance:g}, --replay_tolerance / "
+                f"ScoreArguments.replay_tolerance). {WHY}"
             )
         return error
+
+    # -- outputs ----------------------------------------------------------------------------------------
+    def _float64_model(self) -> torch.nn.Module:
+        """A float64 copy of the model in eval mode, for the output comparisons (loaded per use)."""
+        if self._probe_model is None:
+            self._probe_model = copy.deepcopy(self.model).double().eval()
+        return self._probe_model
+
+    def _probe_inputs(self, *steps: int) -> list[dict[str, torch.Tensor]]:
+        """The collated model inputs of the steps' rows (labels dropped; floating inputs in float64)."""
+        return [probe_inputs(inputs) for step in dict.fromkeys(steps) for inputs, _ in self.batch_inputs(step)]
+
+    @torch.no_grad()
+    def _output_error(self, start: int, stop: int, replayed: dict[str, torch.Tensor], recorded: dict[str, torch.Tensor],
+                      start_weights: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """``(max |difference|, ||difference|| / ||movement||)`` of the logits of the replayed and the recorded
+        parameters at ``stop`` on the rows of steps ``start`` and ``stop - 1`` (float64, eval mode), the movement
+        being that of the recorded logits over the interval."""
+        model, batches = self._float64_model(), self._probe_inputs(start, stop - 1)
+        logits = []
+        for weights in (replayed, recorded, start_weights):
+            model.load_state_dict(weights, strict=True)
+            logits.append(torch.cat([model(**inputs).logits.flatten() for inputs in batches]))
+        difference = logits[0] - logits[1]
+        squared_error = difference.square().sum().item()
+        return difference.abs().max().item(), _ratio(squared_error, (logits[1] - logits[2]).square().sum().item())

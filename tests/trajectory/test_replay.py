@@ -173,3 +173,36 @@ def test_schema_1_runs_are_read_but_not_replayed(tmp_path, bert_run):
     assert old.trajectory().num_steps == run.num_steps
     with pytest.raises(AccInfError, match="schema 1.*Record the run again"):
         Replay(old, data)
+
+
+def _as_if_trained_on_a_gpu(run: RunReader) -> RunReader:
+    """A fresh reader of ``run`` whose trajectory carries CUDA random states, as a GPU run's does."""
+    import dataclasses
+
+    copy = RunReader(run.run_dir)
+    trajectory = copy.trajectory()
+    copy._trajectory = dataclasses.replace(trajectory, rng_cuda=torch.zeros(len(trajectory.rng_cpu), 16, dtype=torch.uint8))
+    return copy
+
+
+def test_replay_unavailable_says_why_before_any_work(bert_run, vit_run, tmp_path):
+    from hf_accinf.problem import deep_scope_unavailable
+    from hf_accinf.trajectory.replay import replay_unavailable
+
+    (bert, bert_data), (vit, vit_data) = bert_run, vit_run
+    assert replay_unavailable(bert) is None and replay_unavailable(vit) is None
+    # CUDA random states decide dropout masks: the BERT run has dropout, the ViT run has none.
+    gpu_bert, gpu_vit = _as_if_trained_on_a_gpu(bert), _as_if_trained_on_a_gpu(vit)
+    assert "GPU with dropout" in replay_unavailable(gpu_bert, "cpu")
+    with pytest.raises(AccInfError, match="GPU with dropout"):
+        Replay(gpu_bert, bert_data)
+    assert replay_unavailable(gpu_vit, "cpu") is None
+    assert Replay(gpu_vit, vit_data).check().max_rel == 0.0  # its random states decide nothing: bit for bit
+    mixed = RunReader(vit.run_dir)
+    mixed.manifest.training["bf16"] = True
+    assert "mixed-precision" in replay_unavailable(mixed)
+    old = RunReader(vit.run_dir)
+    old.manifest.schema_version = 1
+    assert "schema 1" in replay_unavailable(old) and "schema 1" in deep_scope_unavailable(old)
+    old.manifest.checkpoints = list(range(old.num_steps + 1))  # checkpointed at every step: no replay needed
+    assert deep_scope_unavailable(old) is None
