@@ -63,6 +63,7 @@ class LeaveOneOutEffects:
     half: torch.Tensor
     base_loss: float  # the retrained base run's mean evaluation loss
     replay_error: float | None  # the base run against the recorded checkpoints, relative to their movement
+    loss_error: float | None  # the base run's step losses against the recorded ones (relative)
     models_per_chunk: int
 
 
@@ -89,7 +90,7 @@ def leave_one_out_effects(run: RunReader, train_dataset, collate_fn: Callable | 
     result = retraining.retrain(scales, mean_loss, with_base=True, progress=progress, description="verify")
     effect = result.effect()
     return LeaveOneOutEffects(rows, effect[:count], effect[count:], float(result.base[0]), result.replay_error,
-                              result.models_per_chunk)
+                              result.loss_error, result.models_per_chunk)
 
 
 def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_dataset, scores, k: int, seed: int = 0,
@@ -130,6 +131,7 @@ def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_data
         "truth_half": half.tolist(),
         "base_eval_loss": effects.base_loss,
         "replay_error": effects.replay_error,
+        "replay_loss_error": effects.loss_error,
         "models_per_chunk": effects.models_per_chunk,
         "seconds": time.perf_counter() - started,
     }
