@@ -89,7 +89,8 @@ class ScoreArguments:
                                      "narrower interval)."}
     )
     verify_seed: int = field(default=0, metadata={"help": "Seed of the rows --verify retrains."})
-    memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory for per-sample states before chunking."})
+    memory_budget_gb: float = field(default=4.0, metadata={
+        "help": "Memory for per-sample states before chunking, and for the models --verify retrains together."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to write (default: <run_dir>/scores)."})
     overwrite: bool = field(
         default=False,

@@ -47,6 +47,10 @@ Parameters = dict[str, torch.Tensor]
 WORKSPACE_COPIES = 4
 """Per model, besides the optimizer state: parameters, accumulated gradients, and the optimizer step's new
 parameters and temporaries, each the size of the trainable parameters (what the chunking budgets for)."""
+ACTIVATION_COPIES = 3
+"""Per model, the bytes the forward pass saves for the backward pass times this: the saved tensors, their
+gradients during the backward pass and the batched forward's contiguous copies. Measured on the quickstart
+ViT (101 models): about 13.5 MB of peak resident memory per model against 4.7 MB of saved tensors."""
 
 
 @dataclass
@@ -89,7 +93,7 @@ class BatchedRetraining:
         self.replay = Replay(run, train_dataset, collate_fn, device)  # checks, batch inputs, the model at step 0
         self.device = self.replay.device
         self.model = self.replay.model
-        config = self.model.config
+        config = getattr(self.model, "config", None)
         attention_dropout = max(float(getattr(config, key, 0.0) or 0.0)
                                 for key in ("attention_probs_dropout_prob", "attention_dropout"))
         if getattr(config, "_attn_implementation", None) == "sdpa" and attention_dropout == 0.0 \
@@ -109,7 +113,8 @@ class BatchedRetraining:
         self.initial_state = _initial_state(self.spec.name, self.initial, tensors)
         self.memory_budget = memory_budget
         trainable = sum(p.numel() * p.element_size() for p in self.initial.values())
-        self.model_bytes = trainable * (WORKSPACE_COPIES + len(STATE_KEYS[self.spec.name])) + self._activation_bytes()
+        self.model_bytes = trainable * (WORKSPACE_COPIES + len(STATE_KEYS[self.spec.name])) \
+            + ACTIVATION_COPIES * self._activation_bytes()
 
     # -- public ------------------------------------------------------------------------------------
     def models_per_chunk(self, with_base: bool = False) -> int:
@@ -191,7 +196,7 @@ class BatchedRetraining:
         state = {k: v.unsqueeze(0).expand(count, *v.shape).clone() for k, v in self.initial_state.items()}
         ones = (scales == 1).all(dim=1).nonzero().flatten()
         reference = int(ones[0]) if len(ones) else None
-        step_losses = torch.zeros(trajectory.num_steps, dtype=torch.float64)
+        step_losses = torch.zeros(trajectory.num_steps, dtype=torch.float64, device=self.device)
         checkpoints = sorted(self.run.manifest.checkpoints)
         replay_error = None
         previous = self.run.load_checkpoint(0) if reference is not None else None
@@ -220,7 +225,7 @@ class BatchedRetraining:
             bar.update(1)
         loss_error = None
         if reference is not None and trajectory.loss is not None:
-            recorded_loss = trajectory.loss.double()
+            recorded_loss, step_losses = trajectory.loss.double(), step_losses.cpu()
             loss_error = float(((step_losses - recorded_loss).abs() / recorded_loss.abs().clamp(min=1e-12)).max())
         return parameters, replay_error, loss_error
 
@@ -234,7 +239,7 @@ class BatchedRetraining:
         forward = vmap(lambda p, inputs: functional_call(self.model, p, (), inputs).logits,
                        in_dims=(0, None), randomness="same")
         gradients: Parameters = {}
-        total = torch.zeros(len(scales), dtype=torch.float64)
+        total = torch.zeros(len(scales), dtype=torch.float64, device=self.device)
         saved_rng = torch.get_rng_state()
         self.model.train()
         try:
@@ -255,7 +260,7 @@ class BatchedRetraining:
                 for name, value in zip(leaves, found):
                     if value is not None:
                         gradients[name] = value if name not in gradients else gradients[name] + value
-                total += (row_weights * losses.detach().double()).sum(1).cpu()
+                total += (row_weights * losses.detach().double()).sum(1)
         finally:
             torch.set_rng_state(saved_rng)
         return gradients, total

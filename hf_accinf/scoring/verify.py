@@ -74,6 +74,10 @@ def leave_one_out_effects(run: RunReader, train_dataset, collate_fn: Callable | 
     return the exact changes of the mean evaluation cross-entropy (eval mode, float64), each against the base
     run retrained in the same chunk."""
     rows = torch.as_tensor(rows, dtype=torch.long)
+    length = len(train_dataset)
+    if rows.dim() != 1 or len(rows) == 0 or len(rows.unique()) != len(rows) or not (0 <= rows).all() \
+            or not (rows < length).all():
+        raise AccInfError(f"rows must be distinct training row indices in [0, {length}), got {rows.tolist()}.")
     retraining = BatchedRetraining(run, train_dataset, collate_fn, device, memory_budget)
     batches = evaluation_batches(retraining.model, eval_dataset, eval_collate_fn, device=device)
     valid = torch.cat([labels.cpu() >= 0 for _, labels in batches]).double()
@@ -136,3 +140,15 @@ def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_data
         "seconds": time.perf_counter() - started,
     }
 
+
+
+def describe(check: dict[str, Any]) -> str:
+    """One line for people: the agreement of :func:`verify`'s result with its bootstrap intervals and ceiling."""
+    def tau(part: dict[str, Any]) -> str:
+        interval = part.get("kendall_tau_interval")
+        bounds = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+        return f"{part['kendall_tau']:.3f}{bounds}"
+
+    return (f"on {check['k']} rows retrained out: Kendall tau {tau(check)}, Pearson r {check['pearson_r']:.3f}, sign "
+            f"agreement {check['sign_agreement']:.2f} (linearity ceiling tau {tau(check['linearity_ceiling'])}; "
+            f"95% bootstrap intervals)")

@@ -38,6 +38,25 @@ def bert_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bert_hidden_dropout_run(tmp_path_factory):
+    """Dropout 0.1 outside attention only: the retraining runs eager attention (SDPA has no vmap rule), the
+    masks of every other dropout still drawn as recorded."""
+    run_dir = tmp_path_factory.mktemp("bert_hidden") / "run"
+    data = synthetic_text_dataset(num_rows=32)
+    model = tiny_bert()
+    model.config.attention_probs_dropout_prob = 0.0
+    for module in model.modules():
+        if type(module).__name__.endswith("SelfAttention"):
+            module.dropout.p = 0.0
+    record_run(model, data, run_dir, recording={"checkpoint_every": 4}, per_device_train_batch_size=8,
+               max_grad_norm=0.5, learning_rate=3e-3, weight_decay=0.01)
+    run = RunReader(run_dir)
+    assert run.build_model().config._attn_implementation == "sdpa"
+    assert BatchedRetraining(run, data).model.config._attn_implementation == "eager"
+    return run, data
+
+
+@pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
     """torch SGD with momentum 0.9 and weight decay, clipping, 12 steps checkpointed every 8."""
     run_dir = tmp_path_factory.mktemp("vit") / "run"
@@ -61,7 +80,7 @@ def _distance(a, b, names):
     return sum((a[n].double() - b[n].double()).square().sum() for n in names).sqrt().item()
 
 
-@pytest.mark.parametrize("case", ["bert_run", "vit_run"])
+@pytest.mark.parametrize("case", ["bert_run", "bert_hidden_dropout_run", "vit_run"])
 def test_batched_retraining_equals_the_sequential_replay_row_by_row(case, request):
     run, data = request.getfixturevalue(case)
     scales, rows = _scales(len(data))

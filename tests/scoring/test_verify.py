@@ -19,7 +19,7 @@ from hf_accinf.config import ScoreArguments
 from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_bert, tiny_vit
 from hf_accinf.scoring import score_run
 from hf_accinf.scoring.retraining import retrain_many
-from hf_accinf.scoring.verify import bootstrap_interval, verify
+from hf_accinf.scoring.verify import bootstrap_interval, describe, verify
 from hf_accinf.trajectory.replay import REPLAY_TOLERANCE
 from tests.conftest import record_run
 
@@ -148,6 +148,7 @@ def test_verify_gives_bootstrap_intervals_of_kendall_tau(scored):
     for check in (result, result["linearity_ceiling"]):
         low, high = check["kendall_tau_interval"]
         assert -1 <= low <= check["kendall_tau"] + 1e-12 and check["kendall_tau"] - 1e-12 <= high <= 1
+        assert f"{check['kendall_tau']:.3f} [{low:.2f}, {high:.2f}]" in describe(result)
 
 
 def test_bootstrap_interval_of_kendall_tau():
