@@ -31,7 +31,8 @@ from hf_accinf.scoring.verify import leave_one_out_effects
 from hf_accinf.trajectory.replay import Replay
 
 
-def sequential_effects(run: RunReader, train, collate, held_out, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequential_effects(run: RunReader, train, collate, held_out,
+                       rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The changes of the mean eval loss at weight 0 and 0.5, retrained one model after another."""
     replay = Replay(run, train, collate)
     model = run.build_model().eval()

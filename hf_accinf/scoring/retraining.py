@@ -75,7 +75,8 @@ class RetrainingResult:
     def effect(self) -> torch.Tensor:
         """``values[m] - base[chunk_of[m]]`` (evaluated results with ``with_base`` only)."""
         if self.base is None or not isinstance(self.values, torch.Tensor):
-            raise AccInfError("effect() needs evaluated values and the base run (retrain with evaluate= and with_base=True).")
+            raise AccInfError("effect() needs evaluated values and the base run: retrain with evaluate= and "
+                              "with_base=True.")
         return self.values - self.base[self.chunk_of]
 
 
@@ -178,7 +179,8 @@ class BatchedRetraining:
                                 replay_error, loss_error, time.perf_counter() - started)
 
     @torch.no_grad()
-    def losses(self, parameters: Parameters, batches: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    def losses(self, parameters: Parameters,
+               batches: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> torch.Tensor:
         """``(m, E)`` float64: each model's cross-entropy on every evaluation row, in eval mode (label ``-100``
         rows: 0). ``batches``: ``(inputs, labels)`` pairs on this device, as :func:`evaluation_batches` builds them."""
         self.model.eval()
@@ -207,7 +209,7 @@ class BatchedRetraining:
                 if step == 0:
                     self._check_loss(0, float(loss[reference]))
             lrs = trajectory.lr[step].tolist()
-            stepped = [n for n in self.names if gradients.get(n) is not None]  # torch skips parameters without a gradient
+            stepped = [n for n in self.names if gradients.get(n) is not None]  # torch skips those without one
             step_lrs = {n: lrs[self.spec.group_of[n]] for n in stepped}
             count_before = int(trajectory.optimizer_step_count[step])
             with torch.no_grad():
@@ -279,7 +281,8 @@ class BatchedRetraining:
         recorded = float(self.trajectory.loss[step]) if self.trajectory.loss is not None else math.nan
         if math.isfinite(recorded) and abs(loss - recorded) > CHEAP_CHECK_TOLERANCE * max(abs(recorded), 1e-12):
             raise AccInfError(f"Retraining does not reproduce the recorded run: the loss of step {step} is {loss:.8g}, "
-                              f"recorded {recorded:.8g}. Pass the training dataset and collator the run was recorded with.")
+                              f"recorded {recorded:.8g}. Pass the training dataset and collator the run was recorded "
+                              "with.")
 
     def _activation_bytes(self) -> int:
         """Bytes the autograd graph saves for one model on the largest micro-batch of step 0 (an estimate)."""
@@ -365,7 +368,7 @@ def _initial_state(optimizer: str, parameters: Parameters, tensors: dict[str, to
 
 def _relative_error(replayed: Parameters, recorded: Parameters, start: Parameters) -> float:
     """``||replayed - recorded|| / ||recorded - start||`` over the replayed parameters."""
-    error = sum(float((replayed[n].double() - recorded[n].double().to(replayed[n].device)).square().sum()) for n in replayed)
+    error = sum(float((replayed[n].double().cpu() - recorded[n].double()).square().sum()) for n in replayed)
     moved = sum(float((recorded[n].double() - start[n].double()).square().sum()) for n in replayed)
     return math.sqrt(error / moved) if moved > 0 else (0.0 if error == 0 else math.inf)
 

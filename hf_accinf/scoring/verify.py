@@ -108,7 +108,8 @@ def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_data
     ``2 x truth(0.5)``); the rows and values; the base run's evaluation loss; the base run's relative error
     at the recorded checkpoints (``replay_error``) and the wall time.
     """
-    scores = torch.as_tensor(np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores), dtype=torch.float64)
+    scores = torch.as_tensor(np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores),
+                             dtype=torch.float64)
     length = len(train_dataset)
     if scores.shape != (length,):
         raise AccInfError(f"scores must hold one value per training row ({length}), got shape {tuple(scores.shape)}.")

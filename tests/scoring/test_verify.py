@@ -112,7 +112,8 @@ def test_retraining_rows_out_and_at_half_weight_equals_a_naive_training_loop(cas
 def scored(vit_run):
     run, data, _ = vit_run
     eval_data = digits_dataset(num_rows=40, offset=40)
-    scores = score_run(ScoreArguments(run_dir=str(run.run_dir), method="sgd-ie"), data, eval_data, progress=False).scores
+    args = ScoreArguments(run_dir=str(run.run_dir), method="sgd-ie")
+    scores = score_run(args, data, eval_data, progress=False).scores
     return run, data, eval_data, scores
 
 
