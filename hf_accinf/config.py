@@ -106,13 +106,15 @@ class ScoreArguments:
         "float64, float32 or auto for the propagation: auto is float32 for scopes outside the head (the whole "
         "model, where float32 scores match float64 ones, see docs/ENGINE.md) and float64 for the closed-form head.")})
     verify: int = field(
-        default=0, metadata={"help": "Retrain this many random rows out by replay (weight 0 and 0.5) and report the "
-                                     "agreement of the scores with those exact counterfactuals (0: skip)."}
+        default=0, metadata={"help": "Retrain this many random rows out by replay (weight 0 and 0.5), together with "
+                                     "the base run in one batched retraining within --memory_budget_gb, and report "
+                                     "the agreement of the scores with those exact counterfactuals: Kendall tau with "
+                                     "a bootstrap interval, against the linearity ceiling (0: skip; more rows, a "
+                                     "narrower interval)."}
     )
     verify_seed: int = field(default=0, metadata={"help": "Seed of the rows --verify retrains."})
     memory_budget_gb: float = field(default=4.0, metadata={
-        "help": "Memory for per-sample states before chunking, and for the replay's cache of a checkpoint interval "
-                "(deep scopes: beyond it the interval is recomputed in sub-intervals)."})
+        "help": "Memory (GiB) for per-sample states before chunking, the replay's cache of states, the model backend's row blocks, and the models --verify retrains together."})
     replay_tolerance: float = field(default=1e-4, metadata={  # = trajectory.replay.REPLAY_TOLERANCE
         "help": "Deep scopes: largest accepted relative error of the replay at each checkpoint (of the outputs, the "
                 "parameters and the optimizer state, gauge tensors left out); a replay beyond it is refused."})

@@ -34,9 +34,8 @@ from transformers import (BertConfig, BertForSequenceClassification, DataCollato
 
 from hf_accinf import AccInfTrainer, RecordingArguments, RunReader, ScoreArguments, score_run
 from hf_accinf.evaluation.metrics import jaccard, kendall_tau
-from hf_accinf.evaluation.verify import counterfactual_losses
 from hf_accinf.methods.registry import METHODS
-from hf_accinf.trajectory.replay import Replay
+from hf_accinf.scoring.verify import leave_one_out_effects
 
 SCOPES = {"head": ["classifier"], "last block": ["last:1"], "whole model": ["all"]}
 RECIPES = {
@@ -115,16 +114,9 @@ def train(case: Case, recipe: str, run_dir: Path, epochs: int, batch: int) -> fl
 def truth(case: Case, run: RunReader, rows: list[int]) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Exact changes of the mean eval loss with each row at weight 0 and 0.5, the seconds they took, and the
     trained model's mean eval loss."""
-    replay = Replay(run, case.train, case.collate_fn)
     began = time.perf_counter()
-
-    def losses(scales):
-        return counterfactual_losses(run, [replay.train(scale) for scale in scales], case.eval, case.collate_fn)
-
-    base = losses([None])[0]
-    zero = losses([{row: 0.0} for row in rows]) - base
-    half = losses([{row: 0.5} for row in rows]) - base
-    return zero.numpy(), half.numpy(), time.perf_counter() - began, float(base)
+    effects = leave_one_out_effects(run, case.train, case.collate_fn, case.eval, rows, case.collate_fn, progress=False)
+    return effects.zero.numpy(), effects.half.numpy(), time.perf_counter() - began, effects.base_loss
 
 
 def agreement(estimate: np.ndarray, target: np.ndarray) -> dict[str, float]:

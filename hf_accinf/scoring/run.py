@@ -156,15 +156,14 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict(),
               "gauge": list(problem.gauge)}
     if args.verify:
-        from ..evaluation.verify import verify
+        from .verify import describe, verify
 
-        logger.info("verify: retraining %d rows out by replay (weight 0 and 0.5), %d steps each",
+        logger.info("verify: retraining the run and %d rows out by replay (weight 0 and 0.5) together, %d steps",
                     args.verify, run.num_steps)
         checks["verify"] = verify(run, train_dataset, train_collate, eval_dataset, scores, args.verify,
-                                  args.verify_seed, eval_collate_fn=train_collate)
-        logger.info("verify: Kendall tau %.3f, Pearson r %.3f, sign agreement %.2f (linearity ceiling tau %.3f)",
-                    checks["verify"]["kendall_tau"], checks["verify"]["pearson_r"], checks["verify"]["sign_agreement"],
-                    checks["verify"]["linearity_ceiling"]["kendall_tau"])
+                                  args.verify_seed, eval_collate_fn=train_collate,
+                                  memory_budget=int(args.memory_budget_gb * 2**30), progress=progress, model=model)
+        logger.info("verify: %s", describe(checks["verify"]))
     states = getattr(curvature, "states", None)
     if hasattr(states, "report"):
         checks["replay"] = states.report().to_dict()

@@ -52,6 +52,7 @@ import torch
 from transformers import default_data_collator
 
 from ..errors import AccInfError
+from ..optimizers import OPTIMIZERS
 from ..losses import cross_entropy_rows, target_distribution
 from . import schema
 from .gauge import find_gauge, probe_inputs
@@ -75,7 +76,6 @@ runs (tiny BERT with dropout, AdamW, clipping, accumulation; ViT with SGD moment
 """
 CHEAP_CHECK_TOLERANCE = 1e-3
 """Largest accepted relative difference of a replayed step's loss or pre-clip gradient norm."""
-STATE_KEYS = {"SGD": ("momentum_buffer",), "Adam": ("exp_avg", "exp_avg_sq"), "AdamW": ("exp_avg", "exp_avg_sq")}
 DROPOUT_WORDS = ("dropout", "drop_path", "layerdrop")  # config fields whose positive value means random masks
 WHY = ("This happens when the training dataset or collator differs from the recorded one (other rows, order "
        "or preprocessing), when kernels are not deterministic (some GPU kernels; set "
@@ -206,7 +206,7 @@ def replay_unavailable(run: RunReader, device: str | torch.device = "cpu",
                 "the optimizer state and random states a replay needs. Record the run again with this hf_accinf.")
     if manifest.training.get("bf16") or manifest.training.get("fp16"):
         return "Replay of mixed-precision (bf16/fp16) runs is not supported; record in float32."
-    if manifest.optimizer_class not in STATE_KEYS:
+    if manifest.optimizer_class not in OPTIMIZERS:
         return f"Replay supports torch SGD, Adam and AdamW, not {manifest.optimizer_class}."
     if torch.device(device).type != "cuda" and run.trajectory().rng_cuda is not None \
             and has_dropout(manifest.model_config, model):
@@ -287,7 +287,7 @@ class Replay:
         self.optimizer = self._build_optimizer(run.load_optimizer_state(0)[1])
         state_bytes = sum(p.numel() * p.element_size() for p in self.params.values())
         buffer_bytes = sum(b.numel() * b.element_size() for b in self.model.buffers())
-        self.state_bytes = state_bytes * (1 + len(STATE_KEYS[manifest.optimizer_class])) + buffer_bytes
+        self.state_bytes = state_bytes * (1 + len(OPTIMIZERS[manifest.optimizer_class].state_keys)) + buffer_bytes
         self.memory_budget = memory_budget
         self.errors: dict[tuple[int, int], IntervalError] = {}
         self._interval: tuple[int, int] | None = None

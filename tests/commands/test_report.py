@@ -47,9 +47,12 @@ def table_row(markdown: str, section: str, first_cell: str) -> list[str]:
 
 def expected_verify_cells(check: dict) -> list[str]:
     ceiling = check["linearity_ceiling"]
-    return [str(check["k"])] + [f"{value:.4g}" for value in (check["kendall_tau"], check["pearson_r"],
-                                                               check["sign_agreement"], ceiling["kendall_tau"],
-                                                               ceiling["pearson_r"])]
+    cells = [str(check["k"])] + [f"{value:.4g}" for value in (check["kendall_tau"], check["pearson_r"],
+                                                                check["sign_agreement"], ceiling["kendall_tau"],
+                                                                ceiling["pearson_r"])]
+    low, high = check["kendall_tau_interval"]  # --verify writes tau's bootstrap interval beside it
+    cells[1] += f" [{low:.4g}, {high:.4g}]"
+    return cells
 
 
 def test_the_report_shows_verify_and_trust_with_the_numbers_of_scores_json(verified):

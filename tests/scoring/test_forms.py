@@ -56,7 +56,7 @@ def test_an_accumulative_method_in_the_adjoint_form_is_refused_before_any_work(r
 
 def test_verify_retrains_rows_out_and_writes_the_agreement(recorded, tmp_path):
     """``--verify K``: the figures in scores.json are those of K rows retrained out by replay (an oracle of its own,
-    evaluation.verify), and the scores they judge are the ones written."""
+    scoring.verify), and the scores they judge are the ones written."""
     from scipy import stats
 
     run_dir, data = recorded
