@@ -93,3 +93,12 @@ def _images(markdown: str) -> list[str]:
     import re
 
     return re.findall(r"\]\(([^)]+\.png)\)", markdown)
+
+
+def test_summary_checks_the_replay_of_the_trained_run(main_job, capsys):
+    run_dir, *_ = main_job
+    assert main(["summary", str(run_dir), "--check_replay", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer       AdamW" in out
+    line = next(line for line in out.splitlines() if line.startswith("replay"))
+    assert "(within the tolerance" in line and f"over {len(RunReader(run_dir).manifest.checkpoints) - 1} checkpoint" in line
