@@ -172,12 +172,13 @@ def is_key_bias(name: str) -> bool:
     return name.endswith(("key.bias", "k_proj.bias"))
 
 
-# Every (removal, method) pair runs on two of the four (model, scope) cases: the oracle is the slow part.
+# Every (removal, method) pair runs on each model's last block; the whole model (the slow part of the oracle) runs
+# the README's adam-ie with exact removal on BERT and acc-adam-ie with first-order removal on ViT.
 CASES = {
     ("bert", "last:1"): [("first-order", "acc-adam-ie"), ("exact", "adam-ie")],
-    ("bert", "all"): [("exact", "acc-adam-ie"), ("first-order", "adam-ie")],
+    ("bert", "all"): [("exact", "adam-ie")],
     ("vit", "last:1"): [("exact", "acc-adam-ie"), ("first-order", "adam-ie")],
-    ("vit", "all"): [("first-order", "acc-adam-ie"), ("exact", "adam-ie")],
+    ("vit", "all"): [("first-order", "acc-adam-ie")],
 }
 
 
