@@ -26,7 +26,7 @@ import pytest
 import torch
 from datasets import Dataset
 from torch.func import functional_call, grad, jvp, vmap
-from transformers import AttentionInterface, BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
+from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
 from hf_accinf import RunReader, ScoreArguments, score_run
 from hf_accinf.engine import estimate_influence
@@ -36,27 +36,13 @@ from hf_accinf.examples import digits_dataset
 from hf_accinf.problem import problem_from_run
 from hf_accinf.trajectory.replay import Replay
 from tests.conftest import record_run
-from tests.engine.helpers import oracle_occurrence
+from tests.engine.helpers import FLOAT64_ATTENTION, oracle_occurrence
 
 NUM_ROWS = 6
 VOCAB = 6
 # The HF default recipe at a learning rate where clipping at 1.0 binds on some steps and not on others.
 ADAMW_RECIPE = dict(learning_rate=0.03, warmup_steps=0.2, lr_scheduler_type="linear", max_grad_norm=1.0,
                     weight_decay=0.01, per_device_train_batch_size=3, num_train_epochs=3)
-
-
-def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager attention in the inputs' dtype: HF's eager attention of ViT (and many other models) takes its
-    softmax in float32, which a float64 oracle cannot use."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * (query.size(-1) ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = torch.softmax(scores, dim=-1)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
-FLOAT64_ATTENTION = "accinf_test_float64_eager"
-AttentionInterface.register(FLOAT64_ATTENTION, exact_attention)
 
 
 def every_token_dataset(num_rows: int, seed: int) -> Dataset:
