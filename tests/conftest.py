@@ -1,18 +1,29 @@
-"""Shared fixtures: tiny offline models and a one-call recorded training run."""
+"""Shared fixtures: tiny offline models and a one-call recorded training run.
+
+The Hugging Face caches (hub, datasets, transformers) point into one temporary directory per test run, set
+before anything imports ``datasets`` (which reads them at import): no test reads or writes the user's cache.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
+import shutil
+import tempfile
 
-import pytest
-import torch
-from transformers import TrainingArguments
-
-from hf_accinf import AccInfTrainer, RecordingArguments
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# This file is imported twice (as pytest's conftest and as tests.conftest): both must name one directory.
+if "HF_ACCINF_TEST_CACHE" not in os.environ:
+    os.environ["HF_ACCINF_TEST_CACHE"] = tempfile.mkdtemp(prefix="hf-accinf-tests-")
+HF_CACHE = os.environ["HF_ACCINF_TEST_CACHE"]
+os.environ.update(HF_HOME=HF_CACHE, HF_DATASETS_CACHE=os.path.join(HF_CACHE, "datasets"),
+                  HF_HUB_CACHE=os.path.join(HF_CACHE, "hub"), TRANSFORMERS_CACHE=os.path.join(HF_CACHE, "hub"),
+                  HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from hf_accinf import AccInfTrainer, RecordingArguments  # noqa: E402
 torch.set_num_threads(1)  # tiny models: one thread; two are 15-35x slower on a shared 2-core machine
 
 
@@ -45,13 +56,10 @@ def record_digits_run(out, rows: int, epochs: int = 2):
     return out / "accinf", ["--train_data", str(out / "train"), "--eval_data", str(out / "eval")]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on, for one launched process group."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def tmp_run(tmp_path):
     return tmp_path / "run"
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(HF_CACHE, ignore_errors=True)

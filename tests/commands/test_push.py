@@ -4,8 +4,6 @@ imported; ``HF_HUB_DISABLE_XET=1`` (huggingface_hub's documented switch) selects
 
 import io
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +15,7 @@ from hf_accinf.data.columns import attach_scores, read_provenance
 from hf_accinf.data.hub import write_scored_dataset
 from tests.data.fake_hub import FakeHub
 from tests.data.helpers import fake_run_dir, fake_scores_dir
+from tests.launch import run_command, subprocess_env
 
 
 def test_push_uploads_the_rows_and_the_card(tmp_path):
@@ -26,11 +25,10 @@ def test_push_uploads_the_rows_and_the_card(tmp_path):
     data = attach_scores(data, fake_scores_dir(tmp_path / "scores", scores, "acc-sgd-ie", run, trust={"kendall_tau": 0.8}))
     scored = write_scored_dataset(data, tmp_path / "scored")
     with FakeHub() as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_XET="1",
+        env = subprocess_env(HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_XET="1",
                    HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HOME=str(tmp_path / "home"))
-        result = subprocess.run([sys.executable, "-m", "hf_accinf.commands.push", "--dataset", str(scored),
-                                 "--repo_id", "user/scored-data"], env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_command([sys.executable, "-m", "hf_accinf.commands.push", "--dataset", str(scored),
+                     "--repo_id", "user/scored-data"], env=env)
         files = hub.repos["user/scored-data"]
 
     shards = [name for name in files if name.endswith(".parquet")]

@@ -61,8 +61,5 @@ def test_acc_sgd_ie_flags_injected_label_noise_better_than_random(noisy_run):
     scored, noisy = noisy_run
     flagged = flagged_rows(scored, "influence_acc_sgd_ie", 0.2)
     recall = len(set(flagged.tolist()) & set(noisy.tolist())) / len(noisy)
-    rng = np.random.default_rng(0)
-    random_recall = np.mean([len(set(rng.permutation(128)[:len(flagged)].tolist()) & set(noisy.tolist())) / len(noisy)
-                             for _ in range(200)])
-    assert random_recall == pytest.approx(0.2, abs=0.03)
+    random_recall = len(flagged) / 128  # the expected recall of flagging as many rows at random (hypergeometric mean)
     assert recall >= random_recall + 0.1

@@ -5,7 +5,8 @@ the Trainer's decay group, clipping active on some steps, dropout off), recorded
 every step. The oracle shares no code with the engine, the rules or the model backend: for one sample at a
 time it reloads each step's checkpoint, collates the step's rows straight from the dataset, and
 differentiates a functional torch-SGD step of the whole model (the Trainer's own optimizer groups give the
-decay) with ``torch.func``, exactly as ``tests/engine/test_oracle.py`` does for small MLPs.
+decay) with ``torch.func``, exactly as ``tests/engine/test_oracle.py`` does for small MLPs. Its attention is float64
+throughout (HF's eager attention of ViT takes its softmax in float32: a float64 backend must not).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hf_accinf.examples import digits_dataset, synthetic_text_dataset
 from hf_accinf.curvature.model import ModelCurvature
 from hf_accinf.problem import problem_from_run
 from tests.conftest import record_run
+from tests.engine.helpers import FLOAT64_ATTENTION
 
 NUM_ROWS = 6
 
@@ -65,7 +67,7 @@ def oracle_embeddings(run: RunReader, data, decay: dict[str, float], scope: list
                       accumulative: bool) -> torch.Tensor:
     trajectory, manifest = run.trajectory(), run.manifest
     model = run.build_model().double().eval()
-    model.set_attn_implementation("eager")  # fused SDPA has no forward-mode derivative
+    model.set_attn_implementation(FLOAT64_ATTENTION)  # fused SDPA has no forward-mode derivative; eager ViT's is float32
     mu, max_norm = manifest.param_groups[0].momentum, manifest.training["max_grad_norm"]
     shapes = {name: p.shape for name, p in model.named_parameters() if name in scope}
     sizes = [s.numel() for s in shapes.values()]

@@ -1,9 +1,5 @@
 """Two launched processes each own half of the rows of a deep scope; gathered embeddings equal one process's."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,10 +7,9 @@ from safetensors.torch import load_file
 from hf_accinf import RunReader
 from hf_accinf.engine import estimate_influence
 from hf_accinf.problem import problem_from_run
-from tests.conftest import free_port, record_run
+from tests.conftest import record_run
 from tests.engine.test_deep_scope import tiny_model
-
-ROOT = Path(__file__).parents[2]
+from tests.launch import ROOT, launch_two_processes
 
 
 @pytest.mark.slow
@@ -28,12 +23,8 @@ def test_two_processes_reproduce_the_single_process_deep_scope_embeddings(tmp_pa
                    num_train_epochs=2)
         data.save_to_disk(str(tmp_path / "data"))
         out = tmp_path / "sharded.safetensors"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-                   "--dynamo_backend", "no", str(ROOT / "tests/scripts/estimate_deep_scope_distributed.py"),
-                   str(tmp_path / "run"), str(tmp_path / "data"), str(out)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert result.returncode == 0, result.stderr[-3000:]
+        launch_two_processes(ROOT / "tests/scripts/estimate_deep_scope_distributed.py", tmp_path / "run",
+                             tmp_path / "data", out)
         sharded = load_file(out)
         assert int(sharded["world_size"]) == 2
         problem = problem_from_run(RunReader(tmp_path / "run"), modules=["last:1"], train_dataset=data)

@@ -1,6 +1,6 @@
 """The engine against a naive transcription of the recursion: one sample at a time, autograd everywhere.
 
-The oracle differentiates a functional torch-SGD step (global clipping, momentum, L2) with
+The oracle differentiates a functional torch-SGD step (global clipping, momentum or Nesterov, L2) with
 ``torch.func.jvp`` (DESIGN.md section 4: exact removal, first-order removal with the mixed ACC term),
 looping over samples and steps in Python; it shares no code with the engine's update rules.
 """
@@ -20,7 +20,7 @@ def oracle_embeddings(problem, removal: str, coefficient) -> torch.Tensor:
     trajectory, spec = problem.trajectory, problem.optimizer
     model, chosen = problem.model, list(spec.group_of)
     group = spec.groups[0]
-    mu, decay, max_norm = group.momentum, group.weight_decay, spec.max_grad_norm
+    mu, decay, max_norm, nesterov = group.momentum, group.weight_decay, spec.max_grad_norm, bool(group.nesterov)
     sizes = [trajectory.params[n][0].numel() for n in chosen]
 
     def unflatten(flat):
@@ -54,7 +54,8 @@ def oracle_embeddings(problem, removal: str, coefficient) -> torch.Tensor:
                     norm = torch.sqrt(rest + (g * g).sum())
                     g = torch.clamp(max_norm / (norm + 1e-6), max=1.0) * g
                 new_buf = mu * bu + g + decay * th
-                return torch.cat([th - lr * new_buf, new_buf])
+                direction = g + decay * th + mu * new_buf if nesterov else new_buf  # torch.optim.SGD's Nesterov
+                return torch.cat([th - lr * direction, new_buf])
 
             delta = oracle_occurrence(step, state, delta, w, ids, j, coefficient(j, t), removal)
         results.append(delta[: len(theta)])
@@ -87,6 +88,16 @@ def test_engine_matches_the_naive_oracle(removal, policy_name, chosen):
     for schedule in ("sweep", "propagator"):
         result = estimate_influence(problem, method, removal, policy, schedule=schedule, progress=False)
         torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("removal,policy_name", [("exact", "none"), ("first-order", "all")])
+def test_nesterov_matches_the_naive_oracle(removal, policy_name):
+    problem = make_problem(nesterov=True)
+    assert problem.optimizer.groups[0].nesterov and (problem.trajectory.clip_coef < 1).any()
+    make_policy, coefficient, method = POLICIES[policy_name]
+    expected = oracle_embeddings(problem, removal, coefficient)
+    result = estimate_influence(problem, method, removal, make_policy(problem), schedule="sweep", progress=False)
+    torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])

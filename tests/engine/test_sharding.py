@@ -1,21 +1,13 @@
 """Two real processes each own half of the samples; gathered results equal the single-process ones."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-from tests.conftest import free_port
 import torch
 from safetensors.torch import load_file
 
 from hf_accinf.engine import CorrectionPolicy, ShardContext, estimate_influence
 from hf_accinf.methods.registry import build_method
-from tests.engine.helpers import make_problem
-from tests.scripts.estimate_distributed import SHARDED_METHODS
-
-ROOT = Path(__file__).parents[2]
+from tests.launch import ROOT, launch_two_processes
+from tests.scripts.estimate_distributed import SHARDED_METHODS, sharded_problem
 
 
 def test_shard_ranges_cover_every_sample_once():
@@ -28,15 +20,12 @@ def test_shard_ranges_cover_every_sample_once():
 @pytest.mark.slow
 def test_two_processes_reproduce_the_single_process_embeddings(tmp_path):
     out = tmp_path / "sharded.safetensors"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "tests/scripts/estimate_distributed.py"), str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(ROOT / "tests/scripts/estimate_distributed.py", out)
     sharded = load_file(out)
     assert int(sharded["world_size"]) == 2
-    problem = make_problem(num_samples=23, batch_size=5, epochs=3)
-    for method, options in SHARDED_METHODS.items():
+    problems = {run: sharded_problem(run) for run in ("sgd", "adam")}
+    for method, (run, options) in SHARDED_METHODS.items():
+        problem = problems[run]
         for schedule in ("sweep", "propagator"):
             policy = CorrectionPolicy("random", p=0.5, seed=1) if method.startswith("acc-") else None
             rule = build_method(problem, method, **options)

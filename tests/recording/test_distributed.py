@@ -3,23 +3,19 @@ the rows the two processes' datasets served, grouped by optimizer step."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import free_port
 import torch
 
 from hf_accinf import RunReader
+from tests.launch import LAUNCH, run_command
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "record_distributed.py"
 
 
 def _launch(out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(out_dir), *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    return run_command([*LAUNCH, str(SCRIPT), str(out_dir), *extra], check=False)
 
 
 @pytest.mark.slow

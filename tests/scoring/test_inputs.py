@@ -2,9 +2,6 @@
 plain torch datasets checked by content, and launched processes without a shard context."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +12,9 @@ from hf_accinf import AccInfError, RunReader, ScoreArguments
 from hf_accinf.cli import main
 from hf_accinf.examples import digits_dataset, tiny_vit
 from hf_accinf.scoring import load_scores, score_run
-from tests.conftest import free_port, record_run
+from tests.conftest import record_run
+from tests.launch import ROOT, launch_two_processes
 
-ROOT = Path(__file__).parents[2]
 TRAIN, EVAL = dict(num_rows=48), dict(num_rows=20, offset=48)
 
 
@@ -111,11 +108,7 @@ def test_unreadable_rows_are_said_to_be_unchecked(run_dir, tmp_path, caplog):
 @pytest.mark.slow
 def test_launched_processes_without_a_shard_context_share_the_work(run_dir, tmp_path):
     out = tmp_path / "launched"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(ROOT / "tests/scripts/score_launched.py"), str(run_dir), str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(ROOT / "tests/scripts/score_launched.py", run_dir, out)
     returned = [json.loads((out.parent / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in returned] == [2, 2]  # the two processes formed one group
     assert [r["result"] for r in returned] == [True, False]  # only the main process writes and returns

@@ -12,16 +12,27 @@ sys.path.insert(0, str(Path(__file__).parents[2]))
 from hf_accinf.engine import CorrectionPolicy, ShardContext, estimate_influence  # noqa: E402
 from hf_accinf.methods.registry import build_method  # noqa: E402
 from tests.engine.helpers import make_problem  # noqa: E402
+from tests.methods.helpers import make_adam_problem  # noqa: E402
 
-SHARDED_METHODS = {"sgd-ie": {}, "acc-sgd-ie": {}, "acc-dvemb": {"projection_dim": 5}}
+# method: (the run it needs, its options)
+SHARDED_METHODS = {"sgd-ie": ("sgd", {}), "acc-sgd-ie": ("sgd", {}), "acc-dvemb": ("sgd", {"projection_dim": 5}),
+                   "adam-ie": ("adam", {}), "acc-adam-ie": ("adam", {"removal": "first-order"})}
+
+
+def sharded_problem(run: str):
+    """The SGD (momentum, clipping, a repeated row) or AdamW (warm-up and decay, clipping) problem of 23 samples."""
+    if run == "sgd":
+        return make_problem(num_samples=23, batch_size=5, epochs=3)
+    return make_adam_problem("AdamW", num_samples=23, batch_size=5, epochs=3)
 
 
 def main(out_file: str) -> None:
     shard = ShardContext.from_accelerate(cpu=True)
     assert shard.world_size == 2, shard.world_size
-    problem = make_problem(num_samples=23, batch_size=5, epochs=3)
+    problems = {run: sharded_problem(run) for run in ("sgd", "adam")}
     results = {"world_size": torch.tensor(shard.world_size)}
-    for method, options in SHARDED_METHODS.items():
+    for method, (run, options) in SHARDED_METHODS.items():
+        problem = problems[run]
         for schedule in ("sweep", "propagator"):
             policy = CorrectionPolicy("random", p=0.5, seed=1) if method.startswith("acc-") else None
             rule = build_method(problem, method, **options)

@@ -1,5 +1,7 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: ``score_run`` called as a user's script would,
-without a shard context; each process notes whether it got the result."""
+without a shard context; each process notes whether it got the result. With ``--cli NOTES_DIR ARGS...``: the
+``hf-accinf`` command line ``ARGS`` (the CLI's entry function, as ``accelerate launch -m hf_accinf.cli`` runs
+it), each process noting the size of the group the command formed."""
 
 import json
 import sys
@@ -11,20 +13,37 @@ from hf_accinf import ScoreArguments, score_run  # noqa: E402
 from hf_accinf.examples import digits_dataset  # noqa: E402
 
 
-def main(run_dir: str, out_dir: str) -> None:
-    import os
-
+def note_groups() -> dict:
+    """Patch ``ShardContext.from_accelerate`` to note the size of the group it forms."""
     from hf_accinf.engine.sharding import ShardContext
 
     seen = {}
     build = ShardContext.from_accelerate.__func__
 
-    def recording_build(cls, *args, **kwargs):  # note the group score_run forms by itself
+    def recording_build(cls, *args, **kwargs):
         shard = build(cls, *args, **kwargs)
         seen["world_size"] = shard.world_size
         return shard
 
     ShardContext.from_accelerate = classmethod(recording_build)
+    return seen
+
+
+def run_cli(notes_dir: str, argv: list[str]) -> None:
+    import os
+
+    from hf_accinf.cli import main as cli_main
+
+    seen = note_groups()
+    status = cli_main(argv)
+    Path(notes_dir, f"rank-{os.environ['RANK']}.json").write_text(json.dumps({"status": status, **seen}))
+    sys.exit(status)
+
+
+def main(run_dir: str, out_dir: str) -> None:
+    import os
+
+    seen = note_groups()  # the group score_run forms by itself
     result = score_run(ScoreArguments(run_dir=run_dir, output_dir=out_dir), digits_dataset(48),
                        digits_dataset(20, offset=48), progress=False)
     rank = int(os.environ["RANK"])
@@ -32,4 +51,7 @@ def main(run_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--cli":
+        run_cli(sys.argv[2], sys.argv[3:])
+    else:
+        main(sys.argv[1], sys.argv[2])
