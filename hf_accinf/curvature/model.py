@@ -65,6 +65,7 @@ from ..errors import AccInfError
 from ..losses import cross_entropy_rows, mean_weights, target_distribution
 from ..trajectory import Trajectory
 from . import memory
+from .attention import EXACT_ATTENTION
 from .base import BatchCurvature, FlatLayout, HeadCurvature
 
 logger = logging.getLogger(__name__)
@@ -319,8 +320,8 @@ class ModelCurvature(FlatLayout, HeadCurvature):
         self._row_bytes: dict[tuple, int] = {}
         self.model = copy.deepcopy(model).to(self.device, dtype).eval()
         if hasattr(self.model, "set_attn_implementation"):
-            # Fused SDPA kernels have no forward-mode AD; eager attention is the same function.
-            self.model.set_attn_implementation("eager")
+            # Fused SDPA kernels have no forward-mode AD; eager attention in the model's dtype is the same function.
+            self.model.set_attn_implementation(EXACT_ATTENTION)
         shapes = {name: p.shape for name, p in self.model.named_parameters()}
         missing = [name for name in scope if name not in shapes]
         if missing:
@@ -434,7 +435,18 @@ class ModelCurvature(FlatLayout, HeadCurvature):
             raise AccInfError("This method needs the optimizer state of the scope at every step: score a run "
                               "recorded by this version of hf_accinf (replay restores it from the checkpoints).")
         state = self.states.optimizer_state_at(step)
-        return self.flatten({name: state.get(name, {}).get(key, torch.zeros(self.shapes[name])) for name in self.chosen})
+        values = {}
+        for name in self.chosen:
+            held = state.get(name)
+            if not held:  # torch creates a parameter's state at its first step: zero before it
+                values[name] = torch.zeros(self.shapes[name])
+            elif key not in held:
+                raise AccInfError(f"The optimizer state of '{name}' before step {step} has no '{key}' (it holds "
+                                  f"{sorted(held)}): the run's optimizer is not the one recorded in its manifest, or "
+                                  "its checkpoints are incomplete. Record the run again.")
+            else:
+                values[name] = held[key]
+        return self.flatten(values)
 
     def _eval_batch(self, params, inputs: list[dict], labels: torch.Tensor, weights: torch.Tensor) -> ModelBatch:
         bounds = torch.tensor([0] + [len(next(iter(b.values()))) for b in inputs]).cumsum(0)

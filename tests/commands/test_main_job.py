@@ -20,7 +20,7 @@ from tests.launch import ROOT, hf_accinf
 
 # What `hf-accinf score` resolves to on the quickstart's AdamW run with no method, scope or form given.
 # The one place to change when the default changes (e.g. to {"method": "adam-ie", "modules": ["all"], "form": "adjoint"}).
-EXPECTED_DEFAULT = {"method": "acc-adam-ie", "modules": None, "form": "forward"}
+EXPECTED_DEFAULT = {"method": "adam-ie", "modules": ["all"], "form": "adjoint"}
 CI_SIZE = ["--train_rows", "64", "--eval_rows", "32", "--num_train_epochs", "1", "--disable_tqdm", "true",
            "--logging_strategy", "no"]
 DROP_FRACTION = 0.05  # the README's
@@ -50,8 +50,11 @@ def test_score_resolves_the_documented_default_for_the_adamw_run(main_job):
     assert written["method"] in ("adam-ie", "acc-adam-ie") and written["arguments"]["method"] == written["method"]
     model_parameters = [name for name, _ in run.build_model().named_parameters()]
     head = [f"{run.manifest.head.module}.{name}" for name in run.manifest.head.parameters]
-    expected_scope = {None: head, ("all",): model_parameters}[None if written["modules"] is None else tuple(written["modules"])]
+    gauge = written["gauge"]  # tensors that do not change the outputs, left out of a deep scope (DESIGN 6b)
+    assert set(gauge) <= set(model_parameters)
+    expected_scope = {("head",): head, ("all",): [n for n in model_parameters if n not in gauge]}[tuple(written["modules"])]
     assert sorted(written["scope"]) == sorted(expected_scope)
+    assert written["plan"]["method"] == written["method"] and written["plan"]["fallback"] is None
     assert written["form"] == ("adjoint" if written["method"] == "adam-ie" else "forward")  # form auto's rule
     values = load_file(scores_dir / "scores.safetensors")["scores"]
     assert values.shape == (run.manifest.dataset["length"],) and bool(values.isfinite().all())

@@ -4,6 +4,7 @@ head fast path on the head scope."""
 import pytest
 import torch
 
+from hf_accinf.curvature.attention import EXACT_ATTENTION
 from hf_accinf import RunReader
 from hf_accinf.engine import estimate_influence
 from hf_accinf.problem import problem_from_run
@@ -26,7 +27,7 @@ def recorded(request, tmp_path_factory):
 def autograd_reference(run, data, step, names, vectors):
     """Per-row gradients, per-row ``H_r v_r``, the batch gradient and ``H_B v_k`` by double-backward autograd."""
     model = run.build_model().double().eval()
-    model.set_attn_implementation("eager")  # fused SDPA has no double backward
+    model.set_attn_implementation(EXACT_ATTENTION)  # fused SDPA has no double backward; eager softmax is float32
     params = dict(model.named_parameters())
     for name, value in run.load_checkpoint(step).items():
         if name in params:

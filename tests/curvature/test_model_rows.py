@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
+from hf_accinf.curvature.attention import EXACT_ATTENTION
 from hf_accinf.curvature import memory
 from hf_accinf.curvature.model import ModelCurvature
 from hf_accinf.errors import AccInfError
@@ -85,7 +86,7 @@ def curvature(model, step: OneStep, patterns: list[str], **options) -> ModelCurv
 def autograd_oracle(model: nn.Module, step: OneStep, names: list[str], vectors: torch.Tensor, dtype=torch.float64):
     """Per-row gradients, per-row ``H_r v_r``, the batch gradient and ``H_B v_k``, one row at a time."""
     model = model.to(dtype).eval()
-    model.set_attn_implementation("eager")  # fused SDPA has no double backward
+    model.set_attn_implementation(EXACT_ATTENTION)  # fused SDPA has no double backward; eager softmax is float32
     params = dict(model.named_parameters())
     chosen = [params[name] for name in names]
     vectors = vectors.to(dtype)

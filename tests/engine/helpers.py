@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 
+from hf_accinf.curvature.attention import EXACT_ATTENTION
 from hf_accinf.evaluation.paper.experiments import ZeroLogit
 from hf_accinf.evaluation.retrain import leave_one_out_sgd, mean_loss, train_sgd
 from hf_accinf.problem import InfluenceProblem, make_curvature
 
 
-def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager attention in the inputs' dtype: HF's eager attention of ViT (and many other models) takes its
-    softmax in float32, which a float64 oracle cannot use (the deep-scope oracles use this one)."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * (query.size(-1) ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = torch.softmax(scores, dim=-1)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
-FLOAT64_ATTENTION = "accinf_test_float64_eager"
-AttentionInterface.register(FLOAT64_ATTENTION, exact_attention)
+# The float64 oracles run the model with the backend's dtype-exact eager attention (HF's eager attention of
+# ViT takes its softmax in float32).
+FLOAT64_ATTENTION = EXACT_ATTENTION
 
 
 def tiny_mlp(inputs=4, hidden=3, classes=2, seed=0) -> nn.Module:

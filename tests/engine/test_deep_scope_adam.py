@@ -200,6 +200,7 @@ def test_adam_ie_whole_model_adjoint_equals_forward(recorded, removal, tmp_path)
     scores = {}
     for form in ("forward", "adjoint"):
         args = ScoreArguments(run_dir=str(run.run_dir), method="adam-ie", removal=removal, modules=["all"], form=form,
+                              dtype="float64",
                               trust_probes=0, output_dir=str(tmp_path / form))
         result = score_run(args, data, held_out, progress=False)
         assert result.form == form
