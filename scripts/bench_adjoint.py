@@ -3,6 +3,7 @@
     python scripts/bench_adjoint.py [--sizes 1000 10000 100000] [--dtype float32] [--threads 2]
     python scripts/bench_adjoint.py --profile [--dtype float64] [--removal exact] [--probes 4] [--threads 1]
     python scripts/bench_adjoint.py --precision [--rows 64] [--epochs 2] [--threads 1]
+    python scripts/bench_adjoint.py --runs quickstart minilm [--verify 100] [--threads 1]
 
 A linear head (``--width`` x ``--classes``, batch 32, 3 epochs, lr 0.05, as section 2 of
 ``scripts/bench_engine.py``) trained with SGD; SGD-IE scores of one objective by the forward form (the
@@ -17,14 +18,26 @@ adjoint step's time goes (the step operator's construction, the injections, the 
 replay, the batch gradient, products with H_B, per-row quantities). It runs any hf_accinf on PYTHONPATH
 (main's code path before issue 18 included: no probes there). ``--precision``: float32 against float64
 whole-model adjoint scores (Kendall tau, relative error) on the same tiny BERT and on a tiny ViT (digits).
+
+``--runs``: the project's configs end to end through the installed command, as a user runs them:
+``hf-accinf train --config configs/<config>.yaml``, then ``hf-accinf score`` with the defaults (the whole-model
+adam-ie adjoint) without trust, then with the default trust figure and ``--verify K``. Each phase is its own
+process: wall time and peak RSS (``os.wait4``) per phase, the adjoint's and the trust figure's seconds from
+``scores.json``, and Kendall tau against K rows retrained out exactly (with its bootstrap interval and the
+linearity ceiling). ``--runs_dir`` keeps the runs (default: a temporary directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,8 +72,14 @@ def main() -> None:
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="--profile: the run's clipping")
     parser.add_argument("--precision", action="store_true",
                         help="instead: float32 against float64 whole-model adjoint scores on a tiny BERT and ViT")
+    parser.add_argument("--runs", nargs="+", choices=sorted(RUN_CONFIGS), help="instead: the configs end to end")
+    parser.add_argument("--verify", type=int, default=100, help="--runs: rows retrained out for Kendall tau")
+    parser.add_argument("--runs_dir", help="--runs: where to keep the runs (default: a temporary directory)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.runs:
+        runs(args.runs, args.verify, args.threads, args.runs_dir)
+        return
     dtype = getattr(torch, args.dtype)
     if args.precision:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
@@ -303,6 +322,55 @@ def profile(rows: int, epochs: int, dtype: torch.dtype, removal: str, probes: in
         print(f"one step's H_B product of 1 vector: {product_cost[0] * 1000:.1f} ms, of 1 + {probes} vectors: "
               f"{product_cost[1] * 1000:.1f} ms (best of 7, interleaved): the probes add "
               f"{(product_cost[1] / product_cost[0] - 1):.0%} to the adjoint product")
+
+
+
+# ---- --runs: the configs end to end, as a user runs them ----------------------------------------------------------
+
+RUN_CONFIGS = {"quickstart": "configs/quickstart.yaml", "minilm": "configs/rotten_tomatoes_minilm.yaml"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _timed(command: list[str], threads: int, cwd: Path) -> tuple[float, float]:
+    """Run ``command``; its wall seconds and peak RSS in GB (the process's own, from ``os.wait4``)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    began = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - began
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}")
+    return seconds, usage.ru_maxrss / 2**20  # KiB -> GiB
+
+
+def runs(configs: list[str], verify: int, threads: int, runs_dir: str | None) -> None:
+    root = Path(runs_dir or tempfile.mkdtemp(prefix="bench-adjoint-"))
+    command = [sys.executable, "-m", "hf_accinf.cli"]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {threads} torch threads per process, "
+          f"torch {torch.__version__}, {platform.processor() or platform.platform()}; runs in {root}")
+    print("| config | training (s, peak GB) | adjoint alone (s, peak GB) | x training | trust probes (s) | "
+          f"verify {verify} rows (s) | score with trust and verify (s, peak GB) | Kendall tau [95% interval] | "
+          "linearity ceiling | scope, method, dtype |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in configs:
+        out = root / name
+        run_dir = out / "accinf"
+        train = _timed([*command, "train", "--config", str(ROOT / RUN_CONFIGS[name]), "--output_dir", str(out)],
+                       threads, ROOT)
+        alone = _timed([*command, "score", "--run_dir", str(run_dir), "--trust_probes", "0", "--output_dir",
+                        str(out / "alone")], threads, ROOT)
+        checked = _timed([*command, "score", "--run_dir", str(run_dir), "--verify", str(verify), "--output_dir",
+                          str(out / "checked")], threads, ROOT)
+        bare = json.loads((out / "alone" / "scores.json").read_text())
+        summary = json.loads((out / "checked" / "scores.json").read_text())
+        check = summary["verify"]
+        interval = check.get("kendall_tau_interval") or [float("nan")] * 2
+        print(f"| {name} | {train[0]:.0f}, {train[1]:.2f} | {alone[0]:.0f}, {alone[1]:.2f} | "
+              f"{alone[0] / train[0]:.1f}x | {summary['seconds'] - bare['seconds']:.1f} | {check['seconds']:.0f} | "
+              f"{checked[0]:.0f}, {checked[1]:.2f} | {check['kendall_tau']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}] | "
+              f"{check['linearity_ceiling']['kendall_tau']:.3f} | {summary['modules']}, {summary['method']}, "
+              f"{summary.get('dtype')} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def noisy_run(tmp_path_factory):
     train, noisy = inject_label_noise(digits_dataset(128, seed=0), 0.2, num_labels=10, seed=0)
     record_run(tiny_vit(seed=0, hidden_size=64), train, root / "run", per_device_train_batch_size=32, num_train_epochs=6,
                learning_rate=0.1, optim="sgd", optim_args="momentum=0.9", weight_decay=0.01, max_grad_norm=1.0)
-    score_run(ScoreArguments(run_dir=str(root / "run"), method="acc-sgd-ie", output_dir=str(root / "scores")),
+    score_run(ScoreArguments(run_dir=str(root / "run"), method="acc-sgd-ie", modules=["head"], output_dir=str(root / "scores")),
               train, digits_dataset(200, seed=0, offset=128), progress=False)
     return attach_scores(train, root / "scores"), noisy
 

@@ -36,7 +36,7 @@ def _score(run_dir, out, **options):
 def test_float32_scores_agree_with_float64(adamw_run, tmp_path, method):
     """float32 carries 24 bits (about 6e-8 relative per operation); over 6 steps the scores must agree to 1e-4
     of the score vector's norm."""
-    double = _score(adamw_run, tmp_path / "f64", method=method)
+    double = _score(adamw_run, tmp_path / "f64", method=method, dtype="float64")
     single = _score(adamw_run, tmp_path / "f32", method=method, dtype="float32")
     assert double.scores.norm() > 0
     assert float((single.scores.double() - double.scores).norm()) <= 1e-4 * float(double.scores.norm())
@@ -67,8 +67,8 @@ def test_a_run_trained_without_clipping_is_scored(tmp_path):
                num_train_epochs=1)
     trajectory = RunReader(tmp_path / "run").trajectory()
     assert bool(trajectory.grad_norm.isnan().all()) and bool((trajectory.clip_coef == 1).all())
-    exact = _score(tmp_path / "run", tmp_path / "exact", method="acc-sgd-ie", removal="exact")
-    first = _score(tmp_path / "run", tmp_path / "first", method="acc-sgd-ie", removal="first-order")
+    exact = _score(tmp_path / "run", tmp_path / "exact", method="acc-sgd-ie", removal="exact", dtype="float64")
+    first = _score(tmp_path / "run", tmp_path / "first", method="acc-sgd-ie", removal="first-order", dtype="float64")
     assert bool(exact.scores.isfinite().all()) and exact.scores.abs().max() > 0
     torch.testing.assert_close(first.scores, exact.scores, rtol=1e-9, atol=1e-12 * float(exact.scores.abs().max()))
 
