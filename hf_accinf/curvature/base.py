@@ -41,6 +41,11 @@ class BatchCurvature(ABC):
     def row_hvp(self, vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``H_r x`` for each pair of batch row ``rows[i]`` and vector ``vectors[i]``."""
 
+    def keep_row_grads(self) -> None:
+        """A hint that every row's gradient will be asked for (exact removal: every row of a step belongs to a
+        removed sample): a backend may compute them once, keep them, and take the batch gradient as their
+        weighted sum (one backward pass less). The default does nothing."""
+
     def row_loss_tangents(self, vector: torch.Tensor) -> torch.Tensor:
         """``d/de l_r(theta + e v)`` at ``e = 0`` for every batch row ``r`` (b,), i.e. ``g_r . v`` (unweighted).
         Backends override this default (per-row gradients) with one forward-mode pass for the batch."""

@@ -227,7 +227,15 @@ class ModelBatch(BatchCurvature):
 
     # -- per-row quantities --------------------------------------------------------------------------------
 
+    def keep_row_grads(self) -> None:
+        if "_kept_row_grads" not in self.__dict__:
+            kept = self._dispatch(torch.arange(self.size), None)
+            self._kept_row_grads = kept
+            self.__dict__.setdefault("batch_grad", self.row_weight @ kept)  # sum_r w_r g_r: no second backward
+
     def row_grads(self, rows: torch.Tensor) -> torch.Tensor:
+        if "_kept_row_grads" in self.__dict__:
+            return self._kept_row_grads[rows.to(self._kept_row_grads.device)]
         return self._dispatch(rows, None)
 
     def row_hvp(self, vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,8 @@ class AdamStep(RemovalStepOps):
     def __init__(self, rule: "AdamRule", step: int):
         problem, curvature = rule.problem, rule.problem.curvature
         self.rule, self.batch, self.removal = rule, curvature.at_step(step), rule.removal
+        if self.removal == "exact":  # the counterfactual step needs every row's gradient
+            self.batch.keep_row_grads()
         self.clip = ClipMap(self.batch, problem.optimizer.max_grad_norm, float(problem.trajectory.grad_norm[step]))
         self.lr = problem.learning_rates(step)
         count = int(problem.trajectory.optimizer_step_count[step]) + 1

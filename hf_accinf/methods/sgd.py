@@ -43,6 +43,8 @@ class SGDStep(RemovalStepOps):
         self.state_dim = rule.state_dim
         self.lr = problem.learning_rates(step)
         self.uniform_lr = float(self.lr[0]) if bool((self.lr == self.lr[0]).all()) else None
+        if self.removal == "exact":  # the counterfactual step needs every row's gradient
+            self.batch.keep_row_grads()
         self.clip = ClipMap(self.batch, problem.optimizer.max_grad_norm, float(problem.trajectory.grad_norm[step]))
 
     def _curvature_term(self, theta: torch.Tensor, base: torch.Tensor | None, scale: float, transpose: bool) -> torch.Tensor:
