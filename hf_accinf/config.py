@@ -114,7 +114,9 @@ class ScoreArguments:
     )
     verify_seed: int = field(default=0, metadata={"help": "Seed of the rows --verify retrains."})
     memory_budget_gb: float = field(default=4.0, metadata={
-        "help": "Memory (GiB) for per-sample states before chunking, the replay's cache of states, the model backend's row blocks, and the models --verify retrains together."})
+        "help": "Memory (GiB) for per-sample states before chunking, and for the models --verify retrains "
+                "together; deep scopes split it between the replay's cache of states and the model backend's row "
+                "blocks (beyond it: sub-intervals recomputed, smaller blocks)."})
     replay_tolerance: float = field(default=1e-4, metadata={  # = trajectory.replay.REPLAY_TOLERANCE
         "help": "Deep scopes: largest accepted relative error of the replay at each checkpoint (of the outputs, the "
                 "parameters and the optimizer state, gauge tensors left out); a replay beyond it is refused."})

@@ -225,15 +225,18 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
                 f"The scope {list(scope.patterns)} reaches outside the recorded head '{head_name}': its curvature "
                 "runs the whole model on each step's rows, so pass the training dataset (and its collator)."
             )
+        # The memory budget is shared: half for the replay's cache of states, half for the model backend's blocks.
+        share = None if memory_budget is None else int(memory_budget) // 2
         if states is None:
-            states = default_states(run, train_dataset, collate_fn, model, memory_budget, replay_tolerance)
+            states = default_states(run, train_dataset, collate_fn, model, share, replay_tolerance)
         scope, gauge = without_gauge(scope, states)
         names = list(scope.parameters)
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
             logger.warning("The model has dropout; the model backend runs it in eval mode (no dropout), so the "
                            "linearization is around a trajectory without the training masks (train with dropout off "
                            "for fidelity, or replay the masks).")
-        curvature = ModelCurvature(trajectory, model, names, states, smoothing, dtype, device, per_row=per_row)
+        curvature = ModelCurvature(trajectory, model, names, states, smoothing, dtype, device, per_row=per_row,
+                                   **({} if share is None else {"memory_budget": share}))
         group_of = parameter_groups(run, model, names)
 
         def final() -> dict[str, torch.Tensor]:

@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--precision", action="store_true",
                         help="instead: float32 against float64 whole-model adjoint scores on a tiny BERT and ViT")
     parser.add_argument("--runs", nargs="+", choices=sorted(RUN_CONFIGS), help="instead: the configs end to end")
-    parser.add_argument("--verify", type=int, default=100, help="--runs: rows retrained out for Kendall tau")
+    parser.add_argument("--verify", type=int, default=100,
+                        help="--runs: rows retrained out for Kendall tau (0: none, the second score run has trust only)")
     parser.add_argument("--runs_dir", help="--runs: where to keep the runs (default: a temporary directory)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -364,8 +365,9 @@ def runs(configs: list[str], verify: int, threads: int, runs_dir: str | None) ->
                           str(out / "checked")], threads, ROOT)
         bare = json.loads((out / "alone" / "scores.json").read_text())
         summary = json.loads((out / "checked" / "scores.json").read_text())
-        check = summary["verify"]
-        interval = check.get("kendall_tau_interval") or [float("nan")] * 2
+        nan = float("nan")
+        check = summary["verify"] or {"seconds": 0.0, "kendall_tau": nan, "linearity_ceiling": {"kendall_tau": nan}}
+        interval = check.get("kendall_tau_interval") or [nan, nan]
         print(f"| {name} | {train[0]:.0f}, {train[1]:.2f} | {alone[0]:.0f}, {alone[1]:.2f} | "
               f"{alone[0] / train[0]:.1f}x | {summary['seconds'] - bare['seconds']:.1f} | {check['seconds']:.0f} | "
               f"{checked[0]:.0f}, {checked[1]:.2f} | {check['kendall_tau']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}] | "
