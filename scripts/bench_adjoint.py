@@ -335,13 +335,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def _timed(command: list[str], threads: int, cwd: Path) -> tuple[float, float]:
     """Run ``command``; its wall seconds and peak RSS in GB (the process's own, from ``os.wait4``)."""
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    began = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - began
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}")
+    with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: progress bars never block the process
+        began = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - began
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed:\n{log.read()[-3000:]}")
     return seconds, usage.ru_maxrss / 2**20  # KiB -> GiB
 
 
