@@ -40,17 +40,8 @@ def tiny_model(kind: str):
     return ViTForImageClassification(config), digits_dataset(NUM_ROWS, classes=(0, 1, 2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny-model ops are latency bound: two threads on a busy 2-core machine make them 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["bert", "vit"])
-def recorded(request, tmp_path_factory, one_thread):
+def recorded(request, tmp_path_factory):
     model, data = tiny_model(request.param)
     run_dir = tmp_path_factory.mktemp(request.param) / "run"
     trainer = record_run(model, data, run_dir, recording={"checkpoint_every": 1}, optim="sgd", optim_args="momentum=0.9",

@@ -68,16 +68,8 @@ def tiny_model(kind: str, eval_rows: int = 0):
             digits_dataset(eval_rows or 4, classes=(0, 1, 2), offset=NUM_ROWS))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["bert", "vit"])
-def recorded(request, tmp_path_factory, one_thread):
+def recorded(request, tmp_path_factory):
     model, data, held_out = tiny_model(request.param)
     run_dir = tmp_path_factory.mktemp(f"adam-{request.param}") / "run"
     trainer = record_run(model, data, run_dir, recording={"checkpoint_every": 1}, **ADAMW_RECIPE)
