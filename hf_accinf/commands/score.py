@@ -73,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verify on {check['k']} rows retrained out: Kendall tau {check['kendall_tau']:.3f}, Pearson r "
                   f"{check['pearson_r']:.3f}, sign agreement {check['sign_agreement']:.2f} (linearity ceiling tau "
                   f"{check['linearity_ceiling']['kendall_tau']:.3f})")
-        if result.trust is not None:
-            print(f"trust: tangent growth {result.trust['growth']:.3g} over the run "
-                  f"({'EXPANSIVE, above' if result.trust['expansive'] else 'below'} {result.trust['threshold']:g})")
+        trust = result.trust
+        if trust is not None:
+            verdict = f"({'EXPANSIVE, above' if trust['expansive'] else 'below'} {trust['threshold']:g})"
+            if trust.get("kind") == "adjoint-probes" and trust.get("objective_growth") is not None:
+                print(f"trust: the objective gradient grew {trust['objective_growth']:.3g}x backward over the run "
+                      f"{verdict}; {trust['probes']} random probes {trust['growth']:.3g}x")
+            else:
+                print(f"trust: tangent growth {trust['growth']:.3g} over the run {verdict}")
         print(f"most harmful rows (removing them lowers eval loss): {order[:5].tolist()} "
               f"scores {[f'{v:.2e}' for v in result.scores[order[:5]].tolist()]}")
         print(f"most helpful rows: {order.flip(0)[:5].tolist()} "

@@ -65,6 +65,13 @@ class TrustReport:
 
     @property
     def expansive(self) -> bool:
+        """Whether the run amplifies what the estimate carries beyond :attr:`threshold`. The adjoint form judges
+        by its objective gradient's own growth: the random probes also grow along directions that Adam's
+        ``1/(sqrt(v) + eps)`` gain amplifies where the objective does not look (measured on the quickstart run:
+        probes 1.3e4, the objective 3.2, and verify's Kendall tau 0.83 against a ceiling of 0.95), while on a
+        run past the edge of stability both grow by hundreds (tests/engine/test_trust.py)."""
+        if self.kind == "adjoint-probes" and self.objective_growth is not None:
+            return not self.objective_growth <= self.threshold  # NaN or inf: expansive
         return self.log10_growth > math.log10(self.threshold)
 
     def to_dict(self) -> dict:
@@ -76,7 +83,8 @@ class TrustReport:
                     f"(an estimate from below of the largest growth; threshold {self.threshold:g}); from each epoch's "
                     "start to the end " + ", ".join(f"{g:.3g}" for g in self.epoch_growth))
             if self.objective_growth is not None:
-                text += f"; the objective gradient's own growth {self.objective_growth:.3g}"
+                text += (f"; the objective gradient's own growth {self.objective_growth:.3g} (what is judged against "
+                         f"the threshold {self.threshold:g})")
             return text
         text = (f"tangent growth {self.growth:.3g} over the run (threshold {self.threshold:g}); up to each epoch's end "
                 + ", ".join(f"{g:.3g}" for g in self.epoch_growth))
