@@ -20,7 +20,7 @@ from transformers import Trainer
 
 from ..config import RecordingArguments
 from ..errors import AccInfError
-from ..modules import select_head
+from ..scope import select_head
 from ..optimizers import MODELLED_HF_OPTIMS
 from .capture import ROW_INDEX_KEY, HeadCapture, RowIndexCollator, RowIndexedDataset
 from .recorder import TrajectoryRecorder
