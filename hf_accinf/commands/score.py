@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ScoreArguments
-from ..data.loading import DataArguments, load_eval_data, load_model_factory, load_tokenizer, load_training_data
-from ..data.sources import load_recorded_data
+from ..inputs.sources import DataArguments, load_eval_data, load_model_factory, load_tokenizer, load_training_data
+from ..trajectory.recorded_data import load_recorded_data
 from ..errors import AccInfError
 from .parsing import build_parser, parse
 

@@ -38,7 +38,7 @@ def make_parser(subparsers=None):
 
 def summary(run_dir: str | Path, check_replay: bool = False, train_data: str | None = None,
             replay_tolerance: float | None = None, tokenizer: str | None = None) -> str:
-    from ..modules import describe_scopes
+    from ..scope import describe_scopes
     from ..trajectory import RunReader
 
     run = RunReader(run_dir)
@@ -51,10 +51,10 @@ def summary(run_dir: str | Path, check_replay: bool = False, train_data: str | N
         f"model           {manifest.model_class.rsplit('.', 1)[-1]}  head '{manifest.head.module}' "
         f"(chosen: {', '.join(manifest.head.chosen)}; input {list(trajectory.head_input.shape[1:])})",
         f"optimizer       {manifest.optimizer_class}, {len(manifest.param_groups)} parameter groups, "
-        f"max_grad_norm {manifest.training['max_grad_norm']}",
+        f"max_grad_norm {manifest.training.max_grad_norm}",
         f"steps           {manifest.num_steps} optimizer steps over {int(trajectory.epoch.max()) + 1} epochs, "
-        f"{int(sizes.min())}-{int(sizes.max())} rows per step, world size {manifest.training['world_size']}",
-        f"dataset         {manifest.dataset['length']} rows, fingerprint {manifest.dataset['fingerprint']}",
+        f"{int(sizes.min())}-{int(sizes.max())} rows per step, world size {manifest.training.world_size}",
+        f"dataset         {manifest.dataset.length} rows, fingerprint {manifest.dataset.fingerprint}",
         f"learning rate   {float(trajectory.lr[:, 0].max()):.3g} peak, {float(trajectory.lr[-1, 0]):.3g} last",
         f"clipped steps   {int((trajectory.clip_coef < 1).sum())} of {manifest.num_steps}",
         f"training loss   {float(trajectory.loss[0]):.4f} first step, {float(trajectory.loss[-1]):.4f} last step",
@@ -69,9 +69,9 @@ def summary(run_dir: str | Path, check_replay: bool = False, train_data: str | N
 
 
 def _replay_lines(run, train_data: str | None, tolerance: float | None, tokenizer: str | None) -> list[str]:
-    from ..data.features import eval_collator
-    from ..data.loading import DataArguments, load_tokenizer, load_training_data
-    from ..data.sources import load_recorded_data
+    from ..inputs.collate import eval_collator
+    from ..inputs.sources import DataArguments, load_tokenizer, load_training_data
+    from ..trajectory.recorded_data import load_recorded_data
     from ..trajectory.replay import REPLAY_TOLERANCE, Replay
 
     if train_data:

@@ -1,10 +1,10 @@
 """``hf-accinf train``: fine-tune the user's model on the user's data from a YAML config, recording it.
 
 The arguments are four dataclasses parsed by ``HfArgumentParser`` (:class:`ModelArguments`,
-:class:`~hf_accinf.data.sources.DataSource`, ``TrainingArguments`` passed through unchanged, and
+:class:`~hf_accinf.inputs.sources.DataSource`, ``TrainingArguments`` passed through unchanged, and
 :class:`~hf_accinf.config.RecordingArguments`); ``--config x.yaml`` supplies defaults that flags
 override. The data source goes into the manifest (``dataset.source``) so that ``score``, ``prune``,
-``report`` and ``push`` reload the same rows with :func:`~hf_accinf.data.sources.load_recorded_data`.
+``report`` and ``push`` reload the same rows with :func:`~hf_accinf.trajectory.recorded_data.load_recorded_data`.
 Every input is checked (config keys, model directory, columns, labels) before the model loads.
 
 >>> main(["--config", "configs/quickstart.yaml"])  # doctest: +SKIP
@@ -24,8 +24,8 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from ..config import RecordingArguments
-from ..data import sources
-from ..data.sources import DataSource
+from ..inputs import sources
+from ..inputs.sources import DataSource
 from ..errors import AccInfError
 from .parsing import build_parser, parse
 

@@ -97,7 +97,7 @@ class HeadCurvature(ABC):
         """``(inputs, labels)`` of an evaluation set in this backend's input form (here: the head's inputs,
         eval mode, batches collated as the Trainer would), for :meth:`example_grads`, :meth:`objective_grad`
         and :meth:`shifted_losses`."""
-        from ..data.features import head_inputs
+        from ..inputs.evaluation import head_inputs
 
         return head_inputs(model, head_name, dataset, collate_fn=collate_fn, tokenizer=tokenizer)
 

@@ -419,18 +419,11 @@ class ModelCurvature(FlatLayout, HeadCurvature):
 
     def evaluation_inputs(self, model: nn.Module, head_name: str, dataset, collate_fn=None, tokenizer=None,
                           batch_size: int = 64):
-        from torch.utils.data import DataLoader
+        from ..inputs.evaluation import labelled_batches
+        from ..inputs.collate import eval_collator
 
-        from ..data.features import eval_collator
-
-        batches, labels = [], []
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=eval_collator(model, tokenizer, collate_fn)):
-            if "labels" not in batch:
-                raise AccInfError("The evaluation dataset needs a label column ('label', 'label_ids' or 'labels') "
-                                  "to define its loss.")
-            labels.append(batch.pop("labels").cpu())
-            batches.append({key: value for key, value in batch.items() if isinstance(value, torch.Tensor)})
-        return batches, torch.cat(labels)
+        pairs = list(labelled_batches(dataset, eval_collator(model, tokenizer, collate_fn), batch_size))
+        return [inputs for inputs, _ in pairs], torch.cat([labels.cpu() for _, labels in pairs])
 
     def parameters_at(self, step: int) -> dict[str, torch.Tensor]:
         return self.states.parameters_at(step)

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import AccInfError
 from ..trajectory import schema
-from ..trajectory.schema import HeadSpec, Manifest, ParamGroupSpec
+from ..trajectory.schema import (DatasetSpec, HeadSpec, LossSpec, Manifest, ParamGroupSpec, SchedulerSpec,
+                                 TrainingSpec)
 from ..version import __version__
 
 if TYPE_CHECKING:
@@ -108,38 +109,37 @@ def build_manifest(source: "RecordingSource", optimizer: torch.optim.Optimizer) 
             input_dtype="",
             param_groups={name: group_of[id(p)] for name, p in head_params.items()},
         ),
-        loss={"kind": "cross_entropy", "label_smoothing": float(args.label_smoothing_factor), "num_labels": int(config.num_labels)},
+        loss=LossSpec(num_labels=int(config.num_labels), label_smoothing=float(args.label_smoothing_factor)),
         optimizer_class=type(optimizer).__name__,
         param_groups=groups,
-        scheduler={
-            "class": type(trainer.lr_scheduler).__name__ if trainer.lr_scheduler is not None else None,
-            "lr_scheduler_type": str(args.lr_scheduler_type),
-            "warmup_steps": args.warmup_steps,
-        },
-        training={
-            "max_grad_norm": float(args.max_grad_norm or 0.0),
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "world_size": trainer.accelerator.num_processes,
-            "seed": args.seed,
-            "data_seed": args.data_seed,
-            "dataloader_drop_last": args.dataloader_drop_last,
-            "label_smoothing": float(args.label_smoothing_factor),
-            "num_train_epochs": args.num_train_epochs,
-            "max_steps": args.max_steps,
-            "optim": str(args.optim),
-            "learning_rate": args.learning_rate,
-            "weight_decay": args.weight_decay,
-            "bf16": args.bf16,
-            "fp16": args.fp16,
-        },
-        dataset={
-            "length": len(dataset),
-            "fingerprint": getattr(dataset, "_fingerprint", None),
-            "content_hash": content,
-            "type": type(dataset).__name__,
-            "source": trainer.recording.data_source,
-        },
+        scheduler=SchedulerSpec(
+            class_name=type(trainer.lr_scheduler).__name__ if trainer.lr_scheduler is not None else None,
+            lr_scheduler_type=str(args.lr_scheduler_type),
+            warmup_steps=args.warmup_steps,
+        ),
+        training=TrainingSpec(
+            max_grad_norm=float(args.max_grad_norm or 0.0),
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            world_size=trainer.accelerator.num_processes,
+            seed=args.seed,
+            data_seed=args.data_seed,
+            dataloader_drop_last=args.dataloader_drop_last,
+            num_train_epochs=args.num_train_epochs,
+            max_steps=args.max_steps,
+            optim=str(args.optim),
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            bf16=args.bf16,
+            fp16=args.fp16,
+        ),
+        dataset=DatasetSpec(
+            length=len(dataset),
+            fingerprint=getattr(dataset, "_fingerprint", None),
+            content_hash=content,
+            type=type(dataset).__name__,
+            source=trainer.recording.data_source,
+        ),
         libraries=library_versions(),
         numerics=numerics(model, args),
         checkpoint_every=trainer.recording.checkpoint_every,
@@ -148,15 +148,7 @@ def build_manifest(source: "RecordingSource", optimizer: torch.optim.Optimizer) 
 
 def check_same_run(existing: Manifest, new: Manifest) -> None:
     """Refuse a resume whose model, optimizer, data, head or batch settings differ from the recorded run's."""
-    def identity(manifest: Manifest) -> dict:
-        head = {k: v for k, v in manifest.head.__dict__.items() if k not in ("input_shape", "input_dtype")}
-        settings = ("max_grad_norm", "gradient_accumulation_steps", "per_device_train_batch_size", "world_size",
-                    "dataloader_drop_last", "label_smoothing")
-        return {"model_class": manifest.model_class, "optimizer_class": manifest.optimizer_class,
-                "dataset": {k: v for k, v in manifest.dataset.items() if k != "fingerprint"}, "head": head,
-                "training settings": {k: manifest.training.get(k) for k in settings}}
-
-    old, current = identity(existing), identity(new)
+    old, current = existing.identity(), new.identity()
     for attribute in old:
         if old[attribute] != current[attribute]:
             raise AccInfError(

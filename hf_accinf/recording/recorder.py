@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from ..config import RecordingArguments
 from ..errors import AccInfError
 from ..losses import clip_coefficient, cross_entropy_rows, target_distribution
-from ..modules import HeadSelection
+from ..scope import HeadSelection
 from ..trajectory import schema
 from ..trajectory.schema import Manifest
 from ..optimizers import check_optimizer, optimizer_kind

@@ -20,7 +20,8 @@ from transformers import Trainer
 
 from ..config import RecordingArguments
 from ..errors import AccInfError
-from ..modules import select_head
+from ..inputs.collate import LABEL_NAMES
+from ..scope import select_head
 from ..optimizers import MODELLED_HF_OPTIMS
 from .capture import ROW_INDEX_KEY, HeadCapture, RowIndexCollator, RowIndexedDataset
 from .recorder import TrajectoryRecorder
@@ -46,7 +47,7 @@ def check_training_labels(dataset) -> None:
         return
     if not isinstance(row, dict):
         return
-    name = next((key for key in ("labels", "label", "label_ids") if key in row), None)
+    name = next((key for key in LABEL_NAMES if key in row), None)
     if name is None:
         return
     label = torch.as_tensor(row[name])

@@ -71,6 +71,13 @@ class RunIdentity:
     dataset_content_hash: str | None = None
     dataset_length: int | None = None
 
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike, manifest) -> "RunIdentity":
+        """The identity of the run in ``run_dir`` (whose manifest is ``manifest``), taken now."""
+        identity = manifest.identity()
+        return cls(str(run_dir), manifest_sha256(run_dir), identity["model_class"], manifest.num_steps,
+                   identity["dataset"]["content_hash"], identity["dataset"]["length"])
+
 
 @dataclass
 class EvaluationSet:

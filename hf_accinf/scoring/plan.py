@@ -28,7 +28,7 @@ from ..engine.adjoint import choose_form
 from ..engine.policies import CorrectionPolicy
 from ..errors import AccInfError
 from ..methods.registry import METHODS, check_fits, get_method
-from ..modules import ALL, HEAD, resolve_scope
+from ..scope import ALL, HEAD, resolve_scope
 from ..trajectory import RunReader
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_
         resolved = method if method != "auto" else CLASSICAL[optimizer]
         if wants_states and get_method(resolved).output == "embeddings":
             parameters = sum(p.numel() for p in model.parameters())
-            needed = _state_bytes(resolved, parameters, int(run.manifest.dataset["length"]), args, 4)
+            needed = _state_bytes(resolved, parameters, run.manifest.dataset.length, args, 4)
             if needed > args.memory_budget_gb * 2**30:
                 modules = None
                 reasons["scope"] = (f"the recorded head: per-row states of the whole model ({needed / 2**30:.1f} GiB for "

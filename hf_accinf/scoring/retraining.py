@@ -106,7 +106,7 @@ class BatchedRetraining:
             # attention dropout SDPA is kept, as its fused kernels may draw the masks otherwise.
             self.model.set_attn_implementation("eager")
         self.trajectory = self.replay.trajectory
-        self.length = int(run.manifest.dataset["length"])
+        self.length = run.manifest.dataset.length
         self.num_labels, self.smoothing = self.replay.num_labels, self.replay.smoothing
         tensors, metadata = run.load_optimizer_state(0)
         self.spec = _optimizer_spec(run, metadata)
@@ -183,7 +183,7 @@ class BatchedRetraining:
     def losses(self, parameters: Parameters,
                batches: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> torch.Tensor:
         """``(m, E)`` float64: each model's cross-entropy on every evaluation row, in eval mode (label ``-100``
-        rows: 0). ``batches``: ``(inputs, labels)`` pairs on this device, as :func:`evaluation_batches` builds them."""
+        rows: 0). ``batches``: ``(inputs, labels)`` pairs on this device, as :func:`~hf_accinf.inputs.evaluation.evaluation_batches` builds them."""
         self.model.eval()
         rows = []
         for inputs, labels in batches:
@@ -311,29 +311,6 @@ def retrain_many(run: RunReader, train_dataset, collate_fn: Callable | None, wei
     return retraining.retrain(weight_scales, evaluate, with_base=with_base, progress=progress)
 
 
-def evaluation_batches(model: torch.nn.Module, eval_dataset, collate_fn: Callable | None = None,
-                       batch_size: int = 64, device: str | torch.device = "cpu"):
-    """``(inputs, labels)`` pairs of ``eval_dataset`` collated as the Trainer would (:func:`eval_collator`; a given
-    ``collate_fn`` sees only the columns ``model.forward`` takes and the label)."""
-    from torch.utils.data import DataLoader
-
-    from ..data.features import eval_collator, model_input_names
-
-    collate = eval_collator(model, None, collate_fn)
-    if collate_fn is not None:
-        keep = model_input_names(model)
-        collate = lambda rows: collate_fn([{k: v for k, v in row.items() if k in keep} for row in rows])  # noqa: E731
-    batches = []
-    for batch in DataLoader(eval_dataset, batch_size=batch_size, collate_fn=collate):
-        if "labels" not in batch:
-            raise AccInfError("The evaluation dataset needs a label column ('label', 'label_ids' or 'labels').")
-        labels = torch.as_tensor(batch.pop("labels")).to(device)
-        batches.append(({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}, labels))
-    if not batches:
-        raise AccInfError("The evaluation dataset is empty: pass at least one labelled row.")
-    return batches
-
-
 # -- helpers -------------------------------------------------------------------------------------------------
 def _optimizer_spec(run: RunReader, metadata: dict[str, str]) -> OptimizerSpec:
     """The functional step's description of the recorded optimizer: hyperparameters from the manifest, group
@@ -350,7 +327,7 @@ def _optimizer_spec(run: RunReader, metadata: dict[str, str]) -> OptimizerSpec:
             raise AccInfError("Retraining models SGD without dampening and Adam/AdamW without amsgrad or maximize.")
     group_of = {name: index for index, names in enumerate(members) for name in names}
     return OptimizerSpec(manifest.optimizer_class, manifest.param_groups, group_of,
-                         float(manifest.training.get("max_grad_norm") or 0.0))
+                         manifest.training.max_grad_norm)
 
 
 def _owner(state_key: str) -> str:

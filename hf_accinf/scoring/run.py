@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 
 from ..config import ScoreArguments
 from ..curvature.model import ModelCurvature
-from ..data.features import check_eval_labels, eval_collator
-from ..modules import resolve_scope
+from ..inputs.collate import eval_collator
+from ..inputs.evaluation import check_eval_labels
+from ..scope import resolve_scope
 from ..engine import InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores
 from ..engine.objective import check_score_kind, scores_from_embeddings
@@ -102,7 +103,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     artifacts.check_output_dir(output_dir, args.overwrite)
     run = RunReader(args.run_dir)
     run.check_dataset(train_dataset)
-    check_finite(run.trajectory(), clipped=float(run.manifest.training.get("max_grad_norm") or 0.0) > 0)
+    check_finite(run.trajectory(), clipped=run.manifest.training.max_grad_norm > 0)
     built = run.build_model(model=model)
     plan = plan_scoring(args, run, built, deep_scope_unavailable(run, "cpu", built))
     if shard.is_main:
@@ -121,7 +122,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
 
     curvature = problem.curvature
     inputs, labels = curvature.evaluation_inputs(built, run.manifest.head.module, eval_dataset, collate_fn, tokenizer)
-    check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
+    check_eval_labels(labels, run.manifest.loss.num_labels)
     final = problem.final_parameters()
     identity = _check_rerun(output_dir, args, run, eval_dataset, len(labels), evaluation_source)
     began = time.perf_counter()
@@ -232,7 +233,7 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
         raise AccInfError(f"The embeddings at {scores_dir} were scored for {scope}, not for {modules}. "
                           "Leave modules out (the saved scope is used) or score again with these modules.")
     if summary.backend == "model":
-        curvature = ModelCurvature(None, built, scope, None, run.manifest.loss["label_smoothing"])
+        curvature = ModelCurvature(None, built, scope, None, run.manifest.loss.label_smoothing)
         final = run.load_checkpoint(run.num_steps)
     else:
         curvature = problem_from_run(run, modules=list(scope), model=built).curvature
@@ -240,7 +241,7 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
     projected = PROJECTED_NAME in saved
     embeddings = saved[PROJECTED_NAME] if projected else curvature.flatten_named(saved)
     inputs, labels = curvature.evaluation_inputs(built, head_name, test_dataset, collate_fn, tokenizer)
-    check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
+    check_eval_labels(labels, run.manifest.loss.num_labels)
     gradients = curvature.example_grads(final, inputs, labels)
     if projected:  # the same seeded projection the scores used (a pure function of P, k and the seed)
         arguments = summary.arguments
@@ -258,9 +259,7 @@ def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_da
     """The scored run and evaluation set, identified; a rerun into another run's or other arguments' output is
     refused here, before the long work."""
     manifest = run.manifest
-    identity = artifacts.RunIdentity(
-        str(args.run_dir), artifacts.manifest_sha256(args.run_dir), manifest.model_class, manifest.num_steps,
-        manifest.dataset.get("content_hash"), manifest.dataset["length"])
+    identity = artifacts.RunIdentity.of(args.run_dir, manifest)
     evaluation = artifacts.EvaluationSet(eval_rows, content_hash(eval_dataset), evaluation_source)
     artifacts.check_rerun(output_dir, artifacts.rerun_key(identity.manifest_sha256, args.to_dict(), evaluation),
                           args.overwrite)

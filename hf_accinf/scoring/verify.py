@@ -23,8 +23,9 @@ import torch
 from scipy import stats
 
 from ..errors import AccInfError
+from ..inputs.evaluation import evaluation_batches
 from ..trajectory import RunReader
-from .retraining import BatchedRetraining, evaluation_batches
+from .retraining import BatchedRetraining
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95

@@ -26,6 +26,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..inputs.collate import LABEL_NAMES
+
 GAUGE_THRESHOLD = 1e-8
 """Largest share ``||d(u . logits)/dW|| / ||d(u . logits)/d theta||`` (float64, several random ``u``) of a gauge
 tensor ``W``: eight orders above float64 rounding (~1e-16), and far below any tensor that changes outputs."""
@@ -38,7 +40,7 @@ Probe = tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]  # (state_
 def probe_inputs(inputs: dict) -> dict[str, torch.Tensor]:
     """Collated model inputs for a float64 probe: tensors only, labels dropped, floating ones in float64."""
     return {key: value.double() if value.is_floating_point() else value for key, value in inputs.items()
-            if isinstance(value, torch.Tensor) and key not in ("labels", "label", "label_ids")}
+            if isinstance(value, torch.Tensor) and key not in LABEL_NAMES}
 
 
 def output_sensitivity(model: nn.Module, probes: Iterable[Probe], projections: int = GAUGE_PROJECTIONS,

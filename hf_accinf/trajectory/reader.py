@@ -200,14 +200,14 @@ class RunReader:
         """Refuse a training dataset other than the recorded one: length, then the rows' content hash in order
         (:func:`~.schema.content_hash`). Warns when the content cannot be compared (only the length was)."""
         recorded = self.manifest.dataset
-        if len(dataset) != recorded["length"]:
+        if len(dataset) != recorded.length:
             raise AccInfError(
-                f"The training dataset has {len(dataset)} rows but the run recorded {recorded['length']}. "
+                f"The training dataset has {len(dataset)} rows but the run recorded {recorded.length}. "
                 "Pass the exact dataset the run was trained on (same rows, same order)."
             )
-        expected = recorded.get("content_hash")
+        expected = recorded.content_hash
         fingerprint = getattr(dataset, "_fingerprint", None)
-        if expected and fingerprint is not None and fingerprint == recorded.get("fingerprint"):
+        if expected and fingerprint is not None and fingerprint == recorded.fingerprint:
             return
         actual = schema.content_hash(dataset) if expected else None
         if expected is None or actual is None:
@@ -221,7 +221,7 @@ class RunReader:
         if actual != expected:
             raise AccInfError(
                 f"The training dataset's rows differ from those the run was trained on (content hash mismatch; "
-                f"recorded for a {recorded.get('type', 'dataset')}, given a {type(dataset).__name__}). Pass the same "
+                f"recorded for a {recorded.type or 'dataset'}, given a {type(dataset).__name__}). Pass the same "
                 "dataset, same rows in the same order and preprocessing, and of the same kind (datasets.Dataset or torch)."
             )
 

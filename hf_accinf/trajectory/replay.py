@@ -39,7 +39,6 @@ are kept and which are recomputed when needed (two-level checkpointing, about ``
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import math
@@ -49,9 +48,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import default_data_collator
 
 from ..errors import AccInfError
+from ..inputs.collate import model_collator
 from ..optimizers import OPTIMIZERS
 from ..losses import cross_entropy_rows, target_distribution
 from . import schema
@@ -204,7 +203,7 @@ def replay_unavailable(run: RunReader, device: str | torch.device = "cpu",
     if manifest.schema_version < schema.REPLAY_SCHEMA_VERSION:
         return (f"{run.run_dir} was recorded with run-directory schema {manifest.schema_version}, which does not hold "
                 "the optimizer state and random states a replay needs. Record the run again with this hf_accinf.")
-    if manifest.training.get("bf16") or manifest.training.get("fp16"):
+    if manifest.training.mixed_precision:
         return "Replay of mixed-precision (bf16/fp16) runs is not supported; record in float32."
     if manifest.optimizer_class not in OPTIMIZERS:
         return f"Replay supports torch SGD, Adam and AdamW, not {manifest.optimizer_class}."
@@ -265,7 +264,6 @@ class Replay:
             raise AccInfError(reason)
         run.check_dataset(train_dataset)
         self.run, self.dataset = run, train_dataset
-        self.collate_fn = collate_fn or default_data_collator
         self.tolerance, self.check_steps = tolerance, check_steps
         self.trajectory = run.trajectory()
         # ``model``: the run's model or a factory, when its class cannot be imported (RunReader.build_model).
@@ -278,10 +276,10 @@ class Replay:
             logger.info("replaying a GPU run on %s: its CUDA random states are not restored (the model has no "
                         "dropout, so they decide nothing)", self.device)
         self.num_threads = self._threads(manifest.numerics.get("torch_threads"))
-        self.signature = set(inspect.signature(self.model.forward).parameters) | {"label", "label_ids", "labels"}
-        self.num_labels = int(manifest.loss["num_labels"])
-        self.smoothing = float(manifest.loss.get("label_smoothing", 0.0))
-        self.max_grad_norm = float(manifest.training.get("max_grad_norm") or 0.0)
+        self.collate = model_collator(self.model, collate_fn)
+        self.num_labels = manifest.loss.num_labels
+        self.smoothing = manifest.loss.label_smoothing
+        self.max_grad_norm = manifest.training.max_grad_norm
         self.checkpoints = sorted(manifest.checkpoints)
         self.params = dict(self.model.named_parameters())
         self.optimizer = self._build_optimizer(run.load_optimizer_state(0)[1])
@@ -337,8 +335,7 @@ class Replay:
             start += size
             indices = rows[positions].tolist()
             fetched = self.dataset.__getitems__(indices) if hasattr(self.dataset, "__getitems__") else [self.dataset[i] for i in indices]
-            features = [{k: v for k, v in item.items() if k in self.signature} for item in fetched]
-            batch = self.collate_fn(features)
+            batch = self.collate(fetched)
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             result.append((batch, positions))
         return result
@@ -527,7 +524,7 @@ class Replay:
             return None
         if isinstance(weight_scale, torch.Tensor):
             return weight_scale.double()
-        scale = torch.ones(int(self.run.manifest.dataset["length"]), dtype=torch.float64)
+        scale = torch.ones(self.run.manifest.dataset.length, dtype=torch.float64)
         for row, factor in weight_scale.items():
             scale[int(row)] = float(factor)
         return scale

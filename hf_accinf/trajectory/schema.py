@@ -17,21 +17,25 @@ coefficient, and, densely, the head's parameters, clipped gradients and optimize
 From schema 2 on they also hold what a deterministic replay of the whole model needs (DESIGN.md
 section 6b): every micro-batch's row count and the random-generator state (CPU, and CUDA when
 trained on a GPU) taken just before its forward, which decides its dropout masks. Schema-1 runs
-are still read; replay refuses them.
+are still read; replay refuses them. Schema 3 types the manifest's loss, training, dataset and
+scheduler entries (:class:`LossSpec`, :class:`TrainingSpec`, :class:`DatasetSpec`,
+:class:`SchedulerSpec`, the label smoothing stored once, in the loss); :meth:`Manifest.from_dict`
+converts the dicts of schema 1 and 2.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import AccInfError
 from ..io import write_atomic
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+TYPED_SCHEMA_VERSION = 3  # first schema whose loss/training/dataset/scheduler entries are typed
 REPLAY_SCHEMA_VERSION = 2  # first schema whose runs can be replayed
 MANIFEST_NAME = "manifest.json"
 STEPS_DIR = "steps"
@@ -189,18 +193,77 @@ class HeadSpec:
 
 
 @dataclass
+class LossSpec:
+    """The training loss: cross-entropy over ``num_labels`` classes with label smoothing (DESIGN.md section 1)."""
+
+    num_labels: int
+    label_smoothing: float = 0.0
+    kind: str = "cross_entropy"
+
+
+@dataclass
+class TrainingSpec:
+    """The Trainer's settings that decide the recorded steps (batching, clipping, schedule length, precision)."""
+
+    max_grad_norm: float = 0.0
+    gradient_accumulation_steps: int = 1
+    per_device_train_batch_size: int | None = None
+    world_size: int = 1
+    seed: int | None = None
+    data_seed: int | None = None
+    dataloader_drop_last: bool = False
+    num_train_epochs: float | None = None
+    max_steps: int | None = None
+    optim: str | None = None
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    bf16: bool = False
+    fp16: bool = False
+
+    @property
+    def mixed_precision(self) -> bool:
+        return bool(self.bf16 or self.fp16)
+
+
+@dataclass
+class DatasetSpec:
+    """The training rows: how many, their identity, and where they came from (``source``: a
+    ``DataSource`` as a dict, ``None`` when the Trainer got a dataset object)."""
+
+    length: int
+    fingerprint: str | None = None
+    content_hash: str | None = None  # content_hash of the rows (None: not hashable)
+    type: str | None = None
+    source: dict[str, Any] | None = None
+
+
+@dataclass
+class SchedulerSpec:
+    """The learning-rate scheduler (its class and the Trainer's schedule settings)."""
+
+    class_name: str | None = None
+    lr_scheduler_type: str | None = None
+    warmup_steps: int | None = None
+
+
+# The training settings that make two recordings the same run (resume refuses any difference).
+IDENTITY_TRAINING_SETTINGS = ("max_grad_norm", "gradient_accumulation_steps", "per_device_train_batch_size",
+                              "world_size", "dataloader_drop_last")
+
+
+@dataclass
 class Manifest:
     """Everything an estimator needs to know about a recorded run. Written by the recorder only."""
 
     model_class: str
     model_config: dict[str, Any]
     head: HeadSpec
-    loss: dict[str, Any]
+    loss: LossSpec
     optimizer_class: str
     param_groups: list[ParamGroupSpec]
-    scheduler: dict[str, Any]
-    training: dict[str, Any]
-    dataset: dict[str, Any]
+    scheduler: SchedulerSpec
+    training: TrainingSpec
+    dataset: DatasetSpec
     libraries: dict[str, str]
     checkpoint_every: int
     numerics: dict[str, Any] = field(default_factory=dict)  # threads, device, attention, TF32/cuDNN flags, precision
@@ -215,13 +278,47 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        """The manifest of a ``manifest.json``; the untyped entries of schema 1 and 2 are converted."""
         data = dict(data)
+        if int(data.get("schema_version", SCHEMA_VERSION)) < TYPED_SCHEMA_VERSION:
+            data.update(_typed_entries(data))
         data["head"] = HeadSpec(**data["head"])
         data["param_groups"] = [ParamGroupSpec(**group) for group in data["param_groups"]]
+        data["loss"] = LossSpec(**data["loss"])
+        data["training"] = TrainingSpec(**data["training"])
+        data["dataset"] = DatasetSpec(**data["dataset"])
+        data["scheduler"] = SchedulerSpec(**data["scheduler"])
         return cls(**data)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two recordings the same run: model and optimizer class, the training rows (not their
+        fingerprint, which changes on reload), the head and its chosen parameters (not the recorded input
+        shape), the loss and the batching and clipping settings. Resume refuses a run whose identity
+        differs; scoring records the parts that name the rows and the model."""
+        head = {k: v for k, v in asdict(self.head).items() if k not in ("input_shape", "input_dtype")}
+        dataset = {k: v for k, v in asdict(self.dataset).items() if k != "fingerprint"}
+        training = {k: getattr(self.training, k) for k in IDENTITY_TRAINING_SETTINGS}
+        return {"model_class": self.model_class, "optimizer_class": self.optimizer_class, "dataset": dataset,
+                "head": head, "loss": asdict(self.loss), "training settings": training}
 
     def group_of(self, param_name: str) -> ParamGroupSpec:
         return self.param_groups[self.head.param_groups[param_name]]
+
+
+def _known(spec: type, entries: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(spec)}
+    return {k: v for k, v in entries.items() if k in names}
+
+
+def _typed_entries(data: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 and 2 stored loss, training, dataset and scheduler as dicts (the label smoothing twice, the
+    scheduler's class under ``class``): their entries in the schema-3 form."""
+    loss, training = dict(data["loss"]), dict(data["training"])
+    loss.setdefault("label_smoothing", training.get("label_smoothing", 0.0))
+    scheduler = dict(data.get("scheduler") or {})
+    scheduler["class_name"] = scheduler.pop("class", None)
+    return {"loss": _known(LossSpec, loss), "training": _known(TrainingSpec, training),
+            "dataset": _known(DatasetSpec, data["dataset"]), "scheduler": _known(SchedulerSpec, scheduler)}
 
 
 def load_tensors(path: str | os.PathLike) -> dict:

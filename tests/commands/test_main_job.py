@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +56,7 @@ def test_score_resolves_the_documented_default_for_the_adamw_run(main_job):
     assert written["plan"]["method"] == written["method"] and written["plan"]["fallback"] is None
     assert written["form"] == ("adjoint" if written["method"] == "adam-ie" else "forward")  # form auto's rule
     values = load_file(scores_dir / "scores.safetensors")["scores"]
-    assert values.shape == (run.manifest.dataset["length"],) and bool(values.isfinite().all())
+    assert values.shape == (run.manifest.dataset.length,) and bool(values.isfinite().all())
 
 
 def test_verify_figures_are_present_and_sane(main_job):

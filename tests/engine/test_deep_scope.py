@@ -59,7 +59,7 @@ def oracle_embeddings(run: RunReader, data, decay: dict[str, float], scope: list
     trajectory, manifest = run.trajectory(), run.manifest
     model = run.build_model().double().eval()
     model.set_attn_implementation(FLOAT64_ATTENTION)  # fused SDPA has no forward-mode derivative; eager ViT's is float32
-    mu, max_norm = manifest.param_groups[0].momentum, manifest.training["max_grad_norm"]
+    mu, max_norm = manifest.param_groups[0].momentum, manifest.training.max_grad_norm
     shapes = {name: p.shape for name, p in model.named_parameters() if name in scope}
     sizes = [s.numel() for s in shapes.values()]
     lam = torch.cat([torch.full((n,), decay[name], dtype=torch.float64) for name, n in zip(shapes, sizes)])

@@ -90,7 +90,7 @@ def oracle_embeddings(run: RunReader, data, optimizer, scope: list[str], removal
     model = run.build_model().double().eval()
     model.set_attn_implementation(FLOAT64_ATTENTION)  # fused SDPA has no forward-mode derivative
     spec = SimpleNamespace(name="AdamW", groups=groups, group_of=group_of,
-                           max_grad_norm=float(manifest.training["max_grad_norm"]))
+                           max_grad_norm=manifest.training.max_grad_norm)
     shapes = {name: p.shape for name, p in model.named_parameters() if name in scope and not is_key_bias(name)}
     sizes = [s.numel() for s in shapes.values()]
     size = sum(sizes)

@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 from hf_accinf import AccInfError, AccInfTrainer, RecordingArguments
 from hf_accinf.cli import main
 from hf_accinf.config import ScoreArguments
-from hf_accinf.data.features import head_inputs
+from hf_accinf.inputs.evaluation import head_inputs
 from hf_accinf.examples import synthetic_text_dataset, tiny_bert
 from hf_accinf.methods.registry import method_names
 from hf_accinf.problem import problem_from_run

@@ -25,7 +25,7 @@ def test_two_processes_record_the_global_batches_they_consumed(tmp_path):
     logs = [json.loads((tmp_path / f"served-{rank}.json").read_text()) for rank in (0, 1)]
     assert [log["world_size"] for log in logs] == [2, 2]
     run = RunReader(tmp_path / "run")
-    assert run.manifest.training["world_size"] == 2
+    assert run.manifest.training.world_size == 2
     trajectory = run.trajectory()
 
     # Split what each process's dataset served into its micro-batches, then group by optimizer step

@@ -84,7 +84,7 @@ def test_a_model_class_from_the_training_script_is_passed_by_the_user(tmp_path):
 
 def test_a_torch_dataset_is_checked_by_its_rows(tmp_path, caplog):
     run = record(tmp_path / "run", dataset=TorchRows())
-    assert RunReader(run).manifest.dataset["content_hash"]
+    assert RunReader(run).manifest.dataset.content_hash
     args = ScoreArguments(run_dir=str(run), output_dir=str(tmp_path / "s"))
     shuffled = TorchRows(order=torch.randperm(48, generator=torch.Generator().manual_seed(0)).tolist())
     with pytest.raises(AccInfError, match="rows differ from those the run was trained on"):

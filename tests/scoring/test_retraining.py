@@ -14,7 +14,8 @@ import torch
 
 from hf_accinf import AccInfError, RunReader
 from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_bert, tiny_vit
-from hf_accinf.scoring.retraining import BatchedRetraining, evaluation_batches, retrain_many
+from hf_accinf.inputs.evaluation import evaluation_batches
+from hf_accinf.scoring.retraining import BatchedRetraining, retrain_many
 from hf_accinf.trajectory.replay import REPLAY_TOLERANCE, Replay
 from tests.conftest import record_run
 

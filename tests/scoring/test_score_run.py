@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from hf_accinf import AccInfError, RunReader
 from hf_accinf.cli import main
 from hf_accinf.config import ScoreArguments
-from hf_accinf.data.features import head_inputs
+from hf_accinf.inputs.evaluation import head_inputs
 from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_bert
 from hf_accinf.engine.objective import scores_from_embeddings
 from hf_accinf.problem import problem_from_run

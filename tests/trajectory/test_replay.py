@@ -199,7 +199,7 @@ def test_replay_unavailable_says_why_before_any_work(bert_run, vit_run, tmp_path
     assert replay_unavailable(gpu_vit, "cpu") is None
     assert Replay(gpu_vit, vit_data).check().max_rel == 0.0  # its random states decide nothing: bit for bit
     mixed = RunReader(vit.run_dir)
-    mixed.manifest.training["bf16"] = True
+    mixed.manifest.training.bf16 = True
     assert "mixed-precision" in replay_unavailable(mixed)
     old = RunReader(vit.run_dir)
     old.manifest.schema_version = 1

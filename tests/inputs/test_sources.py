@@ -6,8 +6,8 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from hf_accinf import AccInfError
-from hf_accinf.data import sources
-from hf_accinf.data.sources import DataSource
+from hf_accinf.inputs import sources
+from hf_accinf.inputs.sources import DataSource
 
 
 def _text_rows(n=30):
