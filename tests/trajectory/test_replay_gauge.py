@@ -210,12 +210,13 @@ def test_the_tolerance_and_the_memory_budget_reach_the_replay(runs, tmp_path):
     with pytest.raises(AccInfError, match=r"interval \[10, 12\).*tolerance 1e-12, --replay_tolerance"):
         score_run(ScoreArguments(**common, replay_tolerance=1e-12, output_dir=str(tmp_path / "a")), data, evaluation,
                   progress=False)
-    with pytest.raises(AccInfError, match=r"memory_budget=1073 bytes.*--memory_budget_gb"):
+    # 1073 bytes, shared by the replay's cache and the model backend's blocks: refused by the first to need it.
+    with pytest.raises(AccInfError, match=r"memory_budget=536 bytes.*--memory_budget_gb"):
         score_run(ScoreArguments(**common, memory_budget_gb=1e-6, output_dir=str(tmp_path / "b")), data, evaluation,
                   progress=False)
-    states = problem_from_run(drifted, modules=["all"], train_dataset=data, memory_budget=12345,
-                              replay_tolerance=0.5).curvature.states
-    assert (states.memory_budget, states.tolerance) == (12345, 0.5)
+    curvature = problem_from_run(drifted, modules=["all"], train_dataset=data, memory_budget=12346,
+                                 replay_tolerance=0.5).curvature
+    assert (curvature.states.memory_budget, curvature.states.tolerance, curvature.memory_budget) == (6173, 0.5, 6173)
 
 
 def test_runs_checkpointed_at_every_step_leave_the_same_gauge_out(tmp_path):
