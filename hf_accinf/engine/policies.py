@@ -68,3 +68,23 @@ class CorrectionPolicy:
             return (uniform_coins(self.seed, samples.cpu(), step) < self.p).to(dtype).to(samples.device)
         inside = any(a <= step < b for a, b in self.stages) or any(a <= epoch < b for a, b in self.stage_epochs)
         return torch.full((len(samples),), float(inside), dtype=dtype, device=samples.device)
+
+
+def check_policy(rule, policy: CorrectionPolicy | None) -> None:
+    """Refuse a rule and a policy that disagree: the caller decides the policy once (``scoring.plan``), ``None``
+    (or ``none``) for a classical rule, a correcting one for an accumulative rule."""
+    if getattr(rule, "output", "embeddings") != "embeddings":
+        raise AccInfError(f"{rule.spec.name} computes scores directly and is not propagated by the engine.")
+    correcting = policy is not None and policy.kind != "none"
+    if getattr(rule, "accumulative", False) and policy is None:
+        raise AccInfError("An accumulative rule needs a CorrectionPolicy (CorrectionPolicy('all') for ACC at every "
+                          "occurrence); scoring.plan.plan_scoring decides it from the arguments.")
+    if correcting and not getattr(rule, "accumulative", False):
+        raise AccInfError(f"The classical rule {getattr(getattr(rule, 'spec', None), 'name', type(rule).__name__)} "
+                          f"takes no correction; got policy '{policy.kind}': use its acc- method or no policy.")
+
+
+def every_occurrence(rule) -> CorrectionPolicy | None:
+    """ACC at every occurrence for an accumulative rule, ``None`` for a classical one: the policy of the paper
+    harness, the benchmarks and the tests (the scorer's comes from its arguments, ``scoring.plan``)."""
+    return CorrectionPolicy("all") if getattr(rule, "accumulative", False) else None
