@@ -22,24 +22,19 @@ from safetensors.torch import save_file
 from ..config import ScoreArguments
 from ..curvature.model import ModelCurvature
 from ..data.features import check_eval_labels, eval_collator
-from ..modules import resolve_scope
 from ..engine import InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores
-from ..engine.objective import check_score_kind, scores_from_embeddings
+from .objective import check_score_kind, scores_from_embeddings
 from ..engine.trust import trust_check
-from ..errors import AccInfError
-from ..methods.projection import GradientProjection, projection_fingerprint, same_projection
+from ..methods.projection import projection_fingerprint
 from ..methods.registry import build_method
 from ..problem import deep_scope_unavailable, problem_from_run
-from ..trajectory import RunReader, Trajectory
+from ..trajectory import RunReader
 from ..trajectory.schema import content_hash
 from . import artifacts
 from .plan import plan_scoring
 
 logger = logging.getLogger(__name__)
-
-PROJECTED_NAME = "projected"  # the one embeddings tensor of projected methods (DVEmb), (N, projection_dim)
-
 
 @dataclass
 class ScoreResult:
@@ -102,7 +97,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     artifacts.check_output_dir(output_dir, args.overwrite)
     run = RunReader(args.run_dir)
     run.check_dataset(train_dataset)
-    check_finite(run.trajectory(), clipped=float(run.manifest.training.get("max_grad_norm") or 0.0) > 0)
+    run.trajectory().check_finite(clipped=float(run.manifest.training.get("max_grad_norm") or 0.0) > 0)
     built = run.build_model(model=model)
     plan = plan_scoring(args, run, built, deep_scope_unavailable(run, "cpu", built))
     if shard.is_main:
@@ -149,7 +144,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         scores = scores_from_embeddings(curvature, result.embeddings, final, inputs, labels, args.score_kind,
                                         rule=method)
         embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()} \
-            if method.parameter_space else {PROJECTED_NAME: result.embeddings.contiguous()}
+            if method.parameter_space else {artifacts.PROJECTED_NAME: result.embeddings.contiguous()}
     if _trust_kind(args, form) == "power-iteration":
         trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
                             progress=progress).to_dict()
@@ -182,75 +177,6 @@ def _trust_kind(args: ScoreArguments, form: str) -> str | None:
     if form == "adjoint" and args.trust != "power":
         return "adjoint-probes"
     return "power-iteration"
-
-
-def check_finite(trajectory: Trajectory, clipped: bool = True) -> None:
-    """Refuse a trajectory with a non-finite loss, learning rate, gradient or head parameter, naming the step.
-    Without clipping the Trainer computes no gradient norm (recorded as NaN): it is not checked then."""
-    per_step = {"loss": trajectory.loss, "learning rate": trajectory.lr}
-    if clipped:
-        per_step["gradient norm"] = trajectory.grad_norm
-    per_step.update({f"gradient of '{name}'": value for name, value in trajectory.grads.items()})
-    per_step.update({f"parameter '{name}'": value for name, value in trajectory.params.items()})
-    for what, values in per_step.items():
-        if values is None or not values.is_floating_point():
-            continue
-        bad = ~torch.isfinite(values.reshape(len(values), -1)).all(1)
-        if bad.any():
-            step = int(bad.nonzero()[0])
-            raise AccInfError(
-                f"The recorded run has a non-finite {what} at step {step} (the training diverged or a learning rate "
-                "was NaN/inf): influence through it is undefined. Fix the training (lower learning rate, clipping) "
-                "and record it again."
-            )
-    head_rows = trajectory.head_input.reshape(len(trajectory.head_input), -1)
-    bad_rows = ~torch.isfinite(head_rows).all(1)
-    if bad_rows.any():
-        row = int(bad_rows.nonzero()[0])
-        step = int(torch.searchsorted(trajectory.row_offsets, torch.tensor(row), right=True)) - 1
-        raise AccInfError(f"The recorded run has non-finite head inputs at step {step}: record it again after fixing the training.")
-
-
-def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None, collate_fn=None,
-                       modules: list[str] | None = None, model=None, tokenizer=None) -> torch.Tensor:
-    """``(test rows, training rows)``: the predicted change of each test example's loss without each training
-    row, ``grad l_v(theta_T) . Delta^j_T``, from saved embeddings: no replay of the trajectory.
-
-    The scope is read back from the scores' summary; ``modules``, if given, must name the same parameters."""
-    run = RunReader(run_dir)
-    scores_dir = scores_dir or artifacts.default_output_dir(run_dir)
-    summary = artifacts.read_summary(scores_dir)
-    if artifacts.EMBEDDINGS_NAME not in summary.files or not (Path(scores_dir) / artifacts.EMBEDDINGS_NAME).is_file():
-        raise AccInfError(f"No embeddings at {scores_dir}: run `hf-accinf score --run_dir {run_dir} --form forward` "
-                          "first (the adjoint form and direct scorers write scores only).")
-    saved = artifacts.load_embeddings(scores_dir)
-    built = run.build_model(model=model)
-    head_name = run.manifest.head.module
-    scope = summary.scope or [f"{head_name}.{name}" for name in saved]
-    gauge = set(summary.gauge or ())  # left out of the scope when it was scored
-    if modules and [n for n in resolve_scope(built, modules, head=head_name).parameters if n not in gauge] != list(scope):
-        raise AccInfError(f"The embeddings at {scores_dir} were scored for {scope}, not for {modules}. "
-                          "Leave modules out (the saved scope is used) or score again with these modules.")
-    if summary.backend == "model":
-        curvature = ModelCurvature(None, built, scope, None, run.manifest.loss["label_smoothing"])
-        final = run.load_checkpoint(run.num_steps)
-    else:
-        curvature = problem_from_run(run, modules=list(scope), model=built).curvature
-        final = run.head_parameters_at(run.num_steps)
-    projected = PROJECTED_NAME in saved
-    embeddings = saved[PROJECTED_NAME] if projected else curvature.flatten_named(saved)
-    inputs, labels = curvature.evaluation_inputs(built, head_name, test_dataset, collate_fn, tokenizer)
-    check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
-    gradients = curvature.example_grads(final, inputs, labels)
-    if projected:  # the same seeded projection the scores used (a pure function of P, k and the seed)
-        arguments = summary.arguments
-        projection = GradientProjection(curvature.dim, int(arguments["projection_dim"]), int(arguments["projection_seed"]),
-                                        gradients.dtype, gradients.device)
-        if summary.projection and not same_projection(projection_fingerprint(projection), summary.projection):
-            raise AccInfError(f"The projection rebuilt from {scores_dir}/scores.json differs from the one the scores "
-                              "used (another torch version draws other numbers?): score again with this installation.")
-        gradients = projection(gradients)
-    return gradients @ embeddings.to(gradients.dtype).T
 
 
 def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_dataset, eval_rows: int,

@@ -4,7 +4,7 @@ many epochs, ACC-SGD-IE tracks the retrained loss changes better than SGD-IE."""
 import pytest
 import torch
 
-from hf_accinf.engine.objective import scores_from_embeddings
+from hf_accinf.scoring.objective import scores_from_embeddings
 from hf_accinf.evaluation.metrics import agreement
 from hf_accinf.evaluation.retrain import train_sgd
 from tests.engine.helpers import calibration_mlp, estimate, digits_1_vs_7, whole_model_leave_one_out

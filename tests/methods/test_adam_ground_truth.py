@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_accinf.engine import estimate_influence, every_occurrence
-from hf_accinf.engine.objective import scores_from_embeddings
+from hf_accinf.scoring.objective import scores_from_embeddings
 from hf_accinf.evaluation.metrics import agreement
 from hf_accinf.evaluation.retrain import train_recorded
 from hf_accinf.methods.registry import build_method

@@ -14,7 +14,7 @@ from hf_accinf.engine import CorrectionPolicy, estimate_influence, every_occurre
 from hf_accinf.engine.plan import build_plan
 from hf_accinf.engine.sweep import per_sample_adjoint_scores
 from hf_accinf.errors import AccInfError
-from hf_accinf.engine.objective import scores_from_embeddings
+from hf_accinf.scoring.objective import scores_from_embeddings
 from hf_accinf.losses import clip_coefficient
 from hf_accinf.methods.base import StepOps
 from hf_accinf.methods.dvemb import effective_rates

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...engine import estimate_influence, every_occurrence
-from ...engine.objective import scores_from_embeddings
+from ...scoring.objective import scores_from_embeddings
 from ...methods.registry import build_method, method_names
 from ...problem import InfluenceProblem, make_curvature
 from ...trajectory import Trajectory

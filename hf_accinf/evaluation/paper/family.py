@@ -22,7 +22,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from ...engine import estimate_influence, every_occurrence
-from ...engine.objective import scores_from_embeddings
+from ...scoring.objective import scores_from_embeddings
 from ...methods.registry import METHODS, build_method
 from ...problem import InfluenceProblem
 from .datasets import make_split
