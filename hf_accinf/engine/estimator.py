@@ -14,6 +14,7 @@ import torch
 
 from ..errors import AccInfError
 from ..methods.base import UpdateRule
+from ..options import SCHEDULE_CHOICES, ScheduleChoice, ScheduleRun, check_choice
 from ..problem import InfluenceProblem
 from .plan import build_plan, choose_schedule
 from .policies import CorrectionPolicy, check_policy
@@ -27,13 +28,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class InfluenceResult:
     embeddings: torch.Tensor  # (N, P) Delta^j_T, gathered on every process
-    schedule: str
+    schedule: ScheduleRun
     seconds: float
     cost_model: dict = field(default_factory=dict)
 
 
 def estimate_influence(problem: InfluenceProblem, rule: UpdateRule, policy: CorrectionPolicy | None = None,
-                       schedule: str = "auto", memory_budget_gb: float = 4.0, shard: ShardContext | None = None,
+                       schedule: ScheduleChoice = "auto", memory_budget_gb: float = 4.0, shard: ShardContext | None = None,
                        progress: bool = True) -> InfluenceResult:
     """Every sample's embedding under ``rule`` (built by ``methods.registry.build_method``).
 
@@ -60,8 +61,8 @@ def estimate_influence(problem: InfluenceProblem, rule: UpdateRule, policy: Corr
         choice, costs["propagator_memory_gb"] = "sweep", round(propagator_gb, 2)
     if schedule == "auto":
         schedule = choice
-    elif schedule not in ("sweep", "propagator"):
-        raise AccInfError(f"Unknown schedule '{schedule}': use auto, sweep or propagator.")
+    else:
+        check_choice("schedule", schedule, SCHEDULE_CHOICES, AccInfError)
     logger.info("schedule %s (cost model prefers %s: %s)", schedule, choice, costs)
     if problem.optimizer.max_grad_norm > 0 and bool((trajectory.clip_coef < 1).any()):
         logger.info("clipped steps: the clip direction uses the chosen parameters' gradient, the rest of the "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AccInfError
+from ..options import CORRECTION_KINDS, CorrectionKind, check_choice
 
 _MASK = (1 << 64) - 1
 
@@ -45,15 +46,14 @@ class CorrectionPolicy:
     """``c_t`` per occurrence. ``kind``: ``none`` (classical), ``all`` (ACC), ``random`` (probability
     ``p``), ``stage`` (only in ``stages``: [start, stop) step windows, or ``stage_epochs``: epoch windows)."""
 
-    kind: str = "all"
+    kind: CorrectionKind = "all"
     p: float = 1.0
     seed: int = 0
     stages: list[tuple[int, int]] = field(default_factory=list)
     stage_epochs: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "all", "random", "stage"):
-            raise AccInfError(f"Unknown correction policy '{self.kind}': use none, all, random or stage.")
+        check_choice("correction policy", self.kind, CORRECTION_KINDS, AccInfError)
         if not 0.0 <= self.p <= 1.0:
             raise AccInfError(f"The correction probability p must lie in [0, 1], got {self.p}.")
         if self.kind == "stage" and not (self.stages or self.stage_epochs):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +21,15 @@ from safetensors.torch import save_file
 from ..config import ScoreArguments
 from ..curvature.model import ModelCurvature
 from ..data.features import check_eval_labels, eval_collator
-from ..engine import InfluenceResult, ShardContext, estimate_influence
-from ..engine.adjoint import adjoint_scores
-from .objective import check_score_kind, scores_from_embeddings
-from ..engine.trust import trust_check
+from ..engine import ShardContext
+from .objective import check_score_kind
 from ..methods.projection import projection_fingerprint
 from ..methods.registry import build_method
 from ..problem import deep_scope_unavailable, problem_from_run
 from ..trajectory import RunReader
 from ..trajectory.schema import content_hash
 from . import artifacts
+from .forms import FormInputs, form_runner
 from .plan import plan_scoring
 
 logger = logging.getLogger(__name__)
@@ -112,42 +110,17 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     method = build_method(problem, plan.method, args)  # refuses a method/optimizer mismatch before the long work
     if method.output == "embeddings":
         check_score_kind(args.score_kind, method)
-    form, policy = plan.form, plan.policy
 
     curvature = problem.curvature
     inputs, labels = curvature.evaluation_inputs(built, run.manifest.head.module, eval_dataset, collate_fn, tokenizer)
     check_eval_labels(labels, int(run.manifest.loss["num_labels"]))
     final = problem.final_parameters()
     identity = _check_rerun(output_dir, args, run, eval_dataset, len(labels), evaluation_source)
-    began = time.perf_counter()
-    embeddings, trust = {}, None
-    if form == "direct":
-        scores = method.scores(lambda step: curvature.objective_grad(curvature.parameters_at(step), inputs, labels),
-                               progress and shard.is_main)
-        result = InfluenceResult(None, "direct", time.perf_counter() - began)
-    elif form == "adjoint":
-        gradient = method.embed_gradient(curvature.objective_grad(final, inputs, labels))
-        # The default trust figure rides on the backward pass (random probes, kind "adjoint-probes"); the power
-        # iteration stays available (trust "power").
-        probes = args.trust_probes if _trust_kind(args, form) == "adjoint-probes" else 0
-        backward = adjoint_scores(method, problem, gradient, shard, progress,
-                                  policy, probes=probes)
-        scores = backward.scores if backward is not None else None
-        trust = backward.trust.to_dict() if backward is not None and backward.trust is not None else None
-        result = InfluenceResult(None, "backward", time.perf_counter() - began)
-    else:
-        result = estimate_influence(problem, method, policy=policy, schedule=args.schedule,
-                                    memory_budget_gb=args.memory_budget_gb, shard=shard, progress=progress)
-    if not shard.is_main:
+    output = form_runner(plan.form)(FormInputs(method, problem, inputs, labels, final, args, plan.policy, shard,
+                                               progress))
+    if output is None:  # not the main process
         return None
-    if form == "forward":
-        scores = scores_from_embeddings(curvature, result.embeddings, final, inputs, labels, args.score_kind,
-                                        rule=method)
-        embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()} \
-            if method.parameter_space else {artifacts.PROJECTED_NAME: result.embeddings.contiguous()}
-    if _trust_kind(args, form) == "power-iteration":
-        trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
-                            progress=progress).to_dict()
+    scores, embeddings, trust, result = output.scores, output.embeddings, output.trust, output.result
     checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict(),
               "gauge": list(problem.gauge)}
     if args.verify:
@@ -164,19 +137,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         checks["replay"] = states.report().to_dict()
     if not getattr(method, "parameter_space", True):
         checks["projection"] = projection_fingerprint(method.projection)
-    summary = _write(output_dir, args, identity, problem, result, scores, embeddings, form, checks)
+    summary = _write(output_dir, args, identity, problem, result, scores, embeddings, plan.form, checks)
     return ScoreResult(scores, embeddings, output_dir, summary)
-
-
-def _trust_kind(args: ScoreArguments, form: str) -> str | None:
-    """Which trust figure a run gets: none (``trust_probes=0``, direct scorers), the random probes carried by
-    the adjoint form's own backward pass (its default), or the power iteration (the forward form; or asked for
-    by ``trust="power"``)."""
-    if args.trust_probes <= 0 or form == "direct":
-        return None
-    if form == "adjoint" and args.trust != "power":
-        return "adjoint-probes"
-    return "power-iteration"
 
 
 def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_dataset, eval_rows: int,
