@@ -34,8 +34,8 @@ class InfluenceResult:
 
 
 def estimate_influence(problem: InfluenceProblem, rule: UpdateRule, policy: CorrectionPolicy | None = None,
-                       schedule: ScheduleChoice = "auto", memory_budget_gb: float = 4.0, shard: ShardContext | None = None,
-                       progress: bool = True) -> InfluenceResult:
+                       schedule: ScheduleChoice = "auto", memory_budget_gb: float = 4.0,
+                       shard: ShardContext | None = None, progress: bool = True) -> InfluenceResult:
     """Every sample's embedding under ``rule`` (built by ``methods.registry.build_method``).
 
     ``policy``: where the accumulative correction applies, decided by the caller (``scoring.plan``); ``None``
