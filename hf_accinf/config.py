@@ -6,15 +6,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-DTYPES = ("auto", "float32", "float64")
-
+from .options import (CORRECTION_CHOICES, DTYPES, FORM_CHOICES, REMOVALS, SCHEDULE_CHOICES, SCORE_KINDS,
+                      TRUST_CHOICES, check_choice)
 
 def resolve_dtype(dtype: str, deep_scope: bool) -> torch.dtype:
     """The propagation dtype of ``ScoreArguments.dtype``: ``auto`` is float32 for a scope outside the head (the
     model backend: its products dominate the cost and float32 scores agree with float64, docs/ENGINE.md) and
     float64 for the closed-form head (cheap, and the oracle tests' precision); the others as named."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    check_choice("dtype", dtype, DTYPES)
     if dtype == "auto":
         return torch.float32 if deep_scope else torch.float64
     return getattr(torch, dtype)
@@ -127,10 +126,10 @@ class ScoreArguments:
     )
 
     def __post_init__(self) -> None:
-        for name, allowed in (("removal", ("exact", "first-order")), ("correction", ("all", "random", "stage")),
-                              ("schedule", ("auto", "sweep", "propagator")), ("score_kind", ("linear", "cosine", "evaluated"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"Unknown {name} '{getattr(self, name)}': use {', '.join(allowed)}.")
+        for name, allowed in (("removal", REMOVALS), ("correction", CORRECTION_CHOICES), ("schedule", SCHEDULE_CHOICES),
+                              ("score_kind", SCORE_KINDS), ("dtype", DTYPES), ("trust", TRUST_CHOICES),
+                              ("form", FORM_CHOICES)):
+            check_choice(name, getattr(self, name), allowed)
         if self.projection_dim < 0:
             raise ValueError(f"projection_dim must be >= 0 (0: no projection), got {self.projection_dim}.")
         if self.memory_budget_gb <= 0:
@@ -143,12 +142,6 @@ class ScoreArguments:
             start, sep, stop = str(value).partition(":")
             if not sep or not start.strip().lstrip("-").isdigit() or not stop.strip().lstrip("-").isdigit():
                 raise ValueError(f"Stage windows are start:stop integers, got '{value}'.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
-        if self.trust not in ("auto", "power"):
-            raise ValueError(f"trust must be auto or power, got {self.trust}")
-        if self.form not in ("auto", "forward", "adjoint"):
-            raise ValueError(f"form must be auto, forward or adjoint, got {self.form}")
         if self.verify < 0 or self.verify == 1:
             raise ValueError(f"verify needs at least 2 rows (or 0 to skip), got {self.verify}.")
         if self.trust_probes < 0 or self.trust_iterations < 0:

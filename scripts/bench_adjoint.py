@@ -44,7 +44,7 @@ import torch
 import hf_accinf
 from hf_accinf.engine import estimate_influence
 from hf_accinf.engine.adjoint import adjoint_scores
-from hf_accinf.engine.estimator import make_rule
+from hf_accinf.methods.registry import build_method
 from hf_accinf.engine.trust import trust_check
 from hf_accinf.problem import InfluenceProblem
 
@@ -99,18 +99,18 @@ def main() -> None:
           "adjoint with 4 trust probes (s) | power-iteration trust check (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     warm = head_problem(2 * BATCH, args.width, args.classes, dtype)  # first calls pay one-off initialization
-    estimate_influence(warm, "sgd-ie", progress=False)
-    rule, _ = make_rule(warm, "sgd-ie", "exact")
+    rule = build_method(warm, "sgd-ie", removal="exact")
+    estimate_influence(warm, rule, progress=False)
     adjoint_scores(rule, warm, torch.zeros(warm.curvature.dim, dtype=dtype), progress=False)
     trust_check(rule, warm)
     for size in args.sizes:
         problem = head_problem(size, args.width, args.classes, dtype)
         objective = torch.randn(problem.curvature.dim, dtype=dtype, generator=torch.Generator().manual_seed(1))
         began = time.perf_counter()
-        result = estimate_influence(problem, "sgd-ie", progress=False)
+        rule = build_method(problem, "sgd-ie", removal="exact")
+        result = estimate_influence(problem, rule, progress=False)
         forward = result.embeddings @ objective
         forward_seconds = time.perf_counter() - began
-        rule, _ = make_rule(problem, "sgd-ie", "exact")
         began = time.perf_counter()
         adjoint = adjoint_scores(rule, problem, objective, progress=False).scores
         adjoint_seconds = time.perf_counter() - began
@@ -244,7 +244,7 @@ def _whole_model(run_dir, data, dtype: torch.dtype, removal: str):
     model = run.build_model()
     problem = problem_from_run(run, dtype, modules=["all"], model=model, train_dataset=data,
                                collate_fn=eval_collator(model))
-    rule, _ = make_rule(problem, "adam-ie", removal)
+    rule = build_method(problem, "adam-ie", removal=removal)
     curvature = problem.curvature
     inputs, labels = curvature.evaluation_inputs(model, run.manifest.head.module, data)
     return problem, rule, curvature.objective_grad(problem.final_parameters(), inputs, labels)

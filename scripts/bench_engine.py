@@ -25,8 +25,7 @@ import time
 import torch
 from torch import nn
 
-from hf_accinf.engine import CorrectionPolicy, estimate_influence
-from hf_accinf.engine.estimator import make_rule
+from hf_accinf.engine import CorrectionPolicy, estimate_influence, every_occurrence
 from hf_accinf.engine.plan import build_plan, choose_schedule
 from hf_accinf.engine.sweep import sweep
 from hf_accinf.evaluation.retrain import train_recorded, train_sgd
@@ -108,10 +107,12 @@ def timed(function, *args, **kwargs):
 def bench_oracle(dtype: torch.dtype, oracle_samples: int) -> None:
     problem = linear_head_problem(2000, torch.float64)
     objective = torch.randn(problem.curvature.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    result, engine_seconds = timed(estimate_influence, problem, "acc-sgd-ie", progress=False)
+    acc = CorrectionPolicy("all")
+    result, engine_seconds = timed(estimate_influence, problem, build_method(problem, "acc-sgd-ie"), acc, progress=False)
     engine_scores = result.embeddings @ objective
     single = in_precision(problem, torch.float32)
-    single_result, single_seconds = timed(estimate_influence, single, "acc-sgd-ie", progress=False)
+    single_result, single_seconds = timed(estimate_influence, single, build_method(single, "acc-sgd-ie"), acc,
+                                          progress=False)
     single_difference = ((single_result.embeddings.double() @ objective) - engine_scores).abs().max() / engine_scores.abs().max()
     naive, naive_seconds = timed(naive_scores, problem, range(oracle_samples), objective)
     naive_total = naive_seconds * 2000 / oracle_samples
@@ -132,11 +133,13 @@ def bench_schedules(sizes: list[int], dtype: torch.dtype, sweep_budget_steps: in
     for size in sizes:
         problem = linear_head_problem(size, dtype)
         steps = problem.trajectory.num_steps
-        propagated, propagator_seconds = timed(estimate_influence, problem, "acc-sgd-ie", schedule="propagator", progress=False)
-        rule, _ = make_rule(problem, "acc-sgd-ie", "exact")
+        rule = build_method(problem, "acc-sgd-ie", removal="exact")
+        propagated, propagator_seconds = timed(estimate_influence, problem, rule, CorrectionPolicy("all"),
+                                               schedule="propagator", progress=False)
         plan = build_plan(problem.trajectory, 0, size)
         if steps <= sweep_budget_steps:
-            swept, sweep_seconds = timed(estimate_influence, problem, "acc-sgd-ie", schedule="sweep", progress=False)
+            swept, sweep_seconds = timed(estimate_influence, problem, rule, CorrectionPolicy("all"), schedule="sweep",
+                                         progress=False)
             sweep_text = f"{sweep_seconds:.1f}"
             gap = (swept.embeddings - propagated.embeddings).abs().max() / swept.embeddings.abs().max()
             sweep_text += f" (max rel. diff {gap:.0e})"
@@ -162,14 +165,15 @@ def bench_policies(size: int, dtype: torch.dtype) -> None:
     ]
     base = None
     for name, method, policy in runs:
-        _, seconds = timed(estimate_influence, problem, method, policy=policy, schedule="propagator", progress=False)
+        _, seconds = timed(estimate_influence, problem, build_method(problem, method), policy=policy,
+                           schedule="propagator", progress=False)
         base = base or seconds
         print(f"| {name} | {seconds:.2f} | {seconds / base:.2f} |")
 
 
 def bench_flops(dtype: torch.dtype, repeats: int = 30) -> None:
     problem = linear_head_problem(4096, dtype)
-    rule, _ = make_rule(problem, "acc-sgd-ie", "exact")
+    rule = build_method(problem, "acc-sgd-ie", removal="exact")
     size = rule.state_dim
     block = torch.randn(size, size, dtype=dtype)
     ops = [rule.at_step(t) for t in range(repeats)]
@@ -221,8 +225,8 @@ def bench_methods(size: int, dtype: torch.dtype, projection_dim: int) -> None:
                 variants.append(("exact, frozen v", dict(removal="exact", frozen_preconditioner=True)))
         for label, options in variants:
             rule = build_method(problem, name, **options)  # a fresh rule per timing: DVEmb caches its step factors
-            times = [timed(estimate_influence, problem, build_method(problem, name, **options), schedule=schedule,
-                           progress=False)[1] for schedule in ("sweep", "propagator")]
+            times = [timed(estimate_influence, problem, build_method(problem, name, **options), every_occurrence(rule),
+                           schedule=schedule, progress=False)[1] for schedule in ("sweep", "propagator")]
             adjoint = "- (ACC: forward form)" if rule.accumulative else \
                 f"{timed(adjoint_scores, rule, problem, rule.embed_gradient(objective), progress=False)[1]:.2f}"
             print(f"| {METHODS[name].display} | {label} | {rule.state_dim} | {times[0]:.2f} | {times[1]:.2f} | {adjoint} |",

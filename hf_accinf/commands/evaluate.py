@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..errors import AccInfError
 from ..evaluation.compare import DEFAULT_PERCENTS, evaluate_sources, format_report
 from .parsing import build_parser, parse
+from .runner import run_command
 
 NAME = "evaluate"
 DESCRIPTION = "compare a score column with ground truth (RMSE, Kendall tau, Jaccard@k)"
@@ -33,8 +34,8 @@ def make_parser(subparsers=None):
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    arguments, extra = parse(make_parser(), argv)
+def main(argv: list[str] | None = None, parser=None) -> int:
+    arguments, extra = parse(parser or make_parser(), argv)
     sources = list(extra.sources)
     if len(sources) > 2:
         raise AccInfError(f"evaluate takes two sources, SCORES and TRUTH; got {len(sources)}: {sources}.")
@@ -49,6 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run_command
-
-    sys.exit(run_command(NAME, sys.argv[1:]))
+    sys.exit(run_command(sys.modules[__name__], sys.argv[1:]))

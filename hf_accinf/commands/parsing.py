@@ -22,12 +22,8 @@ CONFIG_HELP = "YAML file of option values (keys are the options below, without d
 
 def build_parser(name: str, description: str, dataclass_types: tuple, subparsers=None) -> HfArgumentParser:
     """An ``HfArgumentParser`` for ``hf-accinf <name>`` (or a subparser of ``subparsers``) with ``--config``."""
-    if subparsers is not None:
-        previous, subparsers._parser_class = subparsers._parser_class, HfArgumentParser  # argparse < 3.12: no parser_class
-        try:
-            parser = subparsers.add_parser(name, help=description, description=description, dataclass_types=dataclass_types)
-        finally:
-            subparsers._parser_class = previous
+    if subparsers is not None:  # made with parser_class=HfArgumentParser (hf_accinf.cli.build_parser)
+        parser = subparsers.add_parser(name, help=description, description=description, dataclass_types=dataclass_types)
     else:
         parser = HfArgumentParser(dataclass_types, prog=f"hf-accinf {name}", description=description)
     parser.add_argument("--config", metavar="YAML", default=None, help=CONFIG_HELP)

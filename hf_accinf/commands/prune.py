@@ -3,13 +3,16 @@ pruned dataset with its provenance, a card and a parquet copy (:mod:`hf_accinf.d
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from ..data.hub import write_scored_dataset
 from ..data.prune import PruneArguments, prune_dataset
 from ._scored import ScoredDataArguments
 from .parsing import build_parser, parse
+from .runner import run_command
 
+NAME = "prune"
 DESCRIPTION = "Drop the most harmful fraction of rows (or keep the top k) by a score column or a mix of columns."
 
 
@@ -26,27 +29,18 @@ class PruneOutputArguments:
 
 
 def make_parser(subparsers=None):
-    return build_parser("prune", DESCRIPTION, (ScoredDataArguments, PruneArguments, PruneOutputArguments), subparsers)
+    return build_parser(NAME, DESCRIPTION, (ScoredDataArguments, PruneArguments, PruneOutputArguments), subparsers)
 
 
-def run(argv: list[str] | None = None):
-    data, prune, output = parse(make_parser(), argv)
+def main(argv: list[str] | None = None, parser=None) -> int:
+    data, prune, output = parse(parser or make_parser(), argv)
     dataset = data.load()
     pruned = prune_dataset(dataset, prune)
     target = write_scored_dataset(pruned, output.output_dir, overwrite=output.overwrite)
     print(f"kept {len(pruned)} of {len(dataset)} rows ({len(dataset) - len(pruned)} dropped by "
           f"{', '.join(prune.columns) or 'the score column'}); wrote {target}")
-    return target
-
-
-def main(argv: list[str] | None = None) -> int:
-    run(argv)
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    from ..cli import run_command
-
-    sys.exit(run_command("prune", sys.argv[1:]))
+    sys.exit(run_command(sys.modules[__name__], sys.argv[1:]))

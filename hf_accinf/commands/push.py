@@ -4,13 +4,16 @@ client's (``HF_ENDPOINT``, ``HF_TOKEN`` or ``hf auth login``)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from ..data.hub import push_scored_dataset
 from ..errors import AccInfError
 from ._scored import ScoredDataArguments
 from .parsing import build_parser, parse
+from .runner import run_command
 
+NAME = "push"
 DESCRIPTION = "Push a scored dataset with its card (score columns, sign convention, provenance) to the Hub."
 
 
@@ -28,26 +31,17 @@ class PushArguments:
 
 
 def make_parser(subparsers=None):
-    return build_parser("push", DESCRIPTION, (ScoredDataArguments, PushArguments), subparsers)
+    return build_parser(NAME, DESCRIPTION, (ScoredDataArguments, PushArguments), subparsers)
 
 
-def run(argv: list[str] | None = None) -> str:
-    data, push = parse(make_parser(), argv)
+def main(argv: list[str] | None = None, parser=None) -> int:
+    data, push = parse(parser or make_parser(), argv)
     dataset = data.load()
     url = push_scored_dataset(dataset, push.repo_id, private=push.private, revision=push.revision,
                               commit_message=push.commit_message, split=push.split)
     print(f"pushed {len(dataset)} rows to {push.repo_id}: {url}")
-    return url
-
-
-def main(argv: list[str] | None = None) -> int:
-    run(argv)
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    from ..cli import run_command
-
-    sys.exit(run_command("push", sys.argv[1:]))
+    sys.exit(run_command(sys.modules[__name__], sys.argv[1:]))

@@ -3,32 +3,27 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..report import ReportArguments, build_report
 from ._scored import ScoredDataArguments
 from .parsing import build_parser, parse
+from .runner import run_command
 
+NAME = "report"
 DESCRIPTION = "Write report.md/report.html with plots: score distributions, top rows, agreement, trust, truth."
 
 
 def make_parser(subparsers=None):
-    return build_parser("report", DESCRIPTION, (ScoredDataArguments, ReportArguments), subparsers)
+    return build_parser(NAME, DESCRIPTION, (ScoredDataArguments, ReportArguments), subparsers)
 
 
-def run(argv: list[str] | None = None):
-    data, args = parse(make_parser(), argv)
+def main(argv: list[str] | None = None, parser=None) -> int:
+    data, args = parse(parser or make_parser(), argv)
     report = build_report(data.load(), args)
     print(f"wrote {report.markdown}, {report.html} and {len(report.images)} plots")
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    run(argv)
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    from ..cli import run_command
-
-    sys.exit(run_command("report", sys.argv[1:]))
+    sys.exit(run_command(sys.modules[__name__], sys.argv[1:]))

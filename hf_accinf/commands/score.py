@@ -19,6 +19,7 @@ from ..inputs.sources import DataArguments, load_eval_data, load_model_factory, 
 from ..trajectory.recorded_data import load_recorded_data
 from ..errors import AccInfError
 from .parsing import build_parser, parse
+from .runner import run_command
 
 NAME = "score"
 DESCRIPTION = "estimate every training row's influence from a recorded run"
@@ -33,13 +34,13 @@ def make_parser(subparsers=None):
     return build_parser(NAME, DESCRIPTION, (ScoreArguments, DataArguments, LaunchArguments), subparsers)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parser=None) -> int:
     from ..data.columns import write_dataset_column
     from ..engine import ShardContext
     from ..scoring import score_run
     from ..trajectory.schema import load_manifest
 
-    args, data, launch = parse(make_parser(), argv)[:3]
+    args, data, launch = parse(parser or make_parser(), argv)[:3]
     manifest = load_manifest(args.run_dir)  # a wrong run directory is named before any data is read
     collate = None
     if data.train_data or data.eval_data:
@@ -100,6 +101,4 @@ def _recorded_evaluation(manifest, run_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    from ..cli import run_command
-
-    sys.exit(run_command(NAME, sys.argv[1:]))
+    sys.exit(run_command(sys.modules[__name__], sys.argv[1:]))

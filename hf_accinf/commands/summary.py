@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import AccInfError
 from .parsing import build_parser, parse
+from .runner import run_command
 
 NAME = "summary"
 DESCRIPTION = "describe a run directory"
@@ -95,8 +96,8 @@ def _replay_lines(run, train_data: str | None, tolerance: float | None, tokenize
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    arguments, extra = parse(make_parser(), argv)
+def main(argv: list[str] | None = None, parser=None) -> int:
+    arguments, extra = parse(parser or make_parser(), argv)
     run_dir = extra.path or arguments.run_dir
     if not run_dir:
         raise AccInfError("Which run directory? hf-accinf summary RUN_DIR")
@@ -106,6 +107,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run_command
-
-    sys.exit(run_command(NAME, sys.argv[1:]))
+    sys.exit(run_command(sys.modules[__name__], sys.argv[1:]))

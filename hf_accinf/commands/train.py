@@ -28,9 +28,11 @@ from ..inputs import sources
 from ..inputs.sources import DataSource
 from ..errors import AccInfError
 from .parsing import build_parser, parse
+from .runner import run_command
 
 logger = logging.getLogger("hf_accinf.train")
 
+NAME = "train"
 DESCRIPTION = "Fine-tune a model on your data from a YAML config (--config) and flags, recording its trajectory."
 
 
@@ -59,12 +61,13 @@ class ModelArguments:
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
-    return build_parser("train", DESCRIPTION, (ModelArguments, DataSource, TrainingArguments, RecordingArguments),
+    return build_parser(NAME, DESCRIPTION, (ModelArguments, DataSource, TrainingArguments, RecordingArguments),
                         subparsers)
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataSource, TrainingArguments, RecordingArguments]:
-    model_args, source, training, recording = parse(make_parser(), argv)[:4]
+def parse_arguments(argv: list[str], parser: argparse.ArgumentParser | None = None
+                    ) -> tuple[ModelArguments, DataSource, TrainingArguments, RecordingArguments]:
+    model_args, source, training, recording = parse(parser or make_parser(), argv)[:4]
     if source.dataset is None:
         raise AccInfError("Set dataset: embedded:digits, embedded:rotten_tomatoes, a data file or a save_to_disk directory.")
     return model_args, source, training, recording
@@ -212,11 +215,11 @@ def accuracy(prediction) -> dict[str, float]:
 
 
 # -- the command -----------------------------------------------------------------------------------
-def train(argv: list[str]):
+def train(argv: list[str], parser: argparse.ArgumentParser | None = None):
     """Parse, check, load, train with recording, evaluate; return the trainer."""
     from ..recording import AccInfTrainer
 
-    model_args, source, training, recording = parse_arguments(argv)
+    model_args, source, training, recording = parse_arguments(argv, parser)
     _ensure_logging()
     main_process = training.process_index == 0
     config = load_config(model_args)
@@ -249,10 +252,10 @@ def train(argv: list[str]):
     return trainer
 
 
-def main(argv: list[str] | None = None) -> int:
-    train(list(sys.argv[1:] if argv is None else argv))
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    train(list(sys.argv[1:] if argv is None else argv), parser)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(sys.modules[__name__], sys.argv[1:]))

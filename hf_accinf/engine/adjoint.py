@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AccInfError
 from ..methods.base import UpdateRule
+from ..options import FORM_CHOICES, check_choice
 from ..problem import InfluenceProblem
 from .plan import OccurrencePlan, build_plan, choose_schedule
 from .policies import CorrectionPolicy
@@ -36,17 +37,13 @@ from .trust import EXPANSIVE_GROWTH, ProbeGrowth, TrustReport
 
 logger = logging.getLogger(__name__)
 
-FORMS = ("auto", "forward", "adjoint")
-
-
 def choose_form(form: str, accumulative: bool, score_kind: str = "linear",
                 policy: CorrectionPolicy | None = None) -> tuple[str, str]:
     """The form to run and why: ``adjoint`` for a classical method scored linearly on one objective (its cost
     is one backward pass over the run whatever N), ``forward`` otherwise (it also gives test-agnostic
     embeddings). A forced ``adjoint`` runs stage-limited ACC as the hybrid; what it cannot compute is
     refused before any work."""
-    if form not in FORMS:
-        raise AccInfError(f"Unknown form '{form}': use auto, forward or adjoint.")
+    check_choice("form", form, FORM_CHOICES, AccInfError)
     if form == "adjoint":
         if accumulative and (policy is None or policy.kind != "stage"):
             raise AccInfError(

@@ -14,10 +14,10 @@ import torch
 
 from ..errors import AccInfError
 from ..methods.base import UpdateRule
-from ..methods.registry import build_method
+from ..options import SCHEDULE_CHOICES, ScheduleChoice, ScheduleRun, check_choice
 from ..problem import InfluenceProblem
 from .plan import build_plan, choose_schedule
-from .policies import CorrectionPolicy
+from .policies import CorrectionPolicy, check_policy
 from .propagator import propagate
 from .sharding import ShardContext
 from .sweep import sweep
@@ -27,29 +27,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class InfluenceResult:
-    embeddings: torch.Tensor  # (N, P) Delta^j_T, on the main process (None elsewhere)
-    schedule: str
+    embeddings: torch.Tensor  # (N, P) Delta^j_T, gathered on every process
+    schedule: ScheduleRun
     seconds: float
     cost_model: dict = field(default_factory=dict)
 
 
-def make_rule(problem: InfluenceProblem, method: str, removal: str = "exact", **options) -> tuple[UpdateRule, bool]:
-    """A propagated method from the registry (refuses direct scorers and optimizer mismatches)."""
-    rule = build_method(problem, method, removal=removal, **options)
-    if rule.spec.output != "embeddings":
-        raise AccInfError(f"{method} computes scores directly and is not propagated by the engine.")
-    return rule, rule.accumulative
+def estimate_influence(problem: InfluenceProblem, rule: UpdateRule, policy: CorrectionPolicy | None = None,
+                       schedule: ScheduleChoice = "auto", memory_budget_gb: float = 4.0,
+                       shard: ShardContext | None = None, progress: bool = True) -> InfluenceResult:
+    """Every sample's embedding under ``rule`` (built by ``methods.registry.build_method``).
 
-
-def estimate_influence(problem: InfluenceProblem, method: UpdateRule | str = "acc-sgd-ie", removal: str = "exact",
-                       policy: CorrectionPolicy | None = None, schedule: str = "auto",
-                       memory_budget_gb: float = 4.0, shard: ShardContext | None = None,
-                       progress: bool = True) -> InfluenceResult:
-    """Every sample's embedding under ``method``: a rule object (``methods.registry.build_method``) or a
-    registered name (built here with ``removal``)."""
-    rule = make_rule(problem, method, removal)[0] if isinstance(method, str) else method
-    accumulative = getattr(rule, "accumulative", False)
-    policy = (policy or CorrectionPolicy("all")) if accumulative else CorrectionPolicy("none")
+    ``policy``: where the accumulative correction applies, decided by the caller (``scoring.plan``); ``None``
+    for a classical rule. An accumulative rule without a policy, or a classical one with a correcting policy,
+    is refused."""
+    check_policy(rule, policy)
+    policy = policy or CorrectionPolicy("none")
     shard = shard or ShardContext.single()
     start, stop = shard.sample_range(problem.num_samples)
     dtype, device = problem.curvature.dtype, problem.curvature.device
@@ -68,8 +61,8 @@ def estimate_influence(problem: InfluenceProblem, method: UpdateRule | str = "ac
         choice, costs["propagator_memory_gb"] = "sweep", round(propagator_gb, 2)
     if schedule == "auto":
         schedule = choice
-    elif schedule not in ("sweep", "propagator"):
-        raise AccInfError(f"Unknown schedule '{schedule}': use auto, sweep or propagator.")
+    else:
+        check_choice("schedule", schedule, SCHEDULE_CHOICES, AccInfError)
     logger.info("schedule %s (cost model prefers %s: %s)", schedule, choice, costs)
     if problem.optimizer.max_grad_norm > 0 and bool((trajectory.clip_coef < 1).any()):
         logger.info("clipped steps: the clip direction uses the chosen parameters' gradient, the rest of the "

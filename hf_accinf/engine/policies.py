@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AccInfError
+from ..options import CORRECTION_KINDS, CorrectionKind, check_choice
 
 _MASK = (1 << 64) - 1
 
@@ -45,15 +46,14 @@ class CorrectionPolicy:
     """``c_t`` per occurrence. ``kind``: ``none`` (classical), ``all`` (ACC), ``random`` (probability
     ``p``), ``stage`` (only in ``stages``: [start, stop) step windows, or ``stage_epochs``: epoch windows)."""
 
-    kind: str = "all"
+    kind: CorrectionKind = "all"
     p: float = 1.0
     seed: int = 0
     stages: list[tuple[int, int]] = field(default_factory=list)
     stage_epochs: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "all", "random", "stage"):
-            raise AccInfError(f"Unknown correction policy '{self.kind}': use none, all, random or stage.")
+        check_choice("correction policy", self.kind, CORRECTION_KINDS, AccInfError)
         if not 0.0 <= self.p <= 1.0:
             raise AccInfError(f"The correction probability p must lie in [0, 1], got {self.p}.")
         if self.kind == "stage" and not (self.stages or self.stage_epochs):
@@ -68,3 +68,23 @@ class CorrectionPolicy:
             return (uniform_coins(self.seed, samples.cpu(), step) < self.p).to(dtype).to(samples.device)
         inside = any(a <= step < b for a, b in self.stages) or any(a <= epoch < b for a, b in self.stage_epochs)
         return torch.full((len(samples),), float(inside), dtype=dtype, device=samples.device)
+
+
+def check_policy(rule, policy: CorrectionPolicy | None) -> None:
+    """Refuse a rule and a policy that disagree: the caller decides the policy once (``scoring.plan``), ``None``
+    (or ``none``) for a classical rule, a correcting one for an accumulative rule."""
+    if getattr(rule, "output", "embeddings") != "embeddings":
+        raise AccInfError(f"{rule.spec.name} computes scores directly and is not propagated by the engine.")
+    correcting = policy is not None and policy.kind != "none"
+    if getattr(rule, "accumulative", False) and policy is None:
+        raise AccInfError("An accumulative rule needs a CorrectionPolicy (CorrectionPolicy('all') for ACC at every "
+                          "occurrence); scoring.plan.plan_scoring decides it from the arguments.")
+    if correcting and not getattr(rule, "accumulative", False):
+        raise AccInfError(f"The classical rule {getattr(getattr(rule, 'spec', None), 'name', type(rule).__name__)} "
+                          f"takes no correction; got policy '{policy.kind}': use its acc- method or no policy.")
+
+
+def every_occurrence(rule) -> CorrectionPolicy | None:
+    """ACC at every occurrence for an accumulative rule, ``None`` for a classical one: the policy of the paper
+    harness, the benchmarks and the tests (the scorer's comes from its arguments, ``scoring.plan``)."""
+    return CorrectionPolicy("all") if getattr(rule, "accumulative", False) else None

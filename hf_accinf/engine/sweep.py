@@ -47,7 +47,7 @@ def sweep(rule: UpdateRule, plan: OccurrencePlan, policy: CorrectionPolicy, epoc
     return torch.cat(results) if results else torch.zeros(0, rule.state_dim, dtype=dtype, device=device)
 
 
-def adjoint_scores(rule: UpdateRule, plan: OccurrencePlan, policy: CorrectionPolicy, epochs: torch.Tensor,
+def per_sample_adjoint_scores(rule: UpdateRule, plan: OccurrencePlan, policy: CorrectionPolicy, epochs: torch.Tensor,
                    objective_state: torch.Tensor) -> torch.Tensor:
     """Scores ``u_T . Delta^j_T`` by the per-sample adjoint recursion, backward from ``u_T``.
 

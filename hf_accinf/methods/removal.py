@@ -28,14 +28,11 @@ from torch.func import jvp, vjp
 from ..curvature.base import BatchCurvature
 from ..errors import AccInfError
 from ..losses import CLIP_EPS, clip_coefficient
+from ..options import REMOVALS, check_choice
 from .base import StepOps
 
-REMOVALS = ("exact", "first-order")
-
-
 def check_removal(removal: str) -> None:
-    if removal not in REMOVALS:
-        raise AccInfError(f"removal must be 'exact' or 'first-order', got '{removal}'.")
+    check_choice("removal", removal, REMOVALS, AccInfError)
 
 
 class ClipMap:

@@ -42,6 +42,7 @@ from ..version import __version__
 EMBEDDINGS_NAME = "embeddings.safetensors"
 SCORES_NAME = "scores.safetensors"
 SUMMARY_NAME = "scores.json"
+PROJECTED_NAME = "projected"  # the one embeddings tensor of projected methods (DVEmb), (N, projection_dim)
 DATASET_DIR = "dataset"
 ARTIFACT_NAMES = (EMBEDDINGS_NAME, SCORES_NAME, SUMMARY_NAME, DATASET_DIR)
 FORMAT = "hf_accinf.scores"

@@ -27,6 +27,7 @@ from ..config import ScoreArguments, resolve_dtype
 from ..engine.adjoint import choose_form
 from ..engine.policies import CorrectionPolicy
 from ..errors import AccInfError
+from ..options import FormName
 from ..methods.registry import METHODS, check_fits, get_method
 from ..scope import ALL, HEAD, resolve_scope
 from ..trajectory import RunReader
@@ -44,7 +45,7 @@ class ScoringPlan:
     method: str
     modules: tuple[str, ...] | None  # the scope's patterns (resolve_scope); None: the recorded head
     deep: bool  # whether the scope reaches outside the recorded head (the whole model run at every step)
-    form: str  # "forward", "adjoint" or "direct"
+    form: FormName  # which of scoring.forms.FORMS runs
     dtype: torch.dtype
     device: torch.device
     policy: CorrectionPolicy | None  # None for classical methods: no correction applies

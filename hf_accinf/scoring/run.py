@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,24 +22,18 @@ from ..config import ScoreArguments
 from ..curvature.model import ModelCurvature
 from ..inputs.collate import eval_collator
 from ..inputs.evaluation import check_eval_labels
-from ..scope import resolve_scope
-from ..engine import InfluenceResult, ShardContext, estimate_influence
-from ..engine.adjoint import adjoint_scores
-from ..engine.objective import check_score_kind, scores_from_embeddings
-from ..engine.trust import trust_check
-from ..errors import AccInfError
-from ..methods.projection import GradientProjection, projection_fingerprint, same_projection
+from ..engine import ShardContext
+from .objective import check_score_kind
+from ..methods.projection import projection_fingerprint
 from ..methods.registry import build_method
 from ..problem import deep_scope_unavailable, problem_from_run
-from ..trajectory import RunReader, Trajectory
+from ..trajectory import RunReader
 from ..trajectory.schema import content_hash
 from . import artifacts
+from .forms import FormInputs, form_runner
 from .plan import plan_scoring
 
 logger = logging.getLogger(__name__)
-
-PROJECTED_NAME = "projected"  # the one embeddings tensor of projected methods (DVEmb), (N, projection_dim)
-
 
 @dataclass
 class ScoreResult:
@@ -103,7 +96,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     artifacts.check_output_dir(output_dir, args.overwrite)
     run = RunReader(args.run_dir)
     run.check_dataset(train_dataset)
-    check_finite(run.trajectory(), clipped=run.manifest.training.max_grad_norm > 0)
+    run.trajectory().check_finite(clipped=run.manifest.training.max_grad_norm > 0)
     built = run.build_model(model=model)
     plan = plan_scoring(args, run, built, deep_scope_unavailable(run, "cpu", built))
     if shard.is_main:
@@ -118,42 +111,17 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     method = build_method(problem, plan.method, args)  # refuses a method/optimizer mismatch before the long work
     if method.output == "embeddings":
         check_score_kind(args.score_kind, method)
-    form, policy = plan.form, plan.policy
 
     curvature = problem.curvature
     inputs, labels = curvature.evaluation_inputs(built, run.manifest.head.module, eval_dataset, collate_fn, tokenizer)
     check_eval_labels(labels, run.manifest.loss.num_labels)
     final = problem.final_parameters()
     identity = _check_rerun(output_dir, args, run, eval_dataset, len(labels), evaluation_source)
-    began = time.perf_counter()
-    embeddings, trust = {}, None
-    if form == "direct":
-        scores = method.scores(lambda step: curvature.objective_grad(curvature.parameters_at(step), inputs, labels),
-                               progress and shard.is_main)
-        result = InfluenceResult(None, "direct", time.perf_counter() - began)
-    elif form == "adjoint":
-        gradient = method.embed_gradient(curvature.objective_grad(final, inputs, labels))
-        # The default trust figure rides on the backward pass (random probes, kind "adjoint-probes"); the power
-        # iteration stays available (trust "power").
-        probes = args.trust_probes if _trust_kind(args, form) == "adjoint-probes" else 0
-        backward = adjoint_scores(method, problem, gradient, shard, progress,
-                                  policy, probes=probes)
-        scores = backward.scores if backward is not None else None
-        trust = backward.trust.to_dict() if backward is not None and backward.trust is not None else None
-        result = InfluenceResult(None, "backward", time.perf_counter() - began)
-    else:
-        result = estimate_influence(problem, method, policy=policy, schedule=args.schedule,
-                                    memory_budget_gb=args.memory_budget_gb, shard=shard, progress=progress)
-    if not shard.is_main:
+    output = form_runner(plan.form)(FormInputs(method, problem, inputs, labels, final, args, plan.policy, shard,
+                                               progress))
+    if output is None:  # not the main process
         return None
-    if form == "forward":
-        scores = scores_from_embeddings(curvature, result.embeddings, final, inputs, labels, args.score_kind,
-                                        rule=method)
-        embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()} \
-            if method.parameter_space else {PROJECTED_NAME: result.embeddings.contiguous()}
-    if _trust_kind(args, form) == "power-iteration":
-        trust = trust_check(method, problem, result.embeddings, args.trust_probes, args.trust_iterations,
-                            progress=progress).to_dict()
+    scores, embeddings, trust, result = output.scores, output.embeddings, output.trust, output.result
     checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict(),
               "gauge": list(problem.gauge)}
     if args.verify:
@@ -170,88 +138,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         checks["replay"] = states.report().to_dict()
     if not getattr(method, "parameter_space", True):
         checks["projection"] = projection_fingerprint(method.projection)
-    summary = _write(output_dir, args, identity, problem, result, scores, embeddings, form, checks)
+    summary = _write(output_dir, args, identity, problem, result, scores, embeddings, plan.form, checks)
     return ScoreResult(scores, embeddings, output_dir, summary)
-
-
-def _trust_kind(args: ScoreArguments, form: str) -> str | None:
-    """Which trust figure a run gets: none (``trust_probes=0``, direct scorers), the random probes carried by
-    the adjoint form's own backward pass (its default), or the power iteration (the forward form; or asked for
-    by ``trust="power"``)."""
-    if args.trust_probes <= 0 or form == "direct":
-        return None
-    if form == "adjoint" and args.trust != "power":
-        return "adjoint-probes"
-    return "power-iteration"
-
-
-def check_finite(trajectory: Trajectory, clipped: bool = True) -> None:
-    """Refuse a trajectory with a non-finite loss, learning rate, gradient or head parameter, naming the step.
-    Without clipping the Trainer computes no gradient norm (recorded as NaN): it is not checked then."""
-    per_step = {"loss": trajectory.loss, "learning rate": trajectory.lr}
-    if clipped:
-        per_step["gradient norm"] = trajectory.grad_norm
-    per_step.update({f"gradient of '{name}'": value for name, value in trajectory.grads.items()})
-    per_step.update({f"parameter '{name}'": value for name, value in trajectory.params.items()})
-    for what, values in per_step.items():
-        if values is None or not values.is_floating_point():
-            continue
-        bad = ~torch.isfinite(values.reshape(len(values), -1)).all(1)
-        if bad.any():
-            step = int(bad.nonzero()[0])
-            raise AccInfError(
-                f"The recorded run has a non-finite {what} at step {step} (the training diverged or a learning rate "
-                "was NaN/inf): influence through it is undefined. Fix the training (lower learning rate, clipping) "
-                "and record it again."
-            )
-    head_rows = trajectory.head_input.reshape(len(trajectory.head_input), -1)
-    bad_rows = ~torch.isfinite(head_rows).all(1)
-    if bad_rows.any():
-        row = int(bad_rows.nonzero()[0])
-        step = int(torch.searchsorted(trajectory.row_offsets, torch.tensor(row), right=True)) - 1
-        raise AccInfError(f"The recorded run has non-finite head inputs at step {step}: record it again after fixing the training.")
-
-
-def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None, collate_fn=None,
-                       modules: list[str] | None = None, model=None, tokenizer=None) -> torch.Tensor:
-    """``(test rows, training rows)``: the predicted change of each test example's loss without each training
-    row, ``grad l_v(theta_T) . Delta^j_T``, from saved embeddings: no replay of the trajectory.
-
-    The scope is read back from the scores' summary; ``modules``, if given, must name the same parameters."""
-    run = RunReader(run_dir)
-    scores_dir = scores_dir or artifacts.default_output_dir(run_dir)
-    summary = artifacts.read_summary(scores_dir)
-    if artifacts.EMBEDDINGS_NAME not in summary.files or not (Path(scores_dir) / artifacts.EMBEDDINGS_NAME).is_file():
-        raise AccInfError(f"No embeddings at {scores_dir}: run `hf-accinf score --run_dir {run_dir} --form forward` "
-                          "first (the adjoint form and direct scorers write scores only).")
-    saved = artifacts.load_embeddings(scores_dir)
-    built = run.build_model(model=model)
-    head_name = run.manifest.head.module
-    scope = summary.scope or [f"{head_name}.{name}" for name in saved]
-    gauge = set(summary.gauge or ())  # left out of the scope when it was scored
-    if modules and [n for n in resolve_scope(built, modules, head=head_name).parameters if n not in gauge] != list(scope):
-        raise AccInfError(f"The embeddings at {scores_dir} were scored for {scope}, not for {modules}. "
-                          "Leave modules out (the saved scope is used) or score again with these modules.")
-    if summary.backend == "model":
-        curvature = ModelCurvature(None, built, scope, None, run.manifest.loss.label_smoothing)
-        final = run.load_checkpoint(run.num_steps)
-    else:
-        curvature = problem_from_run(run, modules=list(scope), model=built).curvature
-        final = run.head_parameters_at(run.num_steps)
-    projected = PROJECTED_NAME in saved
-    embeddings = saved[PROJECTED_NAME] if projected else curvature.flatten_named(saved)
-    inputs, labels = curvature.evaluation_inputs(built, head_name, test_dataset, collate_fn, tokenizer)
-    check_eval_labels(labels, run.manifest.loss.num_labels)
-    gradients = curvature.example_grads(final, inputs, labels)
-    if projected:  # the same seeded projection the scores used (a pure function of P, k and the seed)
-        arguments = summary.arguments
-        projection = GradientProjection(curvature.dim, int(arguments["projection_dim"]), int(arguments["projection_seed"]),
-                                        gradients.dtype, gradients.device)
-        if summary.projection and not same_projection(projection_fingerprint(projection), summary.projection):
-            raise AccInfError(f"The projection rebuilt from {scores_dir}/scores.json differs from the one the scores "
-                              "used (another torch version draws other numbers?): score again with this installation.")
-        gradients = projection(gradients)
-    return gradients @ embeddings.to(gradients.dtype).T
 
 
 def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_dataset, eval_rows: int,

@@ -71,6 +71,32 @@ class Trajectory:
             raise AccInfError("This run records no micro-batches (schema 1); record it again with this hf_accinf.")
         return slice(int(self.micro_offsets[step]), int(self.micro_offsets[step + 1]))
 
+    def check_finite(self, clipped: bool = True) -> None:
+        """Refuse a trajectory with a non-finite loss, learning rate, gradient or head parameter, naming the step.
+        Without clipping the Trainer computes no gradient norm (recorded as NaN): it is not checked then."""
+        per_step = {"loss": self.loss, "learning rate": self.lr}
+        if clipped:
+            per_step["gradient norm"] = self.grad_norm
+        per_step.update({f"gradient of '{name}'": value for name, value in self.grads.items()})
+        per_step.update({f"parameter '{name}'": value for name, value in self.params.items()})
+        for what, values in per_step.items():
+            if values is None or not values.is_floating_point():
+                continue
+            bad = ~torch.isfinite(values.reshape(len(values), -1)).all(1)
+            if bad.any():
+                step = int(bad.nonzero()[0])
+                raise AccInfError(
+                    f"The recorded run has a non-finite {what} at step {step} (the training diverged or a learning rate "
+                    "was NaN/inf): influence through it is undefined. Fix the training (lower learning rate, clipping) "
+                    "and record it again."
+                )
+        head_rows = self.head_input.reshape(len(self.head_input), -1)
+        bad_rows = ~torch.isfinite(head_rows).all(1)
+        if bad_rows.any():
+            row = int(bad_rows.nonzero()[0])
+            step = int(torch.searchsorted(self.row_offsets, torch.tensor(row), right=True)) - 1
+            raise AccInfError(f"The recorded run has non-finite head inputs at step {step}: record it again after fixing the training.")
+
     @classmethod
     def from_segments(cls, segments: list[dict[str, torch.Tensor]]) -> "Trajectory":
         def cat(key):

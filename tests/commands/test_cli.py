@@ -3,7 +3,7 @@
 import pytest
 
 from hf_accinf import AccInfError, __version__
-from hf_accinf.cli import COMMANDS, load_command, main
+from hf_accinf.cli import COMMANDS, build_parser, main
 from hf_accinf.commands import train
 from hf_accinf.commands.parsing import parse
 
@@ -23,9 +23,18 @@ def test_debug_shows_the_traceback(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_has_help_listing_config(name, capsys):
-    assert load_command(name) is not None  # every registered command ships with the package
+    command = COMMANDS[name]  # one shape: NAME, DESCRIPTION, make_parser, main
+    assert command.NAME == name and command.DESCRIPTION and callable(command.make_parser) and callable(command.main)
     assert main([name, "--help"]) == 0
     assert "--config YAML" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out and COMMANDS[name].DESCRIPTION[:30] in " ".join(out.split()) for name in COMMANDS)
+    assert set(build_parser()[1].choices) == set(COMMANDS)
+    assert main([]) == 2 and main(["no-such-command"]) == 2
 
 
 def test_version(capsys):

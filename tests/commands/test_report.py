@@ -109,8 +109,10 @@ def test_the_commands_register_as_subcommands_and_print_help(capsys):
 
     from hf_accinf.commands import prune, push
 
+    from transformers import HfArgumentParser
+
     root = argparse.ArgumentParser(prog="hf-accinf")
-    subparsers = root.add_subparsers(dest="command")
+    subparsers = root.add_subparsers(dest="command", parser_class=HfArgumentParser)
     for module in (prune, push, report):
         module.make_parser(subparsers)
         with pytest.raises(SystemExit) as exit_info:

@@ -90,7 +90,7 @@ def test_cli_scores_the_whole_model_on_unpadded_tokenized_rows(text_run):
 def _refused_before_the_sweep(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the estimation started before the input was checked")
-    monkeypatch.setattr("hf_accinf.scoring.run.estimate_influence", fail)
+    monkeypatch.setattr("hf_accinf.scoring.forms.estimate_influence", fail)
 
 
 def _eval_set(tokenizer, labels):

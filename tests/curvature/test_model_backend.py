@@ -6,9 +6,9 @@ import torch
 
 from hf_accinf.curvature.attention import EXACT_ATTENTION
 from hf_accinf import RunReader
-from hf_accinf.engine import estimate_influence
 from hf_accinf.problem import problem_from_run
 from tests.conftest import record_run
+from tests.engine.helpers import estimate
 from tests.engine.test_deep_scope import tiny_model
 
 
@@ -83,8 +83,8 @@ def test_head_scope_through_the_model_backend_equals_the_head_fast_path(recorded
     slow = problem_from_run(run, modules=["classifier"], backend="model", train_dataset=data)
     assert type(fast.curvature).__name__ == "LinearHeadCurvature" and type(slow.curvature).__name__ == "ModelCurvature"
     for method in ("sgd-ie", "acc-sgd-ie"):
-        expected = fast.curvature.unflatten(estimate_influence(fast, method, schedule="sweep", progress=False).embeddings)
-        actual = slow.curvature.unflatten(estimate_influence(slow, method, schedule="sweep", progress=False).embeddings)
+        expected = fast.curvature.unflatten(estimate(fast, method, schedule="sweep", progress=False).embeddings)
+        actual = slow.curvature.unflatten(estimate(slow, method, schedule="sweep", progress=False).embeddings)
         scale = float(expected["weight"].abs().max())
         for name in ("weight", "bias"):
             torch.testing.assert_close(actual[f"classifier.{name}"], expected[name], rtol=1e-5, atol=1e-6 * scale)

@@ -8,12 +8,21 @@ from torch import nn
 from hf_accinf.curvature.attention import EXACT_ATTENTION
 from hf_accinf.evaluation.paper.experiments import ZeroLogit
 from hf_accinf.evaluation.retrain import leave_one_out_sgd, mean_loss, train_sgd
+from hf_accinf.engine import estimate_influence, every_occurrence
+from hf_accinf.methods.registry import build_method
 from hf_accinf.problem import InfluenceProblem, make_curvature
 
 
 # The float64 oracles run the model with the backend's dtype-exact eager attention (HF's eager attention of
 # ViT takes its softmax in float32).
 FLOAT64_ATTENTION = EXACT_ATTENTION
+
+
+def estimate(problem, name: str, removal: str = "exact", policy=None, **kwargs):
+    """The engine on the registered method ``name``; an accumulative method's policy defaults to ACC at every
+    occurrence."""
+    rule = build_method(problem, name, removal=removal)
+    return estimate_influence(problem, rule, policy or every_occurrence(rule), **kwargs)
 
 
 def tiny_mlp(inputs=4, hidden=3, classes=2, seed=0) -> nn.Module:

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from hf_accinf.engine import CorrectionPolicy, estimate_influence
+from hf_accinf.engine import CorrectionPolicy
 from hf_accinf.engine.adjoint import adjoint_scores, choose_form
-from hf_accinf.engine.estimator import make_rule
+from hf_accinf.methods.registry import build_method
 from hf_accinf.errors import AccInfError
-from tests.engine.helpers import make_problem
+from tests.engine.helpers import estimate, make_problem
 
 CASES = {
     "mlp-momentum": dict(num_samples=14, batch_size=4),
@@ -33,8 +33,8 @@ def test_forward_and_adjoint_forms_give_the_same_classical_scores(case):
     assert (trajectory.batch(1)[-1] == trajectory.batch(1)[0]).item()
     objective = torch.randn(problem.curvature.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     for removal in ("exact", "first-order"):
-        forward = estimate_influence(problem, "sgd-ie", removal, progress=False).embeddings @ objective
-        rule, _ = make_rule(problem, "sgd-ie", removal)
+        forward = estimate(problem, "sgd-ie", removal, progress=False).embeddings @ objective
+        rule = build_method(problem, "sgd-ie", removal=removal)
         adjoint = adjoint_scores(rule, problem, objective, progress=False).scores
         assert adjoint.shape == (problem.num_samples,)
         assert (adjoint - forward).abs().max() <= 1e-9 * forward.abs().max()
@@ -71,7 +71,7 @@ class _Spy:
 
 def test_adjoint_touches_one_state_and_the_batch_rows_only():
     problem = make_problem(num_samples=16, batch_size=4, epochs=2)
-    rule, _ = make_rule(problem, "sgd-ie", "exact")
+    rule = build_method(problem, "sgd-ie", removal="exact")
     spy = _Spy(rule)
     objective = torch.randn(rule.param_dim, dtype=torch.float64)
     adjoint_scores(spy, problem, objective, progress=False)
@@ -100,7 +100,7 @@ def test_form_choice_and_refusals():
 
 def test_an_objective_of_the_wrong_size_is_refused():
     problem = make_problem(num_samples=6)
-    rule, _ = make_rule(problem, "sgd-ie", "exact")
+    rule = build_method(problem, "sgd-ie", removal="exact")
     with pytest.raises(AccInfError, match="objective gradient"):
         adjoint_scores(rule, problem, torch.zeros(rule.param_dim + 1, dtype=torch.float64), progress=False)
 
@@ -113,8 +113,8 @@ def test_stage_limited_acc_by_the_hybrid_equals_the_forward_form(removal, policy
     """ACC on the first steps only: forward states on that prefix, the shared adjoint after it."""
     problem = make_problem(num_samples=14, batch_size=4, epochs=3)
     objective = torch.randn(problem.curvature.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    rule, _ = make_rule(problem, "acc-sgd-ie", removal)
-    forward = estimate_influence(problem, "acc-sgd-ie", removal, policy, progress=False).embeddings @ objective
+    rule = build_method(problem, "acc-sgd-ie", removal=removal)
+    forward = estimate(problem, "acc-sgd-ie", removal, policy, progress=False).embeddings @ objective
     hybrid = adjoint_scores(rule, problem, objective, progress=False, policy=policy).scores
     assert (hybrid - forward).abs().max() <= 1e-9 * forward.abs().max()
     classical = adjoint_scores(rule, problem, objective, progress=False).scores

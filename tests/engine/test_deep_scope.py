@@ -17,13 +17,12 @@ from torch.func import functional_call, grad, jvp, vmap
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
 from hf_accinf import RunReader
-from hf_accinf.engine import estimate_influence
 from hf_accinf.errors import AccInfError
 from hf_accinf.examples import digits_dataset, synthetic_text_dataset
 from hf_accinf.curvature.model import ModelCurvature
 from hf_accinf.problem import problem_from_run
 from tests.conftest import record_run
-from tests.engine.helpers import FLOAT64_ATTENTION
+from tests.engine.helpers import FLOAT64_ATTENTION, estimate
 
 NUM_ROWS = 6
 
@@ -135,7 +134,7 @@ def test_deep_scope_forward_form_matches_the_naive_oracle(recorded, scope_name):
     assert (scope_name == "all") == any("embeddings" in name for name in scope)
     for removal, method in CASES[kind, scope_name]:
         expected = oracle_embeddings(run, data, decay, scope, removal, method == "acc-sgd-ie")
-        result = estimate_influence(problem, method, removal, schedule="auto", progress=False)
+        result = estimate(problem, method, removal, schedule="auto", progress=False)
         assert result.schedule == "sweep"
         torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
     # BERT too is vmapped over single rows (its padding mask handed over in 4D additive form).
@@ -146,7 +145,7 @@ def test_propagator_is_refused_when_its_matrices_exceed_the_budget(recorded):
     _, run, data, _ = recorded
     problem = problem_from_run(run, modules=["all"], train_dataset=data)
     with pytest.raises(AccInfError, match="S x S matrices.*--schedule sweep"):
-        estimate_influence(problem, "sgd-ie", schedule="propagator", memory_budget_gb=1e-3, progress=False)
+        estimate(problem, "sgd-ie", schedule="propagator", memory_budget_gb=1e-3, progress=False)
 
 
 def test_deep_scope_needs_the_training_dataset(recorded):

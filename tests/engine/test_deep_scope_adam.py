@@ -29,14 +29,13 @@ from torch.func import functional_call, grad, jvp, vmap
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
 from hf_accinf import RunReader, ScoreArguments, score_run
-from hf_accinf.engine import estimate_influence
 from hf_accinf.errors import AccInfError
 from hf_accinf.evaluation.optim import optimizer_step
 from hf_accinf.examples import digits_dataset
 from hf_accinf.problem import problem_from_run
 from hf_accinf.trajectory.replay import Replay
 from tests.conftest import record_run
-from tests.engine.helpers import FLOAT64_ATTENTION, oracle_occurrence
+from tests.engine.helpers import FLOAT64_ATTENTION, estimate, oracle_occurrence
 
 NUM_ROWS = 6
 VOCAB = 6
@@ -173,7 +172,7 @@ def test_adam_deep_scope_forward_form_matches_the_naive_oracle(recorded, scope_n
     named = dict(run.build_model().named_parameters())
     for removal, method in CASES[kind, scope_name]:
         expected = oracle_embeddings(run, data, optimizer, scope, removal, method == "acc-adam-ie")
-        result = estimate_influence(problem, method, removal, schedule="sweep", progress=False)
+        result = estimate(problem, method, removal, schedule="sweep", progress=False)
         sizes = [named[name].numel() for name in scope]
         parts = dict(zip(scope, torch.split(result.embeddings, sizes, dim=1)))
         compared = torch.cat([part for name, part in parts.items() if not is_key_bias(name)], dim=1)
@@ -225,4 +224,4 @@ def test_a_missing_adam_moment_is_refused_not_read_as_zero(recorded):
     states = MissingMoment(Replay(run, data), "classifier.weight")
     problem = problem_from_run(run, modules=["last:1"], train_dataset=data, states=states)
     with pytest.raises(AccInfError, match="exp_avg_sq"):
-        estimate_influence(problem, "adam-ie", schedule="sweep", progress=False)
+        estimate(problem, "adam-ie", schedule="sweep", progress=False)

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from hf_accinf import RunReader
-from hf_accinf.engine import estimate_influence
 from hf_accinf.problem import problem_from_run
 from tests.conftest import record_run
+from tests.engine.helpers import estimate
 from tests.engine.test_deep_scope import tiny_model
 from tests.launch import ROOT, launch_two_processes
 
@@ -29,7 +29,7 @@ def test_two_processes_reproduce_the_single_process_deep_scope_embeddings(tmp_pa
         assert int(sharded["world_size"]) == 2
         problem = problem_from_run(RunReader(tmp_path / "run"), modules=["last:1"], train_dataset=data)
         for method in ("sgd-ie", "acc-sgd-ie"):
-            single = estimate_influence(problem, method, schedule="sweep", progress=False).embeddings
+            single = estimate(problem, method, schedule="sweep", progress=False).embeddings
             assert sharded[method].shape == single.shape
             torch.testing.assert_close(sharded[method], single, rtol=1e-12, atol=1e-15)
     finally:

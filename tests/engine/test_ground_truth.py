@@ -4,11 +4,10 @@ many epochs, ACC-SGD-IE tracks the retrained loss changes better than SGD-IE."""
 import pytest
 import torch
 
-from hf_accinf.engine import estimate_influence
-from hf_accinf.engine.objective import scores_from_embeddings
+from hf_accinf.scoring.objective import scores_from_embeddings
 from hf_accinf.evaluation.metrics import agreement
 from hf_accinf.evaluation.retrain import train_sgd
-from tests.engine.helpers import calibration_mlp, digits_1_vs_7, whole_model_leave_one_out
+from tests.engine.helpers import calibration_mlp, estimate, digits_1_vs_7, whole_model_leave_one_out
 
 
 @pytest.mark.slow
@@ -27,7 +26,7 @@ def test_acc_sgd_ie_beats_sgd_ie_against_leave_one_out_retraining():
     true_shift = torch.cat([(retrained[n] - final[n][None]).flatten(1) for n in spec.group_of], 1)
     reports, shift_errors = {}, {}
     for method in ("sgd-ie", "acc-sgd-ie"):
-        embeddings = estimate_influence(problem, method, progress=False).embeddings
+        embeddings = estimate(problem, method, progress=False).embeddings
         scores = scores_from_embeddings(curvature, embeddings, final, x_val, y_val, kind="evaluated")
         reports[method] = agreement(scores, truth)
         shift_errors[method] = ((embeddings - true_shift).norm(dim=1) / true_shift.norm(dim=1)).mean()

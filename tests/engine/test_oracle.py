@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.func import functional_call, grad
 
-from hf_accinf.engine import CorrectionPolicy, estimate_influence
+from hf_accinf.engine import CorrectionPolicy
 from hf_accinf.engine.plan import build_plan
-from hf_accinf.engine.sweep import adjoint_scores
-from hf_accinf.engine.estimator import make_rule
-from tests.engine.helpers import make_problem, oracle_occurrence
+from hf_accinf.engine.sweep import per_sample_adjoint_scores
+from hf_accinf.methods.registry import build_method
+from tests.engine.helpers import estimate, make_problem, oracle_occurrence
 
 
 def oracle_embeddings(problem, removal: str, coefficient) -> torch.Tensor:
@@ -86,7 +86,7 @@ def test_engine_matches_the_naive_oracle(removal, policy_name, chosen):
     expected = oracle_embeddings(problem, removal, coefficient or _coin(policy))
     assert (problem.trajectory.clip_coef < 1).any() and (problem.trajectory.clip_coef == 1).any()
     for schedule in ("sweep", "propagator"):
-        result = estimate_influence(problem, method, removal, policy, schedule=schedule, progress=False)
+        result = estimate(problem, method, removal, policy, schedule=schedule, progress=False)
         torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-12)
 
 
@@ -96,7 +96,7 @@ def test_nesterov_matches_the_naive_oracle(removal, policy_name):
     assert problem.optimizer.groups[0].nesterov and (problem.trajectory.clip_coef < 1).any()
     make_policy, coefficient, method = POLICIES[policy_name]
     expected = oracle_embeddings(problem, removal, coefficient)
-    result = estimate_influence(problem, method, removal, make_policy(problem), schedule="sweep", progress=False)
+    result = estimate(problem, method, removal, make_policy(problem), schedule="sweep", progress=False)
     torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-12)
 
 
@@ -106,8 +106,8 @@ def test_nesterov_matches_the_naive_oracle(removal, policy_name):
 def test_sweep_equals_propagator(nesterov, removal, policy_name):
     problem = make_problem(num_samples=23, batch_size=5, epochs=4, nesterov=nesterov)
     make_policy, _, method = POLICIES[policy_name]
-    sweep = estimate_influence(problem, method, removal, make_policy(problem), schedule="sweep", progress=False)
-    prop = estimate_influence(problem, method, removal, make_policy(problem), schedule="propagator", progress=False)
+    sweep = estimate(problem, method, removal, make_policy(problem), schedule="sweep", progress=False)
+    prop = estimate(problem, method, removal, make_policy(problem), schedule="propagator", progress=False)
     assert len(build_plan(problem.trajectory, 0, 23).windows) > 4  # the repeated row splits windows
     scale = sweep.embeddings.abs().max()
     assert (prop.embeddings - sweep.embeddings).abs().max() <= 1e-10 * scale
@@ -115,10 +115,10 @@ def test_sweep_equals_propagator(nesterov, removal, policy_name):
 
 def test_randomized_extremes_are_the_two_methods():
     problem = make_problem(num_samples=15, batch_size=4)
-    classical = estimate_influence(problem, "sgd-ie", progress=False).embeddings
-    accumulative = estimate_influence(problem, "acc-sgd-ie", progress=False).embeddings
-    never = estimate_influence(problem, "acc-sgd-ie", policy=CorrectionPolicy("random", p=0.0), progress=False)
-    always = estimate_influence(problem, "acc-sgd-ie", policy=CorrectionPolicy("random", p=1.0), progress=False)
+    classical = estimate(problem, "sgd-ie", progress=False).embeddings
+    accumulative = estimate(problem, "acc-sgd-ie", progress=False).embeddings
+    never = estimate(problem, "acc-sgd-ie", policy=CorrectionPolicy("random", p=0.0), progress=False)
+    always = estimate(problem, "acc-sgd-ie", policy=CorrectionPolicy("random", p=1.0), progress=False)
     assert torch.equal(never.embeddings, classical) and torch.equal(always.embeddings, accumulative)
     assert not torch.allclose(classical, accumulative)
 
@@ -127,18 +127,19 @@ def test_randomized_extremes_are_the_two_methods():
 def test_forward_and_adjoint_forms_agree(method):
     problem = make_problem(num_samples=12)
     objective = torch.randn(problem.curvature.dim, dtype=torch.float64)
-    forward = estimate_influence(problem, method, progress=False).embeddings @ objective
-    rule, accumulative = make_rule(problem, method, "exact")
+    forward = estimate(problem, method, progress=False).embeddings @ objective
+    rule = build_method(problem, method, removal="exact")
+    accumulative = rule.accumulative
     policy = CorrectionPolicy("all" if accumulative else "none")
     plan = build_plan(problem.trajectory, 0, problem.num_samples)
-    adjoint = adjoint_scores(rule, plan, policy, problem.trajectory.epoch, rule.final_objective_state(objective))
+    adjoint = per_sample_adjoint_scores(rule, plan, policy, problem.trajectory.epoch, rule.final_objective_state(objective))
     torch.testing.assert_close(adjoint, forward, rtol=1e-9, atol=1e-13)
 
 
 def test_without_clipping_exact_and_first_order_removal_coincide():
     problem = make_problem(max_grad_norm=0.0)
-    exact = estimate_influence(problem, "acc-sgd-ie", "exact", progress=False).embeddings
-    first = estimate_influence(problem, "acc-sgd-ie", "first-order", progress=False).embeddings
+    exact = estimate(problem, "acc-sgd-ie", "exact", progress=False).embeddings
+    first = estimate(problem, "acc-sgd-ie", "first-order", progress=False).embeddings
     torch.testing.assert_close(exact, first, rtol=1e-10, atol=1e-14)
 
 
@@ -152,8 +153,8 @@ def test_closed_form_linear_head_equals_torch_func():
     b = make_problem(model=model_b, features=6, classes=3, backend="functional")
     assert torch.equal(a.trajectory.params["weight"], b.trajectory.params["weight"])
     for method in ("sgd-ie", "acc-sgd-ie"):
-        linear = estimate_influence(a, method, progress=False).embeddings
-        functional = estimate_influence(b, method, progress=False).embeddings
+        linear = estimate(a, method, progress=False).embeddings
+        functional = estimate(b, method, progress=False).embeddings
         # layouts: the closed form holds [W | b] row by row, torch.func holds W flattened then b
         named_linear = a.curvature.unflatten(linear)
         named_functional = b.curvature.unflatten(functional)
@@ -172,7 +173,7 @@ def test_hand_written_adjoint_is_the_transpose(momentum, nesterov, per_parameter
         problem.optimizer.groups.append(replace(problem.optimizer.groups[0], index=1, weight_decay=0.0))
         problem.optimizer.group_of = {name: int(name.endswith("bias")) for name in problem.optimizer.group_of}
         problem.trajectory.lr = torch.cat([problem.trajectory.lr, 0.3 * problem.trajectory.lr], 1)
-    rule, _ = make_rule(problem, "acc-sgd-ie", "exact")
+    rule = build_method(problem, "acc-sgd-ie", removal="exact")
     vectors = torch.randn(5, rule.state_dim, dtype=torch.float64)
     for step in range(problem.trajectory.num_steps):
         ops = rule.at_step(step)

@@ -7,12 +7,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian
 
-from hf_accinf.engine import estimate_influence
-from hf_accinf.engine.estimator import make_rule
+from hf_accinf.methods.registry import build_method
 from hf_accinf.engine.trust import EXPANSIVE_GROWTH, trust_check
 from hf_accinf.evaluation.retrain import train_sgd
 from hf_accinf.problem import InfluenceProblem, make_curvature
-from tests.engine.helpers import make_problem, shuffled_batches, tiny_mlp
+from tests.engine.helpers import estimate, make_problem, shuffled_batches, tiny_mlp
 
 
 def _trained(lr: float, epochs: int = 6, num_samples: int = 16, batch_size: int = 8):
@@ -57,7 +56,7 @@ def test_trust_check_flags_a_chaotic_run_and_passes_a_stable_one(lr, chaotic):
     loss, theta0 = _flat_loss(problem, problem.initial)
     lambda_max = float(torch.linalg.eigvalsh(hessian(loss)(theta0, problem.features, problem.labels)).max())
     assert (lr * lambda_max > 2) == chaotic  # beyond the edge of stability of the initial loss Hessian
-    rule, _ = make_rule(problem, "sgd-ie", "exact")
+    rule = build_method(problem, "sgd-ie", removal="exact")
     exact = _dense_growth(rule, problem)
     report = trust_check(rule, problem, probes=4, iterations=2)
     assert report.growth <= exact * (1 + 1e-9)  # a Ritz value: never above the true norm
@@ -72,7 +71,7 @@ def test_probes_spanning_the_state_give_the_exact_norms():
     """With as many probes as parameters the subspace is everything: the run's growth and the growth up to
     each epoch's end equal the 2-norms of the dense products (momentum, clipping, decay, a repeated row)."""
     problem = make_problem(num_samples=10, batch_size=4, epochs=3)
-    rule, _ = make_rule(problem, "sgd-ie", "exact")
+    rule = build_method(problem, "sgd-ie", removal="exact")
     assert rule.state_dim == 2 * rule.param_dim
     report = trust_check(rule, problem, probes=rule.param_dim, iterations=0)
     assert math.isclose(report.growth, _dense_growth(rule, problem), rel_tol=1e-9)
@@ -87,8 +86,8 @@ def test_embedding_ratio_is_the_embedding_over_the_injected_norm():
     """One epoch of plain SGD without clipping: each row occurs once and injects ``(eta / b) g_j(theta_t)``;
     the gradient here comes from autograd on the model, not from the update rule."""
     problem = _trained(0.5, epochs=1, num_samples=12, batch_size=4)
-    embeddings = estimate_influence(problem, "sgd-ie", progress=False).embeddings
-    rule, _ = make_rule(problem, "sgd-ie", "exact")
+    embeddings = estimate(problem, "sgd-ie", progress=False).embeddings
+    rule = build_method(problem, "sgd-ie", removal="exact")
     report = trust_check(rule, problem, embeddings, probes=2, iterations=0)
     trajectory = problem.trajectory
     injected = torch.zeros(problem.num_samples, dtype=torch.float64)
@@ -122,7 +121,7 @@ def test_adjoint_probes_are_the_same_probes_carried_backward_and_bound_the_norm_
     from hf_accinf.engine.trust import _random_probes
 
     problem = _trained(lr)
-    rule, _ = make_rule(problem, "sgd-ie", "exact")
+    rule = build_method(problem, "sgd-ie", removal="exact")
     objective = torch.randn(rule.param_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     plain = adjoint_scores(rule, problem, objective, progress=False)
     assert plain.trust is None

@@ -101,7 +101,7 @@ def test_dvemb_scores_any_scope_and_its_saved_embeddings_score_new_test_sets(def
                                                                             tmp_path):
     """Projected embeddings (N x k) on the head and on the whole model; ``attribution_matrix`` rebuilds the
     seeded projection and reproduces the scores from the saved embeddings without replaying the run."""
-    from hf_accinf.scoring.run import attribution_matrix
+    from hf_accinf.scoring import attribution_matrix
 
     run_dir, data = default_recipe
     args = ScoreArguments(run_dir=str(run_dir), method="acc-dvemb", projection_dim=projection_dim, modules=modules,

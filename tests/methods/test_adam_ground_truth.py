@@ -5,8 +5,8 @@ calibration case, whole-model scope (the chosen parameters are the whole small m
 import pytest
 import torch
 
-from hf_accinf.engine import estimate_influence
-from hf_accinf.engine.objective import scores_from_embeddings
+from hf_accinf.engine import estimate_influence, every_occurrence
+from hf_accinf.scoring.objective import scores_from_embeddings
 from hf_accinf.evaluation.metrics import agreement
 from hf_accinf.evaluation.retrain import train_recorded
 from hf_accinf.methods.registry import build_method
@@ -54,7 +54,8 @@ def test_acc_adam_ie_exact_beats_adam_ie_and_tracin_against_retraining(adamw_dig
     curvature, trajectory = problem.curvature, problem.trajectory
     reports = {}
     for name, method, removal in [(f"{m} {r}", m, r) for m in ("acc-adam-ie", "adam-ie") for r in ("exact", "first-order")]:
-        embeddings = estimate_influence(problem, build_method(problem, method, removal=removal), progress=False).embeddings
+        rule = build_method(problem, method, removal=removal)
+        embeddings = estimate_influence(problem, rule, every_occurrence(rule), progress=False).embeddings
         for kind in ("linear", "evaluated"):
             scores = scores_from_embeddings(curvature, embeddings, final, x_val, y_val, kind=kind)
             reports[name, kind] = agreement(scores, truth, percents=(10,))

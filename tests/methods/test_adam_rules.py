@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.func import functional_call, grad
 
-from hf_accinf.engine import CorrectionPolicy, estimate_influence
+from hf_accinf.engine import CorrectionPolicy, estimate_influence, every_occurrence
 from hf_accinf.engine.plan import build_plan
-from hf_accinf.engine.sweep import adjoint_scores
+from hf_accinf.engine.sweep import per_sample_adjoint_scores
 from hf_accinf.errors import AccInfError
 from hf_accinf.evaluation.optim import optimizer_step
 from hf_accinf.methods.base import StepOps
 from hf_accinf.methods.registry import build_method
-from tests.engine.helpers import oracle_occurrence
+from tests.engine.helpers import estimate, oracle_occurrence
 from tests.methods.helpers import make_adam_problem
 
 
@@ -121,9 +121,9 @@ def test_frozen_preconditioner_matches_its_oracle(adamw, removal):
     expected = oracle_embeddings(adamw, removal, lambda j, t: 1.0, frozen=True)
     rule = build_method(adamw, "acc-adam-ie", removal=removal, frozen_preconditioner=True)
     for schedule in ("sweep", "propagator"):
-        result = estimate_influence(adamw, rule, schedule=schedule, progress=False)
+        result = estimate_influence(adamw, rule, every_occurrence(rule), schedule=schedule, progress=False)
         torch.testing.assert_close(result.embeddings, expected, rtol=1e-8, atol=1e-12)
-    full = estimate_influence(adamw, "acc-adam-ie", removal, progress=False).embeddings
+    full = estimate(adamw, "acc-adam-ie", removal, progress=False).embeddings
     assert not torch.allclose(full, expected)
 
 
@@ -161,10 +161,10 @@ def test_classical_twin_is_the_shared_step_plus_the_injection(adamw, removal):
 def test_forward_and_adjoint_forms_agree(adamw, method):
     objective = torch.randn(adamw.curvature.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     rule = build_method(adamw, method)
-    forward = estimate_influence(adamw, rule, progress=False).embeddings @ objective
+    forward = estimate_influence(adamw, rule, every_occurrence(rule), progress=False).embeddings @ objective
     policy = CorrectionPolicy("all" if rule.accumulative else "none")
     plan = build_plan(adamw.trajectory, 0, adamw.num_samples)
-    adjoint = adjoint_scores(rule, plan, policy, adamw.trajectory.epoch, rule.final_objective_state(objective))
+    adjoint = per_sample_adjoint_scores(rule, plan, policy, adamw.trajectory.epoch, rule.final_objective_state(objective))
     torch.testing.assert_close(adjoint, forward, rtol=1e-9, atol=1e-13)
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.func import functional_call, grad
 
-from hf_accinf.engine import CorrectionPolicy, estimate_influence
+from hf_accinf.engine import CorrectionPolicy, estimate_influence, every_occurrence
 from hf_accinf.engine.plan import build_plan
-from hf_accinf.engine.sweep import adjoint_scores
+from hf_accinf.engine.sweep import per_sample_adjoint_scores
 from hf_accinf.errors import AccInfError
-from hf_accinf.engine.objective import scores_from_embeddings
+from hf_accinf.scoring.objective import scores_from_embeddings
 from hf_accinf.losses import clip_coefficient
 from hf_accinf.methods.base import StepOps
 from hf_accinf.methods.dvemb import effective_rates
@@ -202,7 +202,7 @@ def test_adjoint_is_the_vjp_and_forms_agree(adamw):
     objective = rule.embed_gradient(torch.randn(adamw.curvature.dim, dtype=torch.float64))
     forward = estimate_influence(adamw, rule, progress=False).embeddings @ objective
     plan = build_plan(adamw.trajectory, 0, adamw.num_samples)
-    adjoint = adjoint_scores(rule, plan, CorrectionPolicy("none"), adamw.trajectory.epoch,
+    adjoint = per_sample_adjoint_scores(rule, plan, CorrectionPolicy("none"), adamw.trajectory.epoch,
                              rule.final_objective_state(objective))
     torch.testing.assert_close(adjoint, forward, rtol=1e-9, atol=1e-13)
 
@@ -226,7 +226,7 @@ def test_projection_is_seeded_unbiased_and_the_same_in_blocks(monkeypatch):
 def test_scores_are_dot_products_in_the_projected_space(adamw):
     """Against the projection of the evaluation loss's gradient taken by autograd, independently of the backend."""
     rule = build_method(adamw, "acc-dvemb", projection_dim=4)
-    embeddings = estimate_influence(adamw, rule, progress=False).embeddings
+    embeddings = estimate_influence(adamw, rule, every_occurrence(rule), progress=False).embeddings
     x, y = adamw.features, adamw.labels
     final = {n: v[-1] for n, v in adamw.trajectory.params.items()}
     by_autograd = grad(lambda p: torch.nn.functional.cross_entropy(functional_call(adamw.model, p, (x,)), y))(final)

@@ -9,7 +9,7 @@ only product with ``H_B`` is the one of ``apply`` / ``apply_adjoint``.
 import pytest
 import torch
 
-from hf_accinf.engine.estimator import make_rule
+from hf_accinf.methods.registry import build_method
 from hf_accinf.engine.plan import build_plan
 from hf_accinf.methods.adam import AdamRule
 from hf_accinf.methods.removal import ClipMap
@@ -33,7 +33,7 @@ def _linear():
 
 def _rules(problem, removal):
     name = "adam-ie" if problem.optimizer.name in ("Adam", "AdamW") else "sgd-ie"
-    yield make_rule(problem, name, removal)[0]
+    yield build_method(problem, name, removal=removal)
     if name == "adam-ie":
         yield AdamRule(problem, removal, frozen_preconditioner=True)
 

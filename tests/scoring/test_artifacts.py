@@ -81,7 +81,7 @@ def test_a_foreign_non_empty_directory_is_refused_and_left_alone(run_dir, tmp_pa
     (out / "dataset").mkdir(parents=True)
     (out / "dataset" / "notes.txt").write_text("user data")
     (out / "scores.json").write_text("{}")
-    monkeypatch.setattr("hf_accinf.scoring.run.estimate_influence", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("hf_accinf.scoring.forms.estimate_influence", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(AccInfError, match="not empty and was not written by hf-accinf score.*--overwrite"):
         score(run_dir, out)
     assert (out / "dataset" / "notes.txt").read_text() == "user data" and (out / "scores.json").read_text() == "{}"
@@ -107,7 +107,7 @@ def test_a_rerun_of_another_run_or_other_arguments_is_refused_unless_overwrite(r
     score(run_dir, out, method="sgd-ie", trust_probes=1)  # same arguments that matter: replaced silently
     assert read_summary(out).trust is not None
     started = []
-    monkeypatch.setattr("hf_accinf.scoring.run.estimate_influence", lambda *a, **k: started.append(1) or pytest.fail())
+    monkeypatch.setattr("hf_accinf.scoring.forms.estimate_influence", lambda *a, **k: started.append(1) or pytest.fail())
     for options, named in [(dict(method="acc-sgd-ie"), "method 'sgd-ie' there, 'acc-sgd-ie' now"),
                            (dict(method="sgd-ie", removal="first-order"), "removal"),
                            (dict(method="sgd-ie", dtype="float32"), "dtype"),
@@ -152,7 +152,7 @@ def test_an_interrupted_write_leaves_the_previous_set_whole(run_dir, tmp_path, m
 
 def test_an_output_dir_that_is_a_file_is_refused_first(run_dir, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr("hf_accinf.scoring.run.estimate_influence", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("hf_accinf.scoring.forms.estimate_influence", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(AccInfError, match="is a file"):
         score(run_dir, tmp_path / "file")
 

@@ -69,3 +69,10 @@ def test_verify_retrains_rows_out_and_writes_the_agreement(recorded, tmp_path):
     assert abs(check["kendall_tau"] - stats.kendalltau(check["estimate"], check["truth"]).statistic) < 1e-12
     assert summary["scope"][-1] == "classifier.bias" and len(summary["scope"]) > 2  # the whole model
     assert summary["dtype"] == "float32" and str(scores.dtype) == "torch.float32"  # dtype auto on a deep scope
+
+
+def test_every_form_the_plan_can_choose_has_one_runner():
+    from hf_accinf.options import FORM_NAMES
+    from hf_accinf.scoring.forms import FORMS
+
+    assert set(FORMS) == set(FORM_NAMES) and all(FORMS[name].name == name for name in FORM_NAMES)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_accinf import AccInfError, RunReader, ScoreArguments, score_run
 from hf_accinf.engine import CorrectionPolicy, estimate_influence
+from hf_accinf.methods.registry import build_method
 from hf_accinf.examples import digits_dataset, tiny_vit
 from tests.conftest import record_run
 from tests.engine.helpers import make_problem
@@ -49,11 +50,12 @@ def test_samples_in_chunks_under_the_memory_budget_equal_one_pass(which, caplog)
     included: a sample's coins and state do not depend on the chunk it falls in."""
     problem = make_problem(num_samples=23, batch_size=5) if which == "sgd" else make_adam_problem(num_samples=23, batch_size=5)
     method = "acc-sgd-ie" if which == "sgd" else "acc-adam-ie"
-    one_pass = estimate_influence(problem, method, policy=CorrectionPolicy("random", p=0.5, seed=2), schedule="sweep",
+    rule = build_method(problem, method)
+    one_pass = estimate_influence(problem, rule, policy=CorrectionPolicy("random", p=0.5, seed=2), schedule="sweep",
                                   progress=False)
     state_bytes = (2 if which == "sgd" else 3) * problem.curvature.dim * 8
     with caplog.at_level(logging.INFO, logger="hf_accinf"):
-        chunked = estimate_influence(problem, method, policy=CorrectionPolicy("random", p=0.5, seed=2), schedule="sweep",
+        chunked = estimate_influence(problem, rule, policy=CorrectionPolicy("random", p=0.5, seed=2), schedule="sweep",
                                      memory_budget_gb=5 * 3 * state_bytes / 2**30, progress=False)
     assert "5 chunks of 5 samples" in caplog.text
     torch.testing.assert_close(chunked.embeddings, one_pass.embeddings, rtol=1e-12, atol=1e-15)

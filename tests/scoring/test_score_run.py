@@ -12,7 +12,7 @@ from hf_accinf.cli import main
 from hf_accinf.config import ScoreArguments
 from hf_accinf.inputs.evaluation import head_inputs
 from hf_accinf.examples import digits_dataset, synthetic_text_dataset, tiny_bert
-from hf_accinf.engine.objective import scores_from_embeddings
+from hf_accinf.scoring.objective import scores_from_embeddings
 from hf_accinf.problem import problem_from_run
 from hf_accinf.scoring import attribution_matrix, score_run
 from tests.conftest import record_digits_run, record_run

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parents[2]))
 
 from hf_accinf import RunReader  # noqa: E402
-from hf_accinf.engine import ShardContext, estimate_influence  # noqa: E402
+from hf_accinf.engine import ShardContext  # noqa: E402
 from hf_accinf.problem import problem_from_run  # noqa: E402
+from tests.engine.helpers import estimate  # noqa: E402
 
 
 def main(run_dir: str, dataset_dir: str, out_file: str) -> None:
@@ -23,7 +24,7 @@ def main(run_dir: str, dataset_dir: str, out_file: str) -> None:
     problem = problem_from_run(RunReader(run_dir), modules=["last:1"], train_dataset=load_from_disk(dataset_dir))
     results = {"world_size": torch.tensor(shard.world_size)}
     for method in ("sgd-ie", "acc-sgd-ie"):
-        result = estimate_influence(problem, method, schedule="sweep", shard=shard, progress=False)
+        result = estimate(problem, method, schedule="sweep", shard=shard, progress=False)
         results[method] = result.embeddings
     if shard.is_main:
         save_file({k: v.contiguous() for k, v in results.items()}, out_file)

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...engine import estimate_influence
-from ...engine.objective import scores_from_embeddings
-from ...methods.registry import method_names
+from ...engine import estimate_influence, every_occurrence
+from ...scoring.objective import scores_from_embeddings
+from ...methods.registry import build_method, method_names
 from ...problem import InfluenceProblem, make_curvature
 from ...trajectory import Trajectory
 from .datasets import NoiseSetting, Split, make_split
@@ -165,7 +165,8 @@ def leave_one_out_truth(run: TrainedRun) -> tuple[torch.Tensor, torch.Tensor]:
 def estimate_scores(run: TrainedRun, method: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Influence embeddings of ``method`` and the scores of both kinds on the validation set."""
     problem = problem_of(run)
-    embeddings = estimate_influence(problem, method, progress=False).embeddings
+    rule = build_method(problem, method)
+    embeddings = estimate_influence(problem, rule, every_occurrence(rule), progress=False).embeddings
     scores = {kind: scores_from_embeddings(problem.curvature, embeddings, run.final, run.split.x_val, run.split.y_val,
                                            kind=kind) for kind in ("linear", "evaluated")}
     return embeddings, scores

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from ...engine import estimate_influence
-from ...engine.objective import scores_from_embeddings
+from ...engine import estimate_influence, every_occurrence
+from ...scoring.objective import scores_from_embeddings
 from ...methods.registry import METHODS, build_method
 from ...problem import InfluenceProblem
 from .datasets import make_split
@@ -162,7 +162,7 @@ def _scores_and_embeddings(run: TrainedRun, problem: InfluenceProblem, estimator
         return {"linear": build_method(problem, "tracin").scores(
             lambda step: curvature.objective_grad({n: v[step] for n, v in params.items()}, x_val, y_val))}, None
     rule = build_method(problem, estimator.method, **estimator.options(run.config.seed))
-    embeddings = estimate_influence(problem, rule, progress=False).embeddings
+    embeddings = estimate_influence(problem, rule, every_occurrence(rule), progress=False).embeddings
     return {kind: scores_from_embeddings(curvature, embeddings, run.final, x_val, y_val, kind, rule=rule)
             for kind in kinds}, embeddings
 

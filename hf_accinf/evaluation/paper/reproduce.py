@@ -123,7 +123,7 @@ def setup_section(settings: ReproduceSettings) -> str:
   Table 1 epoch count is not stated); plain SGD, float64; {len(settings.seeds)} seeds per cell (the paper: 20).
 - **Ground truth**: every one of the {settings.n_train} samples retrained out with the identical initial weights,
   batches, learning rates and divisor (`leave_one_out_sgd`, vmapped over counterfactuals).
-- **Estimators**: `estimate_influence(problem, "sgd-ie" | "acc-sgd-ie")`, exact removal, forward form.
+- **Estimators**: `estimate_influence(problem, build_method(problem, "sgd-ie" | "acc-sgd-ie"))`, exact removal, forward form.
   **Scores**: `linear` = `grad L_val(theta_T) . Delta_j` (the paper's), `evaluated` =
   `L_val(theta_T + Delta_j) - L_val(theta_T)`. **param err** = mean over samples of
   `||Delta_est - Delta_true|| / ||Delta_true||`, the estimators' own error with no objective in between.

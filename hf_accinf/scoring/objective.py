@@ -18,14 +18,12 @@ import torch
 
 from ..curvature.base import HeadCurvature
 from ..errors import AccInfError
-
-SCORE_KINDS = ("linear", "cosine", "evaluated")
+from ..options import SCORE_KINDS, check_choice
 
 
 def check_score_kind(kind: str, rule=None) -> None:
     """Refuse an unknown kind, or ``evaluated`` for embeddings that are not parameter changes, before any work."""
-    if kind not in SCORE_KINDS:
-        raise AccInfError(f"Unknown score kind '{kind}': use {', '.join(SCORE_KINDS)}.")
+    check_choice("score kind", kind, SCORE_KINDS, AccInfError)
     if kind == "evaluated" and not getattr(rule, "parameter_space", True):
         name = getattr(getattr(rule, "spec", None), "name", type(rule).__name__)
         raise AccInfError(f"score_kind 'evaluated' moves the parameters by the embeddings; {name} embeddings are "
