@@ -45,6 +45,14 @@ class GradientProjection:
             block = torch.randn(self.dim, width, generator=generator, dtype=torch.float64) / self.dim**0.5
             yield start, block.to(self.device, self.dtype)
 
+    def matrix(self) -> torch.Tensor:
+        """``R`` itself, (k, P), in the projection's dtype and device (the identity when there is no projection)."""
+        if self.identity:
+            return torch.eye(self.input_dim, dtype=self.dtype, device=self.device)
+        if self._matrix is not None:
+            return self._matrix
+        return torch.cat([block for _, block in self._blocks()], dim=1)
+
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         """``R v`` for each row of ``vectors`` (..., P) -> (..., k)."""
         if self.identity:
