@@ -46,6 +46,9 @@ from hf_accinf.evaluation.metrics import kendall_tau
 from hf_accinf.losses import clip_coefficient
 from hf_accinf.methods.dvemb import AdamDisplacement, DVEmbRule
 from hf_accinf.methods.output_hessian import fisher_product, ggn_product
+from hf_accinf.methods.projection import GradientProjection
+from hf_accinf.methods.registry import build_method
+from hf_accinf.methods.sketch import sketched_embeddings
 from hf_accinf.problem import problem_from_run
 from hf_accinf.trajectory.replay import Replay
 
@@ -126,6 +129,20 @@ def collapsed_scores(run_dir: Path, train, evaluation, collate, kind: str) -> np
     return scores.numpy()
 
 
+def sketched_scores(run_dir: Path, train, evaluation, collate, dim: int) -> np.ndarray:
+    """``(R Delta^j_T) . (R g_val)``: exact Adam-IE (exact removal) embeddings at ``k = dim`` by one ``k``-vector
+    adjoint pass (:func:`hf_accinf.methods.sketch.sketched_embeddings`)."""
+    run = RunReader(run_dir)
+    built = run.build_model()
+    problem = problem_from_run(run, torch.float64, modules=["all"], model=built, train_dataset=train,
+                               collate_fn=eval_collator(built, None, collate), states=replay_states(run, train, collate))
+    rule = build_method(problem, "adam-ie")
+    projection = GradientProjection(rule.param_dim, dim, seed=0)
+    embeddings = sketched_embeddings(rule, problem, projection, progress=False)
+    inputs, labels = problem.curvature.evaluation_inputs(built, run.manifest.head.module, evaluation, collate)
+    return (embeddings @ projection(problem.curvature.objective_grad(problem.final_parameters(), inputs, labels))).numpy()
+
+
 def replay_states(run: RunReader, train, collate) -> Replay:
     """``theta_t`` by replay, as ``score_run`` builds it, at :data:`REPLAY_TOLERANCE`."""
     built = run.build_model()
@@ -161,13 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--truth_rows", type=int, default=30)
     parser.add_argument("--projection_dim", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--sketch_dim", type=int, nargs="*", default=[64],
+                        help="k of the sketched exact Adam-IE embeddings (k whole-model HVPs per step)")
     parser.add_argument("--rungs", default="all", help="comma-separated rung keys to run (default all)")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{options.threads} thread(s). Command: python scripts/diagnose_dvemb.py --threads {options.threads} "
           f"--cases {options.cases} --rows {options.rows} --epochs {options.epochs} --batch {options.batch} "
-          f"--truth_rows {options.truth_rows} --projection_dim {' '.join(map(str, options.projection_dim))}", flush=True)
+          f"--truth_rows {options.truth_rows} --projection_dim {' '.join(map(str, options.projection_dim))} "
+          f"--sketch_dim {' '.join(map(str, options.sketch_dim))} --rungs {options.rungs}", flush=True)
     for key in options.cases.split(","):
         builder, lr, rows, epochs = CASES[key]
         rows, epochs = options.rows or rows, options.epochs or epochs
@@ -236,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
             report("d2", "DVEmb unprojected (score_run)", lambda: scored("dvemb", projection_dim=0))
             for dim in options.projection_dim:
                 report("e", f"DVEmb k = {dim}", lambda dim=dim: scored("dvemb", projection_dim=dim))
+            for dim in options.sketch_dim:
+                report("f", f"exact Adam-IE sketched, k = {dim} (methods/sketch.py)",
+                       lambda dim=dim: sketched_scores(run_dir, train, evaluation, collate, dim))
             report("t", "TracIn", lambda: scored("tracin", form="auto"))
 
 
