@@ -24,6 +24,13 @@ norms) their mean is used and this is logged.
 ``c = 1`` at re-occurrences is ACC-DVEmb: the removed row's own rank-one curvature ``w_j u~_j g~_j^T``
 (the paper's section 7); ``c = 0`` is DVEmb.
 
+``curvature="ggn"`` replaces the empirical Fisher by the Gauss-Newton form with each row's true output Hessian
+(:mod:`.output_hessian`): ``C`` projected factor pairs ``(R D clip f_rc, R f_rc)`` per row, ``f_rc`` the columns of
+``J_r^T L_r`` with ``L_r L_r^T = diag p_r - p_r p_r^T``; the injection is unchanged and the state stays ``k``.
+Measured whole-model under AdamW (docs/FIDELITY.md, "DVEmb at deep scopes", issue 22) neither form comes near the
+exact Adam-IE adjoint (Kendall tau 0.05-0.10 between their scores): the curvature approximation itself is what
+fails there, so :func:`deep_scope_warning` says so, and :mod:`.sketch` gives exact projected embeddings instead.
+
 Against dattri's implementation (``dattri/algorithm/dvemb.py``, read for the comparison): the same
 recursion, run there as one backward pass with a ``k x k`` matrix (our propagator schedule does that for
 any method). Differences, all deliberate: dattri draws ``R`` with entries ``N(0, 1/k)`` and scales the
