@@ -46,7 +46,7 @@ from hf_accinf.evaluation.metrics import kendall_tau
 from hf_accinf.losses import clip_coefficient
 from hf_accinf.methods.dvemb import AdamDisplacement, DVEmbRule
 from hf_accinf.methods.output_hessian import fisher_product, ggn_product
-from hf_accinf.methods.projection import GradientProjection
+from hf_accinf.methods.projection import BasisProjection, GradientProjection
 from hf_accinf.methods.registry import build_method
 from hf_accinf.methods.sketch import sketched_embeddings
 from hf_accinf.problem import problem_from_run
@@ -129,7 +129,7 @@ def collapsed_scores(run_dir: Path, train, evaluation, collate, kind: str) -> np
     return scores.numpy()
 
 
-def sketched_scores(run_dir: Path, train, evaluation, collate, dim: int) -> np.ndarray:
+def sketched_scores(run_dir: Path, train, evaluation, collate, dim: int, subspace: bool = False) -> np.ndarray:
     """``(R Delta^j_T) . (R g_val)``: exact Adam-IE (exact removal) embeddings at ``k = dim`` by one ``k``-vector
     adjoint pass (:func:`hf_accinf.methods.sketch.sketched_embeddings`)."""
     run = RunReader(run_dir)
@@ -137,9 +137,15 @@ def sketched_scores(run_dir: Path, train, evaluation, collate, dim: int) -> np.n
     problem = problem_from_run(run, torch.float64, modules=["all"], model=built, train_dataset=train,
                                collate_fn=eval_collator(built, None, collate), states=replay_states(run, train, collate))
     rule = build_method(problem, "adam-ie")
-    projection = GradientProjection(rule.param_dim, dim, seed=0)
+    head = run.manifest.head.module
+    if subspace:  # the leading right singular vectors of the training rows' gradients at theta_T
+        rows, row_labels = problem.curvature.evaluation_inputs(built, head, train, collate)
+        gradients = problem.curvature.example_grads(problem.final_parameters(), rows, row_labels)
+        projection = BasisProjection(torch.linalg.svd(gradients, full_matrices=False).Vh[:dim])
+    else:
+        projection = GradientProjection(rule.param_dim, dim, seed=0)
     embeddings = sketched_embeddings(rule, problem, projection, progress=False)
-    inputs, labels = problem.curvature.evaluation_inputs(built, run.manifest.head.module, evaluation, collate)
+    inputs, labels = problem.curvature.evaluation_inputs(built, head, evaluation, collate)
     return (embeddings @ projection(problem.curvature.objective_grad(problem.final_parameters(), inputs, labels))).numpy()
 
 
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--projection_dim", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--sketch_dim", type=int, nargs="*", default=[64],
                         help="k of the sketched exact Adam-IE embeddings (k whole-model HVPs per step)")
+    parser.add_argument("--subspace_dim", type=int, nargs="*", default=[256],
+                        help="k of the exact Adam-IE embeddings in the leading singular subspace of the training rows' "
+                             "final gradients")
     parser.add_argument("--rungs", default="all", help="comma-separated rung keys to run (default all)")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
@@ -187,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{options.threads} thread(s). Command: python scripts/diagnose_dvemb.py --threads {options.threads} "
           f"--cases {options.cases} --rows {options.rows} --epochs {options.epochs} --batch {options.batch} "
           f"--truth_rows {options.truth_rows} --projection_dim {' '.join(map(str, options.projection_dim))} "
-          f"--sketch_dim {' '.join(map(str, options.sketch_dim))} --rungs {options.rungs}", flush=True)
+          f"--sketch_dim {' '.join(map(str, options.sketch_dim))} "
+          f"--subspace_dim {' '.join(map(str, options.subspace_dim))} --rungs {options.rungs}", flush=True)
     for key in options.cases.split(","):
         builder, lr, rows, epochs = CASES[key]
         rows, epochs = options.rows or rows, options.epochs or epochs
@@ -259,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
             for dim in options.sketch_dim:
                 report("f", f"exact Adam-IE sketched, k = {dim} (methods/sketch.py)",
                        lambda dim=dim: sketched_scores(run_dir, train, evaluation, collate, dim))
+            for dim in options.subspace_dim:
+                report("g", f"exact Adam-IE in the span of the final training gradients, k = {dim}",
+                       lambda dim=dim: sketched_scores(run_dir, train, evaluation, collate, dim, subspace=True))
             report("t", "TracIn", lambda: scored("tracin", form="auto"))
 
 

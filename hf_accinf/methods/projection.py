@@ -63,3 +63,23 @@ class GradientProjection:
         for start, block in self._blocks():
             result += vectors[..., start : start + block.shape[1]] @ block.to(vectors.dtype).T
         return result
+
+
+class BasisProjection:
+    """``g~ = Q g`` for a given (k, P) matrix ``Q`` with orthonormal rows (e.g. the leading right singular
+    vectors of the training rows' gradients at the final parameters): the same interface as
+    :class:`GradientProjection`, for a subspace chosen from the data instead of at random. Dot products are
+    exact for vectors in the span of ``Q`` and lose only their components outside it."""
+
+    identity = False
+
+    def __init__(self, basis: torch.Tensor):
+        self.basis = basis
+        self.dim, self.input_dim = basis.shape
+        self.dtype, self.device = basis.dtype, basis.device
+
+    def matrix(self) -> torch.Tensor:
+        return self.basis
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors @ self.basis.to(vectors.dtype).T

@@ -34,3 +34,20 @@ def test_sketch_refuses_accumulative_and_projected_rules():
         rule = build_method(problem, method)
         with pytest.raises(AccInfError, match="classical parameter-space"):
             sketched_embeddings(rule, problem, GradientProjection(problem.curvature.dim, 2))
+
+
+def test_sketch_in_a_data_subspace_is_exact_for_objectives_in_it():
+    """With ``Q`` orthonormal rows spanning the objective, ``(Q Delta^j) . (Q g) = Delta^j . g`` exactly."""
+    from hf_accinf.methods.projection import BasisProjection
+
+    problem = make_adam_problem("AdamW", num_samples=8)
+    rule = build_method(problem, "adam-ie")
+    forward = estimate_influence(problem, rule, progress=False).embeddings
+    generator = torch.Generator().manual_seed(4)
+    objective = torch.randn(rule.param_dim, dtype=torch.float64, generator=generator)
+    spanning = torch.stack([objective, torch.randn(rule.param_dim, dtype=torch.float64, generator=generator)])
+    basis = torch.linalg.qr(spanning.T).Q.T  # (2, P), orthonormal rows, the objective in their span
+    projection = BasisProjection(basis)
+    result = sketched_embeddings(rule, problem, projection, progress=False)
+    torch.testing.assert_close(result, forward @ basis.T, rtol=1e-9, atol=1e-12 * float(forward.abs().max()))
+    torch.testing.assert_close(result @ projection(objective), forward @ objective, rtol=1e-9, atol=1e-13)
