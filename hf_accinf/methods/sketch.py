@@ -11,6 +11,11 @@ vectors (``k`` whole-model HVPs) and the batch rows' injections, against DVEmb's
 ``k``-fold the single-objective adjoint, where DVEmb (the empirical-Fisher, collapsed-moment recursion) is
 cheap and, at deep scopes, measured far from the exact method (docs/FIDELITY.md, "DVEmb at deep scopes").
 Classical methods only: ACC's per-row transitions have no shared adjoint.
+
+The subspace decides the projection's error. Measured whole-model on a BERT that learnt (docs/FIDELITY.md,
+"DVEmb at deep scopes"): a random Gaussian ``R`` agrees with the exact scores at Kendall tau 0.33 (k = 256) and
+0.69 (k = 1024); the leading right singular vectors of the training rows' final gradients
+(:class:`~.projection.BasisProjection`) at 0.92 (k = 64) and 0.996 (k = 256).
 """
 
 from __future__ import annotations
