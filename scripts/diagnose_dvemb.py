@@ -16,6 +16,9 @@ enough to learn, this script
      :class:`~hf_accinf.methods.dvemb.AdamDisplacement`), unprojected, with the exact batch Hessian, the
      GGN, the empirical Fisher (= DVEmb unprojected, checked against ``score_run``'s ``dvemb``);
    * DVEmb projected to ``k`` in ``--projection_dim``;
+   * exact Adam-IE embeddings projected, ``R Delta^j_T`` by one ``k``-vector adjoint pass
+     (:mod:`hf_accinf.methods.sketch`): a random ``R`` (``--sketch_dim``, rung f) and the leading singular
+     subspace of the training rows' final gradients (``--subspace_dim``, rung g);
    * TracIn;
 
 3. prints one table per case: Kendall tau and Pearson r against truth(0), and seconds.
