@@ -15,7 +15,7 @@ Classical methods only: ACC's per-row transitions have no shared adjoint.
 The subspace decides the projection's error. Measured whole-model on a BERT that learnt (docs/FIDELITY.md,
 "DVEmb at deep scopes"): a random Gaussian ``R`` agrees with the exact scores at Kendall tau 0.33 (k = 256) and
 0.69 (k = 1024); the leading right singular vectors of the training rows' final gradients
-(:class:`~.projection.BasisProjection`) at 0.92 (k = 64) and 0.996 (k = 256).
+(:class:`~.projection.BasisProjection`) at 0.92 (k = 64) and 0.996 (k = 256), and on a ViT at 0.79 and 0.974.
 """
 
 from __future__ import annotations
