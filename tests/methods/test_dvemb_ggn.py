@@ -6,9 +6,8 @@ of its logits (``jacrev``), the clip map from the recorded norm, and runs
 
     x' = (1 - d) x - sum_r w_r R D clip(GGN_r x) + [j in B_t] w_j R D clip(g_j + c GGN_j x)
 
-per sample (``R`` the identity, or the rule's projection with ``x`` kept as ``R Delta``: then the GGN acts on
-``R^T x``... which is not what a projected recursion can do, so the projected oracle projects the factors
-instead: ``sum_c (R D clip f_rc)(R f_rc)^T``, the same matrix as ``R D clip GGN_r R^T``). ``D_t`` and the
+per sample, unprojected, or projected (``x = R Delta``): ``R (D clip GGN_r) R^T`` as the transition and
+``R D clip g_j`` as the injection, which is the matrix ``sum_c (R D clip f_rc)(R f_rc)^T`` the rule builds. ``D_t`` and the
 mean decay come from :class:`AdamDisplacement` / the rule (pinned against a simulation in test_dvemb.py).
 """
 
