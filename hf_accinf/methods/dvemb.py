@@ -24,6 +24,13 @@ norms) their mean is used and this is logged.
 ``c = 1`` at re-occurrences is ACC-DVEmb: the removed row's own rank-one curvature ``w_j u~_j g~_j^T``
 (the paper's section 7); ``c = 0`` is DVEmb.
 
+``curvature="ggn"`` replaces the empirical Fisher by the Gauss-Newton form with each row's true output Hessian
+(:mod:`.output_hessian`): ``C`` projected factor pairs ``(R D clip f_rc, R f_rc)`` per row, ``f_rc`` the columns of
+``J_r^T L_r`` with ``L_r L_r^T = diag p_r - p_r p_r^T``; the injection is unchanged and the state stays ``k``.
+Measured whole-model under AdamW (docs/FIDELITY.md, "DVEmb at deep scopes", issue 22) neither form comes near the
+exact Adam-IE adjoint (Kendall tau 0.05-0.10 between their scores): the curvature approximation itself is what
+fails there, so :func:`deep_scope_warning` says so, and :mod:`.sketch` gives exact projected embeddings instead.
+
 Against dattri's implementation (``dattri/algorithm/dvemb.py``, read for the comparison): the same
 recursion, run there as one backward pass with a ``k x k`` matrix (our propagator schedule does that for
 any method). Differences, all deliberate: dattri draws ``R`` with entries ``N(0, 1/k)`` and scales the
@@ -46,11 +53,34 @@ import torch
 from ..errors import AccInfError
 from ..losses import clip_coefficient
 from ..problem import InfluenceProblem
+from ..curvature.model import ModelCurvature
 from .base import StepOps, UpdateRule
+from .output_hessian import row_output_factors
 from .projection import GradientProjection
 from .removal import ClipMap
 
 logger = logging.getLogger(__name__)
+
+DVEMB_CURVATURES = ("fisher", "ggn")
+
+
+DVEMB_METHODS = {"dvemb": "DVEmb", "acc-dvemb": "ACC-DVEmb"}
+DEEP_SCOPE_FIDELITY = (
+    "measured whole-model on a tiny ViT and a tiny BERT that learnt under AdamW (docs/FIDELITY.md, 'DVEmb at deep "
+    "scopes'), its scores agree with the exact Adam-IE adjoint's at Kendall tau 0.01-0.10 for k = 512-4096 and "
+    "with leave-one-out retraining at -0.01 to 0.32, where the exact adjoint reaches 0.43 (linearity ceiling 0.66); "
+    "the Gauss-Newton curvature with the true output Hessian does no better")
+
+
+def deep_scope_warning(method: str, deep: bool) -> str | None:
+    """The sentence to log as a WARNING when ``method`` is DVEmb / ACC-DVEmb on a scope beyond the recorded head
+    (``deep``), where its measured agreement with retraining is low; ``None`` otherwise. On the head (a linear
+    layer under cross-entropy) the projected recursion tracks the exact method (docs/FIDELITY.md)."""
+    if method not in DVEMB_METHODS or not deep:
+        return None
+    return (f"{DVEMB_METHODS[method]} on a scope beyond the head is a coarse approximation: {DEEP_SCOPE_FIDELITY}. "
+            "For scores to prune or clean by, use the exact adjoint (method adam-ie / sgd-ie, form adjoint); keep "
+            "DVEmb for test-agnostic embeddings of the head, or check it with --verify K.")
 
 
 def effective_rates(lr: torch.Tensor, momentum: list[float], nesterov: bool = False) -> torch.Tensor:
@@ -102,20 +132,28 @@ class AdamDisplacement:
 
 
 class DVEmbStep(StepOps):
+    """One projected step. Curvature factors ``(U, F, w_c)``: the rows' ``(u~_r, g~_r, w_r)`` (empirical Fisher), or
+    ``C`` per row, ``(R D clip(f_rc), R f_rc, w_r)`` with ``f_rc`` the columns of ``J_r^T L_r`` (GGN); injections
+    ``w_r u~_r`` with ``u~_r = R D clip(g_r)``."""
+
     def __init__(self, rule: "DVEmbRule", step: int):
-        self.update, self.gradient, self.weight, self.decay = rule.factors(step)
+        self.update, self.weight, self.decay, self.curve_update, self.curve, self.curve_weight = rule.factors(step)
+        self.per_row = len(self.curve) // len(self.weight)  # curvature columns per row (1, or C for the GGN)
 
     def apply(self, states: torch.Tensor) -> torch.Tensor:
-        return (1 - self.decay) * states - ((states @ self.gradient.T) * self.weight) @ self.update
+        return (1 - self.decay) * states - ((states @ self.curve.T) * self.curve_weight) @ self.curve_update
 
     def apply_adjoint(self, states: torch.Tensor) -> torch.Tensor:
-        return (1 - self.decay) * states - ((states @ self.update.T) * self.weight) @ self.gradient
+        return (1 - self.decay) * states - ((states @ self.curve_update.T) * self.curve_weight) @ self.curve
 
     def occurrence(self, states, row_owner, rows, coefficient) -> torch.Tensor:
         result = self.apply(states)
-        curvature = (states[row_owner] * self.gradient[rows]).sum(-1)
-        scale = self.weight[rows] * (1 + coefficient[row_owner] * curvature)
-        return result.index_add_(0, row_owner, scale[:, None] * self.update[rows])
+        result.index_add_(0, row_owner, self.weight[rows, None] * self.update[rows])
+        columns = (rows[:, None] * self.per_row + torch.arange(self.per_row, device=rows.device)).flatten()
+        owners = row_owner.repeat_interleave(self.per_row)
+        own = (states[owners] * self.curve[columns]).sum(-1) * self.curve_weight[columns]
+        scale = own * coefficient[owners]  # the row's own curvature, for ACC (c = 1) only
+        return result.index_add_(0, owners, scale[:, None] * self.curve_update[columns])
 
 
 class DVEmbRule(UpdateRule):
@@ -128,19 +166,25 @@ class DVEmbRule(UpdateRule):
     parameter_space = False
 
     def __init__(self, problem: InfluenceProblem, projection_dim: int = 512, projection_seed: int = 0,
-                 memory_budget_gb: float = 4.0):
-        self.problem = problem
+                 memory_budget_gb: float = 4.0, curvature: str = "fisher"):
+        if curvature not in DVEMB_CURVATURES:
+            raise AccInfError(f"DVEmb curvature must be one of {', '.join(DVEMB_CURVATURES)}, got '{curvature}'.")
+        self.problem, self.curvature_form = problem, curvature
         curvature, spec, trajectory = problem.curvature, problem.optimizer, problem.trajectory
+        if self.curvature_form == "ggn" and not isinstance(curvature, ModelCurvature):
+            raise AccInfError("DVEmb with curvature='ggn' runs the whole model (the model backend): choose a scope "
+                              "beyond the recorded head, or curvature='fisher'.")
         self.adam = spec.name in ("Adam", "AdamW")
         if self.adam and any(spec.groups[i].amsgrad or spec.groups[i].maximize for i in spec.group_of.values()):
             raise AccInfError("DVEmb models Adam/AdamW without amsgrad or maximize; record a run without them.")
         width = curvature.dim if projection_dim == 0 or projection_dim >= curvature.dim else projection_dim
         rows = int(trajectory.row_offsets[-1])
-        factors_gb = 2 * rows * width * torch.finfo(curvature.dtype).bits / 8 / 2**30
+        vectors = 2 if self.curvature_form == "fisher" else 1 + 2 * max(getattr(curvature, "num_classes", 0), 2)
+        factors_gb = vectors * rows * width * torch.finfo(curvature.dtype).bits / 8 / 2**30
         if factors_gb > memory_budget_gb / 2:
             raise AccInfError(
-                f"DVEmb keeps two {width}-dimensional projections of every recorded row gradient ({rows} rows, "
-                f"{factors_gb:.1f} GiB), more than half of --memory_budget_gb {memory_budget_gb}: lower "
+                f"DVEmb ({self.curvature_form}) keeps {vectors} {width}-dimensional projections per recorded row "
+                f"({rows} rows, {factors_gb:.1f} GiB), more than half of --memory_budget_gb {memory_budget_gb}: lower "
                 "--projection_dim, raise the budget or use --dtype float32.")
         if width == curvature.dim and projection_dim:
             logger.info("dvemb: projection_dim %d >= the scope's %d parameters: no projection (exact dot products)",
@@ -195,14 +239,21 @@ class DVEmbRule(UpdateRule):
                                   "(decoupled decay) or score with adam-ie.")
             gradients = batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
             clip_map = ClipMap.of_gradient(batch.batch_grad, spec.max_grad_norm, float(trajectory.grad_norm[step]))
-            both = self.projection(torch.cat([clip_map.jacobian(gradients) * direction,
-                                              gradients]))
-            update, projected = both.split(len(gradients))
-            factors[step] = (update, projected, batch.row_weight, decay)
+            if self.curvature_form == "fisher":
+                both = self.projection(torch.cat([clip_map.jacobian(gradients) * direction, gradients]))
+                update, projected = both.split(len(gradients))
+                factors[step] = (update, batch.row_weight, decay, update, projected, batch.row_weight)
+                continue
+            columns = row_output_factors(batch).flatten(0, 1)  # (b C, P): rows' output-Hessian factors
+            moved = clip_map.jacobian(torch.cat([gradients, columns])) * direction
+            update, curve_update = self.projection(moved).split([len(gradients), len(columns)])
+            weight = batch.row_weight.repeat_interleave(len(columns) // len(gradients))
+            factors[step] = (update, batch.row_weight, decay, curve_update, self.projection(columns), weight)
         return factors
 
-    def factors(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """Projected update directions ``u~`` (b, k), projected gradients ``g~`` (b, k), row weights and decay."""
+    def factors(self, step: int) -> tuple:
+        """``(u~ (b, k), w (b,), d, U (m, k), F (m, k), w_c (m,))``: the injections' projected update directions, the
+        row weights, the decay, and the curvature's factors (``m = b`` for the Fisher, ``b C`` for the GGN)."""
         if self._factors is None:
             self._factors = self._build_factors()
         return self._factors[step]

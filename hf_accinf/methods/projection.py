@@ -45,6 +45,14 @@ class GradientProjection:
             block = torch.randn(self.dim, width, generator=generator, dtype=torch.float64) / self.dim**0.5
             yield start, block.to(self.device, self.dtype)
 
+    def matrix(self) -> torch.Tensor:
+        """``R`` itself, (k, P), in the projection's dtype and device (the identity when there is no projection)."""
+        if self.identity:
+            return torch.eye(self.input_dim, dtype=self.dtype, device=self.device)
+        if self._matrix is not None:
+            return self._matrix
+        return torch.cat([block for _, block in self._blocks()], dim=1)
+
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         """``R v`` for each row of ``vectors`` (..., P) -> (..., k)."""
         if self.identity:
@@ -68,3 +76,23 @@ def same_projection(rebuilt: dict, saved: dict) -> bool:
     """Whether two fingerprints name the same projection (up to float rounding)."""
     return rebuilt["dim"] == saved["dim"] and rebuilt["identity"] == saved["identity"] and \
         torch.allclose(torch.tensor(rebuilt["probe"]), torch.tensor(saved["probe"]), rtol=1e-4, atol=1e-6)
+
+
+class BasisProjection:
+    """``g~ = Q g`` for a given (k, P) matrix ``Q`` with orthonormal rows (e.g. the leading right singular
+    vectors of the training rows' gradients at the final parameters): the same interface as
+    :class:`GradientProjection`, for a subspace chosen from the data instead of at random. Dot products are
+    exact for vectors in the span of ``Q`` and lose only their components outside it."""
+
+    identity = False
+
+    def __init__(self, basis: torch.Tensor):
+        self.basis = basis
+        self.dim, self.input_dim = basis.shape
+        self.dtype, self.device = basis.dtype, basis.device
+
+    def matrix(self) -> torch.Tensor:
+        return self.basis
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors @ self.basis.to(vectors.dtype).T

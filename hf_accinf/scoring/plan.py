@@ -28,6 +28,7 @@ from ..engine.adjoint import choose_form
 from ..engine.policies import CorrectionPolicy
 from ..errors import AccInfError
 from ..options import FormName
+from ..methods.dvemb import deep_scope_warning
 from ..methods.registry import METHODS, check_fits, get_method
 from ..scope import ALL, HEAD, resolve_scope
 from ..trajectory import RunReader
@@ -51,6 +52,7 @@ class ScoringPlan:
     policy: CorrectionPolicy | None  # None for classical methods: no correction applies
     reasons: dict[str, str] = field(default_factory=dict)  # decision -> why
     fallback: str | None = None  # why the default whole-model scope was not used, when it was not
+    warnings: tuple[str, ...] = ()  # what the user should know of the chosen method on this scope
 
     def arguments(self, args: ScoreArguments) -> ScoreArguments:
         """``args`` with every ``auto`` replaced by what the plan resolved (what ``scores.json`` saves)."""
@@ -63,13 +65,15 @@ class ScoringPlan:
     def to_dict(self) -> dict:
         return {"method": self.method, "modules": list(self.modules) if self.modules is not None else [HEAD],
                 "form": self.form, "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
-                "reasons": dict(self.reasons), "fallback": self.fallback}
+                "reasons": dict(self.reasons), "fallback": self.fallback, "warnings": list(self.warnings)}
 
     def log(self) -> None:
         for decision, why in self.reasons.items():
             logger.info("%s: %s", decision, why)
         if self.fallback:
             logger.warning("scoring the recorded head instead of the whole model: %s", self.fallback)
+        for warning in self.warnings:
+            logger.warning("%s", warning)
 
 
 def _is_head(run: RunReader, model: nn.Module, modules: list[str] | None) -> bool:
@@ -151,5 +155,7 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_
     if args.dtype == "auto":
         reasons["dtype"] = ("float32: a deep scope (its scores agree with float64 ones to about 1e-5; docs/ENGINE.md)"
                             if deep else "float64: the head's closed form is cheap")
-    return ScoringPlan(method, modules, deep, form, dtype, torch.device(device), policy, reasons, fallback)
+    warning = deep_scope_warning(method, deep)
+    return ScoringPlan(method, modules, deep, form, dtype, torch.device(device), policy, reasons, fallback,
+                       (warning,) if warning else ())
 

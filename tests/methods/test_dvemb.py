@@ -244,3 +244,15 @@ def test_refusals_before_any_work(adamw):
         build_method(adamw, "dvemb", projection_dim=4, memory_budget_gb=1e-9)
     rule = build_method(adamw, "dvemb", projection_dim=4)
     assert rule._factors is None  # built on first use, in one backward pass
+
+
+def test_deep_scope_warning_names_the_measured_agreement():
+    from hf_accinf.methods.dvemb import deep_scope_warning
+    from hf_accinf.methods.registry import METHODS
+
+    for method in ("dvemb", "acc-dvemb"):
+        sentence = deep_scope_warning(method, deep=True)
+        assert METHODS[method].display in sentence and "docs/FIDELITY.md" in sentence and "Kendall tau" in sentence
+        assert deep_scope_warning(method, deep=False) is None
+    assert all(deep_scope_warning(method, deep) is None for method in METHODS if "dvemb" not in method
+               for deep in (True, False))

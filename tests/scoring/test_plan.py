@@ -73,3 +73,13 @@ def test_per_row_states_that_do_not_fit_the_budget_keep_to_the_head(adamw_run):
 def test_a_method_for_another_optimizer_is_refused_before_any_work(adamw_run):
     with pytest.raises(AccInfError, match="adam-ie"):
         plan(adamw_run, method="sgd-ie")
+
+
+def test_dvemb_on_the_whole_model_is_warned_about_on_the_head_not(adamw_run, caplog):
+    whole = plan(adamw_run, method="dvemb")
+    assert whole.deep and len(whole.warnings) == 1 and "docs/FIDELITY.md" in whole.warnings[0]
+    with caplog.at_level("WARNING", logger="hf_accinf"):
+        whole.log()
+    assert whole.warnings[0] in caplog.text and whole.to_dict()["warnings"] == list(whole.warnings)
+    assert plan(adamw_run, method="dvemb", modules=["head"]).warnings == ()
+    assert plan(adamw_run).warnings == ()
