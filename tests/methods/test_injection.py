@@ -117,3 +117,23 @@ def test_clip_map_curvature_term_is_clip_of_the_product_and_its_transpose(transp
     alone = ClipMap.of_gradient(batch.batch_grad, problem.optimizer.max_grad_norm, float(problem.trajectory.grad_norm[step]))
     torch.testing.assert_close(alone.jacobian(vectors), clip.rows(batch.batch_grad.expand_as(vectors), vectors)[0],
                                rtol=1e-13, atol=1e-15)
+
+
+def test_exact_injection_scores_in_blocks_of_one_sample_equal_all_at_once(monkeypatch):
+    """The exact injections' scores are taken a block of samples at a time (memory): one sample a block gives
+    the scores of the whole step at once."""
+    import hf_accinf.methods.removal as removal
+
+    problem = PROBLEMS["adamw"]()
+    plan = build_plan(problem.trajectory, 0, problem.num_samples, "cpu")
+    rule = next(_rules(problem, "exact"))
+    generator = torch.Generator().manual_seed(5)
+    for step in range(problem.trajectory.num_steps):
+        occurrences, ops = plan.steps[step], rule.at_step(step)
+        count = len(occurrences.samples)
+        adjoint = torch.randn(rule.state_dim, dtype=torch.float64, generator=generator)
+        whole = ops.injection(occurrences.row_owner, occurrences.rows, count) @ adjoint
+        monkeypatch.setattr(removal, "INJECTION_BLOCK_BYTES", 1)
+        blocked = ops.injection_scores(adjoint, occurrences.row_owner, occurrences.rows, count)
+        monkeypatch.undo()
+        torch.testing.assert_close(blocked, whole, rtol=1e-10, atol=1e-14)
