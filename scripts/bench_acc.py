@@ -65,9 +65,28 @@ def score(run_dir: Path, case, scratch: Path, dtype: str, **arguments) -> tuple[
     return result.scores.double().numpy(), time.perf_counter() - began
 
 
+def text_case(rows: int, seed: int) -> bench_fidelity.Case:
+    """A tiny BERT (1 layer x 16, from a config, dropout off) on synthetic token sequences (offline)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_accinf.examples import synthetic_text_dataset
+
+    data = synthetic_text_dataset(2 * rows, seed=seed)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return bench_fidelity.Case("BERT 1x16 on synthetic text", BertForSequenceClassification(config),
+                               data.select(range(rows)), data.select(range(rows, 2 * rows)))
+
+
+CASES = {"image": bench_fidelity.image_case, "text": text_case}
+
+
 def measure(options, seed: int) -> list[str]:
     bench_fidelity.RECIPES["adamw"]["learning_rate"] = options.lr
-    case = bench_fidelity.image_case(options.rows, seed=seed)
+    case = CASES[options.case](options.rows, seed=seed)
+    classes = case.model.config.num_labels
     parameters = sum(p.numel() for p in case.model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         run_dir, scratch = Path(tmp) / "run", Path(tmp) / "scores"
@@ -110,10 +129,10 @@ def measure(options, seed: int) -> list[str]:
         ceiling = bench_fidelity.agreement(2 * half, zero)
         ceiling_interval = bootstrap_interval(zero, 2 * half, seed)
         states = _state_bytes("acc-adam-ie", parameters, options.rows, ScoreArguments(run_dir=str(run_dir)), 4)
-        lines = [f"### seed {seed}: ViT 2x32 on digits, {options.rows} rows, {options.epochs} epochs, "
+        lines = [f"### seed {seed}: {case.name}, {options.rows} rows, {options.epochs} epochs, "
                  f"{run.num_steps} steps, AdamW lr {options.lr:g}", "",
                  f"Training loss {float(losses[0]):.3f} -> {float(losses[-1]):.3f}, mean evaluation loss "
-                 f"{effects.base_loss:.3f} (chance ln 10 = 2.303). Training {train_seconds:.1f} s; truth on "
+                 f"{effects.base_loss:.3f} (chance ln {classes} = {np.log(classes):.3f}). Training {train_seconds:.1f} s; truth on "
                  f"{len(picked)} rows (weight 0 and 0.5, one batched retraining) {truth_seconds:.1f} s. Linearity "
                  f"ceiling tau {ceiling['tau']:.3f} [{ceiling_interval[0]:.2f}, {ceiling_interval[1]:.2f}]. "
                  f"P = {parameters}; forward-form ACC states N x 3P = {states / 2**20:.1f} MiB in float32.", "",
@@ -136,6 +155,8 @@ def measure(options, seed: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (named with the figures)")
+    parser.add_argument("--case", choices=sorted(CASES), default="image",
+                        help="image: ViT 2x32 on 8x8 digits; text: BERT 1x16 on synthetic token sequences")
     parser.add_argument("--rows", type=int, default=96, help="training rows (and as many evaluation rows)")
     parser.add_argument("--truth_rows", type=int, default=40, help="rows retrained out by replay")
     parser.add_argument("--epochs", type=int, default=10)
@@ -152,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(options.threads)
     header = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
               f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, {options.threads} thread(s), {options.dtype}. "
-              f"Command: python scripts/bench_acc.py --threads {options.threads} --rows {options.rows} --truth_rows "
+              f"Command: python scripts/bench_acc.py --threads {options.threads} --case {options.case} --rows {options.rows} --truth_rows "
               f"{options.truth_rows} --epochs {options.epochs} --batch {options.batch} --lr {options.lr:g} "
               f"--stage_epochs {' '.join(map(str, options.stage_epochs))} --projection_dim "
               f"{' '.join(map(str, options.projection_dim))} --dtype {options.dtype} --seeds "
