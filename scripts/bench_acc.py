@@ -3,7 +3,8 @@
 Issue 18, deliverable 6; DESIGN.md sections 3 ("Stage-limited ACC", the hybrid), 4, 5 and 6b. A tiny HF
 ViT (from a config, dropout off) is trained WHOLE on scikit-learn's 8x8 digits with the HF AdamW recipe
 (10% warm-up, linear decay, clipping 1.0, weight decay 0.01) for 10+ epochs, so that rows recur often
-enough for ACC's correction to matter. ``--truth_rows`` random rows are retrained out by replay at weight 0
+enough for ACC's correction to matter (``--case text``: a tiny BERT on synthetic token sequences from
+:func:`hf_accinf.examples.synthetic_text_dataset` instead). ``--truth_rows`` random rows are retrained out by replay at weight 0
 and 0.5 (:func:`hf_accinf.scoring.verify.leave_one_out_effects`, one batched retraining): the exact change
 of the mean evaluation loss, and the linearity ceiling ``truth(0)`` vs ``2 truth(0.5)``. Every estimator
 goes through the product (:func:`hf_accinf.scoring.run.score_run`), timed:
@@ -21,7 +22,8 @@ of tau(variant) - tau(0) over the same resampled rows (a variant "clearly" beats
 lies above 0). Everything printed comes from one run.
 
     python scripts/bench_acc.py --threads 1                      # small default: ~100 rows, 10 epochs
-    python scripts/bench_acc.py --threads 2 --rows 160 --epochs 15 --truth_rows 40 --seeds 0 1
+    python scripts/bench_acc.py --threads 1 --rows 128 --truth_rows 40 --epochs 12 --lr 1e-3 --seeds 0 1 2
+    python scripts/bench_acc.py --threads 1 --case text --rows 160 --truth_rows 40 --epochs 15 --lr 3e-3 --seeds 0 1 2
 """
 
 from __future__ import annotations
