@@ -24,6 +24,7 @@ from .curvature.functional import FunctionalHeadCurvature
 from .curvature.linear_head import LinearHeadCurvature
 from .curvature.model import ModelCurvature, TrajectoryStates
 from .errors import AccInfError
+from .optimizers import OptimizerKind, optimizer_kind
 from .scope import Scope, resolve_scope
 from .trajectory import RunReader, Trajectory
 from .trajectory.schema import ParamGroupSpec
@@ -42,6 +43,25 @@ class OptimizerSpec:
 
     def per_parameter(self, attribute: str) -> dict[str, float]:
         return {name: getattr(self.groups[index], attribute) or 0.0 for name, index in self.group_of.items()}
+
+    @property
+    def kind(self) -> OptimizerKind:
+        """The optimizer table's row for this optimizer (state keys, defaults, decoupled decay)."""
+        return optimizer_kind(self.name)
+
+    def expand(self, curvature: HeadCurvature, read: Callable[[ParamGroupSpec], float]) -> torch.Tensor:
+        """``read(group)`` of every chosen parameter's group, as a (P,) vector in the curvature's layout."""
+        return curvature.expand({name: float(read(self.groups[index])) for name, index in self.group_of.items()})
+
+    def adam_hyperparameters(self, curvature: HeadCurvature) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(beta1, beta2, eps)`` per parameter, torch's defaults where a group does not record them; refuses
+        amsgrad and maximize, which no rule models."""
+        kind = self.kind
+        if any(self.groups[index].amsgrad or self.groups[index].maximize for index in self.group_of.values()):
+            raise AccInfError(f"The Adam rules model {kind.name} without amsgrad or maximize; record a run without them.")
+        return (self.expand(curvature, lambda group: (group.betas or kind.betas)[0]),
+                self.expand(curvature, lambda group: (group.betas or kind.betas)[1]),
+                self.expand(curvature, lambda group: kind.eps if group.eps is None else group.eps))
 
     def uniform(self, attribute: str):
         values = {getattr(self.groups[index], attribute) for index in self.group_of.values()}

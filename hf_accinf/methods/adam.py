@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AccInfError
 from ..problem import InfluenceProblem
 from .base import UpdateRule
 from .removal import ClipMap, RemovalStepOps, check_removal, removal_step, removed_terms
@@ -148,21 +147,13 @@ class AdamRule(UpdateRule):
     def __init__(self, problem: InfluenceProblem, removal: str = "exact", frozen_preconditioner: bool = False):
         check_removal(removal)
         spec = problem.optimizer
-        if any(spec.groups[index].amsgrad or spec.groups[index].maximize for index in spec.group_of.values()):
-            raise AccInfError("The Adam rules model Adam/AdamW without amsgrad or maximize; record a run without them.")
         self.problem, self.removal, self.frozen = problem, removal, frozen_preconditioner
         curvature = problem.curvature
         self.param_dim = curvature.dim
         self.state_dim = 3 * self.param_dim
-
-        def per_parameter(read) -> torch.Tensor:
-            return curvature.expand({name: float(read(spec.groups[index])) for name, index in spec.group_of.items()})
-
-        self.beta1 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[0])
-        self.beta2 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[1])
-        self.eps = per_parameter(lambda group: group.eps if group.eps is not None else 1e-8)
-        decay = per_parameter(lambda group: group.weight_decay or 0.0)
-        decoupled = spec.name == "AdamW"
+        self.beta1, self.beta2, self.eps = spec.adam_hyperparameters(curvature)
+        decay = spec.expand(curvature, lambda group: group.weight_decay or 0.0)
+        decoupled = spec.kind.decoupled_decay
         self.decoupled = decay if decoupled else torch.zeros_like(decay)
         self.l2 = torch.zeros_like(decay) if decoupled else decay
         self.has_l2 = bool((self.l2 != 0).any())

@@ -174,9 +174,7 @@ class DVEmbRule(UpdateRule):
         if self.curvature_form == "ggn" and not isinstance(curvature, ModelCurvature):
             raise AccInfError("DVEmb with curvature='ggn' runs the whole model (the model backend): choose a scope "
                               "beyond the recorded head, or curvature='fisher'.")
-        self.adam = spec.name in ("Adam", "AdamW")
-        if self.adam and any(spec.groups[i].amsgrad or spec.groups[i].maximize for i in spec.group_of.values()):
-            raise AccInfError("DVEmb models Adam/AdamW without amsgrad or maximize; record a run without them.")
+        self.adam = spec.kind.adaptive
         width = curvature.dim if projection_dim == 0 or projection_dim >= curvature.dim else projection_dim
         rows = int(trajectory.row_offsets[-1])
         vectors = 2 if self.curvature_form == "fisher" else 1 + 2 * max(getattr(curvature, "num_classes", 0), 2)
@@ -193,15 +191,10 @@ class DVEmbRule(UpdateRule):
                                              curvature.device, memory_gb=memory_budget_gb / 4)
         self.param_dim = self.state_dim = self.projection.dim
 
-        def per_parameter(read) -> torch.Tensor:
-            return curvature.expand({name: float(read(spec.groups[index])) for name, index in spec.group_of.items()})
-
-        self.decay_rate = per_parameter(lambda group: group.weight_decay or 0.0)
-        self.decoupled = spec.name == "AdamW"
+        self.decay_rate = spec.expand(curvature, lambda group: group.weight_decay or 0.0)
+        self.decoupled = spec.kind.decoupled_decay
         if self.adam:
-            self.beta1 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[0])
-            self.beta2 = per_parameter(lambda group: (group.betas or (0.9, 0.999))[1])
-            self.eps = per_parameter(lambda group: group.eps if group.eps is not None else 1e-8)
+            self.beta1, self.beta2, self.eps = spec.adam_hyperparameters(curvature)
         else:
             momentum = [group.momentum or 0.0 for group in spec.groups]
             self.rates = effective_rates(trajectory.lr, momentum, bool(spec.uniform("nesterov")) if any(

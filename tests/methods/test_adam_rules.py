@@ -173,3 +173,13 @@ def test_refusals_name_the_methods_that_fit(adamw):
         build_method(adamw, "acc-sgd-ie")
     with pytest.raises(AccInfError, match="removal"):
         build_method(adamw, "acc-adam-ie", removal="second-order")
+
+
+@pytest.mark.parametrize("method", ["adam-ie", "dvemb"])
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize"])
+def test_the_rules_refuse_adam_flags_they_do_not_model(method, flag):
+    problem = make_adam_problem("AdamW")
+    for group in problem.optimizer.groups:
+        setattr(group, flag, True)
+    with pytest.raises(AccInfError, match="without amsgrad or maximize"):
+        build_method(problem, method)
