@@ -44,7 +44,8 @@ import bench_fidelity  # noqa: E402  (the fidelity benchmark's cases, training a
 
 from hf_accinf import RunReader, ScoreArguments, score_run  # noqa: E402
 from hf_accinf.scoring.plan import _state_bytes  # noqa: E402
-from hf_accinf.scoring.verify import _kendall, bootstrap_interval, leave_one_out_effects  # noqa: E402
+from hf_accinf.evaluation.metrics import kendall_tau  # noqa: E402
+from hf_accinf.scoring.verify import bootstrap_interval, leave_one_out_effects  # noqa: E402
 
 RESAMPLES = 2000
 
@@ -53,7 +54,7 @@ def paired_difference(estimate: np.ndarray, baseline: np.ndarray, truth: np.ndar
     """95% percentile bootstrap interval of tau(estimate, truth) - tau(baseline, truth), rows resampled together."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(truth), size=(RESAMPLES, len(truth)))
-    differences = np.array([_kendall(estimate[p], truth[p]) - _kendall(baseline[p], truth[p]) for p in picks])
+    differences = np.array([kendall_tau(estimate[p], truth[p]) - kendall_tau(baseline[p], truth[p]) for p in picks])
     differences = differences[np.isfinite(differences)]
     return [float(np.percentile(differences, 2.5)), float(np.percentile(differences, 97.5))]
 
@@ -145,7 +146,7 @@ def measure(options, seed: int) -> list[str]:
             estimate = scores[picked]
             figures = bench_fidelity.agreement(estimate, zero)
             interval = bootstrap_interval(estimate, zero, seed)
-            difference = figures["tau"] - _kendall(classical[picked], zero)
+            difference = figures["tau"] - kendall_tau(classical[picked], zero)
             paired = paired_difference(estimate, classical[picked], zero, seed) if not name.startswith("(0)") else None
             shown = f"{difference:+.3f} [{paired[0]:+.3f}, {paired[1]:+.3f}]" if paired else "0"
             lines.append(f"| {name} | {figures['tau']:.3f} [{interval[0]:.2f}, {interval[1]:.2f}] | {shown} | "

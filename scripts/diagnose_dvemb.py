@@ -17,7 +17,7 @@ enough to learn, this script
      GGN, the empirical Fisher (= DVEmb unprojected, checked against ``score_run``'s ``dvemb``);
    * DVEmb projected to ``k`` in ``--projection_dim``;
    * exact Adam-IE embeddings projected, ``R Delta^j_T`` by one ``k``-vector adjoint pass
-     (:mod:`hf_accinf.methods.sketch`): a random ``R`` (``--sketch_dim``, rung f) and the leading singular
+     (:mod:`hf_accinf.engine.sketch`): a random ``R`` (``--sketch_dim``, rung f) and the leading singular
      subspace of the training rows' final gradients (``--subspace_dim``, rung g);
    * TracIn;
 
@@ -51,7 +51,7 @@ from hf_accinf.methods.dvemb import AdamDisplacement, DVEmbRule
 from hf_accinf.methods.output_hessian import fisher_product, ggn_product
 from hf_accinf.methods.projection import BasisProjection, GradientProjection
 from hf_accinf.methods.registry import build_method
-from hf_accinf.methods.sketch import sketched_embeddings
+from hf_accinf.engine.sketch import sketched_embeddings
 from hf_accinf.problem import problem_from_run
 from hf_accinf.trajectory.replay import Replay
 
@@ -134,7 +134,7 @@ def collapsed_scores(run_dir: Path, train, evaluation, collate, kind: str) -> np
 
 def sketched_scores(run_dir: Path, train, evaluation, collate, dim: int, subspace: bool = False) -> np.ndarray:
     """``(R Delta^j_T) . (R g_val)``: exact Adam-IE (exact removal) embeddings at ``k = dim`` by one ``k``-vector
-    adjoint pass (:func:`hf_accinf.methods.sketch.sketched_embeddings`)."""
+    adjoint pass (:func:`hf_accinf.engine.sketch.sketched_embeddings`)."""
     run = RunReader(run_dir)
     built = run.build_model()
     problem = problem_from_run(run, torch.float64, modules=["all"], model=built, train_dataset=train,
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             for dim in options.projection_dim:
                 report("e", f"DVEmb k = {dim}", lambda dim=dim: scored("dvemb", projection_dim=dim))
             for dim in options.sketch_dim:
-                report("f", f"exact Adam-IE sketched, k = {dim} (methods/sketch.py)",
+                report("f", f"exact Adam-IE sketched, k = {dim} (engine/sketch.py)",
                        lambda dim=dim: sketched_scores(run_dir, train, evaluation, collate, dim))
             for dim in options.subspace_dim:
                 report("g", f"exact Adam-IE in the span of the final training gradients, k = {dim}",

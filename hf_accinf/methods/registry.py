@@ -92,14 +92,6 @@ def method_names(optimizer: str | None = None, output: str | None = None) -> lis
             if (optimizer is None or optimizer in spec.optimizers) and (output is None or spec.output == output)]
 
 
-def default_method(optimizer: str) -> str:
-    """``method="auto"``: the accumulative embedding method modelling ``optimizer`` (ACC-SGD-IE, ACC-Adam-IE)."""
-    fitting = [name for name in method_names(optimizer, "embeddings") if METHODS[name].accumulative]
-    if not fitting:
-        check_fits(METHODS[next(iter(METHODS))], optimizer)  # names what fits, or says nothing does
-    return fitting[0]
-
-
 def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise AccInfError(f"Unknown method '{name}'. Available: {', '.join(METHODS)}.")

@@ -25,14 +25,11 @@ from scipy import stats
 from ..errors import AccInfError
 from ..inputs.evaluation import evaluation_batches
 from ..trajectory import RunReader
+from ..evaluation.metrics import kendall_tau
 from .retraining import BatchedRetraining
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
-
-
-def _kendall(a: np.ndarray, b: np.ndarray) -> float:
-    return float(stats.kendalltau(a, b).statistic)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,7 +44,7 @@ def bootstrap_interval(a: np.ndarray, b: np.ndarray, seed: int, resamples: int =
     Resamples where tau is undefined (one side constant) are left out; ``None`` when most of them are."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(a), size=(resamples, len(a)))
-    taus = np.array([_kendall(a[pick], b[pick]) for pick in picks])
+    taus = np.array([kendall_tau(a[pick], b[pick]) for pick in picks])
     taus = taus[np.isfinite(taus)]
     if len(taus) < resamples / 2:
         return None
@@ -125,11 +122,11 @@ def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_data
         "k": k,
         "seed": seed,
         "rows": rows.tolist(),
-        "kendall_tau": _kendall(estimate, zero),
+        "kendall_tau": kendall_tau(estimate, zero),
         "kendall_tau_interval": bootstrap_interval(estimate, zero, seed),
         "pearson_r": _pearson(estimate, zero),
         "sign_agreement": float(np.mean(np.sign(estimate) == np.sign(zero))),
-        "linearity_ceiling": {"kendall_tau": _kendall(zero, 2 * half),
+        "linearity_ceiling": {"kendall_tau": kendall_tau(zero, 2 * half),
                               "kendall_tau_interval": bootstrap_interval(zero, 2 * half, seed),
                               "pearson_r": _pearson(zero, 2 * half)},
         "estimate": estimate.tolist(),

@@ -7,7 +7,7 @@ Oracle: the Jacobian of every row's logits with respect to the flat scope (``tor
 
 import pytest
 import torch
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
 
 from hf_accinf import RunReader
 from hf_accinf.methods.output_hessian import fisher_product, ggn_product, row_output_factors

@@ -1,4 +1,4 @@
-"""Sketched exact embeddings (:mod:`hf_accinf.methods.sketch`) against the forward form, projected afterwards."""
+"""Sketched exact embeddings (:mod:`hf_accinf.engine.sketch`) against the forward form, projected afterwards."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from hf_accinf.engine import estimate_influence
 from hf_accinf.errors import AccInfError
 from hf_accinf.methods.projection import GradientProjection
 from hf_accinf.methods.registry import build_method
-from hf_accinf.methods.sketch import sketched_embeddings
+from hf_accinf.engine.sketch import sketched_embeddings
 from tests.engine.helpers import make_problem
 from tests.methods.helpers import make_adam_problem
 

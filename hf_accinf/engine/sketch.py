@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..engine.plan import build_plan
+from .plan import build_plan
 from ..errors import AccInfError
-from .base import UpdateRule
-from .projection import GradientProjection
+from ..methods.base import UpdateRule
+from ..methods.projection import GradientProjection
 
 
 def sketched_embeddings(rule: UpdateRule, problem, projection: GradientProjection, chunk: int | None = None,
