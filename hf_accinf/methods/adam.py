@@ -33,6 +33,24 @@ from .base import UpdateRule
 from .removal import ClipMap, RemovalStepOps, check_removal, removal_step, removed_terms
 
 
+def guarded_root(v_next: torch.Tensor, bias2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sqrt(vhat')`` and where it is positive; the root is guarded so that no derivative is infinite."""
+    vhat = v_next / bias2
+    positive = vhat > 0
+    return torch.where(positive, torch.where(positive, vhat, torch.ones_like(vhat)).sqrt(), 0.0), positive
+
+
+def adam_gains(lr, m_next: torch.Tensor, v_next: torch.Tensor, bias1, bias2, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's bias-corrected gains on ``Dm'`` and ``Dv'`` (the module docstring's ``A`` and ``B``; ``B = 0`` where
+    ``vhat' = 0``), shared by the Adam rules and DVEmb's displacement."""
+    root, positive = guarded_root(v_next, bias2)
+    denominator = root + eps
+    gain_m = lr / (bias1 * denominator)
+    safe = torch.where(positive, root, torch.ones_like(root))
+    gain_v = torch.where(positive, lr * (m_next / bias1) / (2 * bias2 * safe * denominator**2), 0.0)
+    return gain_m, gain_v
+
+
 class AdamStep(RemovalStepOps):
     def __init__(self, rule: "AdamRule", step: int):
         problem, curvature = rule.problem, rule.problem.curvature
@@ -57,18 +75,10 @@ class AdamStep(RemovalStepOps):
         return g, rule.beta1 * self.m + (1 - rule.beta1) * g, rule.beta2 * self.v + (1 - rule.beta2) * g * g
 
     def _root(self, v_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``sqrt(vhat')`` and where it is positive; the root is guarded so that no derivative is infinite."""
-        vhat = v_next / self.bias2
-        positive = vhat > 0
-        return torch.where(positive, torch.where(positive, vhat, torch.ones_like(vhat)).sqrt(), 0.0), positive
+        return guarded_root(v_next, self.bias2)
 
     def _gains(self, m_next: torch.Tensor, v_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        root, positive = self._root(v_next)
-        denominator = root + self.rule.eps
-        gain_m = self.lr / (self.bias1 * denominator)
-        safe = torch.where(positive, root, torch.ones_like(root))
-        gain_v = torch.where(positive, self.lr * (m_next / self.bias1) / (2 * self.bias2 * safe * denominator**2), 0.0)
-        return gain_m, gain_v
+        return adam_gains(self.lr, m_next, v_next, self.bias1, self.bias2, self.rule.eps)
 
     def _tangent(self, states, clip_tangent, g, m_next, v_next) -> torch.Tensor:
         rule, size = self.rule, self.rule.param_dim

@@ -54,6 +54,7 @@ from ..errors import AccInfError
 from ..losses import clip_coefficient
 from ..problem import InfluenceProblem
 from ..curvature.model import ModelCurvature
+from .adam import adam_gains
 from .base import StepOps, UpdateRule
 from .output_hessian import row_output_factors
 from .projection import GradientProjection
@@ -122,12 +123,9 @@ class AdamDisplacement:
             gradient = gradient + self.l2 * curvature.optimizer_state(step, "param")
         m = beta1 * curvature.optimizer_state(step, "exp_avg") + (1 - beta1) * gradient
         v = beta2 * curvature.optimizer_state(step, "exp_avg_sq") + (1 - beta2) * gradient * gradient
-        c1, c2, lr = 1 - beta1**count, 1 - beta2**count, problem.learning_rates(step)
-        root = (v / c2).sqrt()
-        positive = root > 0
-        safe = torch.where(positive, root, torch.ones_like(root))
-        self.first = lr / (c1 * (root + eps)) + beta1 * self.first
-        self.second = torch.where(positive, lr * (m / c1) / (2 * c2 * safe * (root + eps) ** 2), 0.0) + beta2 * self.second
+        gain_m, gain_v = adam_gains(problem.learning_rates(step), m, v, 1 - beta1**count, 1 - beta2**count, eps)
+        self.first = gain_m + beta1 * self.first
+        self.second = gain_v + beta2 * self.second
         return (1 - beta1) * self.first - 2 * (1 - beta2) * gradient * self.second
 
 
