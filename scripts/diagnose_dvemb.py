@@ -44,7 +44,7 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 
 from hf_accinf import AccInfTrainer, RecordingArguments, RunReader, ScoreArguments, score_run
 from hf_accinf.curvature.model import ModelBatch
-from hf_accinf.data.features import eval_collator
+from hf_accinf.inputs.collate import eval_collator
 from hf_accinf.evaluation.metrics import kendall_tau
 from hf_accinf.losses import clip_coefficient
 from hf_accinf.methods.dvemb import AdamDisplacement, DVEmbRule
@@ -53,15 +53,8 @@ from hf_accinf.methods.projection import BasisProjection, GradientProjection
 from hf_accinf.methods.registry import build_method
 from hf_accinf.engine.sketch import sketched_embeddings
 from hf_accinf.problem import problem_from_run
+from hf_accinf.scoring.verify import leave_one_out_effects
 from hf_accinf.trajectory.replay import Replay
-
-
-def counterfactual_losses(*args, **kwargs):  # the truth's evaluator (moving to hf_accinf.scoring.verify)
-    try:
-        from hf_accinf.scoring.verify import counterfactual_losses as evaluate
-    except ImportError:
-        from hf_accinf.evaluation.verify import counterfactual_losses as evaluate
-    return evaluate(*args, **kwargs)
 
 
 # Gauge tensors (an attention key bias: softmax ignores it) random-walk under Adam's eps in float32 and miss the
@@ -216,18 +209,13 @@ def main(argv: list[str] | None = None) -> None:
             rows_count, rows = rows, chosen
             began = time.perf_counter()
             replay = Replay(run, train, collate, tolerance=REPLAY_TOLERANCE)
-
-            def losses(scales):
-                return counterfactual_losses(run, [replay.train(scale) for scale in scales], evaluation, collate)
-
-            base = losses([None])[0]
-            zero = (losses([{row: 0.0} for row in rows]) - base).numpy()
-            half = (losses([{row: 0.5} for row in rows]) - base).numpy()
+            effects = leave_one_out_effects(run, train, collate, evaluation, rows, collate, progress=False)
+            base, zero, half = effects.base_loss, effects.zero.numpy(), effects.half.numpy()
             truth_seconds = time.perf_counter() - began
             print(f"\n## {name}: P = {parameters}, {rows_count} rows, {steps} AdamW steps (lr {lr:g}), held-out "
                   f"accuracy {accuracy:.2f}, eval loss {float(base):.3f}; training {train_seconds:.1f} s, truth "
                   f"{len(rows)} rows x 2 weights {truth_seconds:.1f} s; linearity ceiling tau "
-                  f"{kendall_tau(2 * half, zero):.3f}; replay error {replay.report().max_rel:.2g}\n", flush=True)
+                  f"{kendall_tau(2 * half, zero):.3f}; replay error {effects.replay_error or 0.0:.2g}\n", flush=True)
             print("| rung | estimator | Kendall tau | Pearson r | tau vs rung a (all rows) | seconds |\n"
                   "|---|---|---|---|---|---|", flush=True)
             reference = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def replay_under(run: RunReader, data, threads: int) -> dict:
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the recipe is the tests' (tests/trajectory)
     from tests.trajectory.test_replay_gauge import padded_text
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
