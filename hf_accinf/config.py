@@ -8,6 +8,7 @@ import torch
 
 from .options import (CORRECTION_CHOICES, DTYPES, FORM_CHOICES, REMOVALS, SCHEDULE_CHOICES, SCORE_KINDS,
                       TRUST_CHOICES, check_choice)
+from .devices import check_device_choice
 
 def resolve_dtype(dtype: str, deep_scope: bool) -> torch.dtype:
     """The propagation dtype of ``ScoreArguments.dtype``: ``auto`` is float32 for a scope outside the head (the
@@ -112,10 +113,18 @@ class ScoreArguments:
                                      "narrower interval)."}
     )
     verify_seed: int = field(default=0, metadata={"help": "Seed of the rows --verify retrains."})
-    memory_budget_gb: float = field(default=4.0, metadata={
+    device: str = field(default="auto", metadata={"help": (
+        "auto, cpu, cuda or cuda:<index>: where the problem, replay, curvature, every form, the trust check, "
+        "--verify and the projection compute. auto: the accelerate process's device when launched (each process "
+        "its own GPU), else cuda when a GPU is visible, else cpu. cuda without a GPU is refused before any work.")})
+    allow_tf32: bool = field(default=True, metadata={"help": (
+        "CUDA, float32 work: TF32 matmuls for the scorer's own products (replay keeps the training run's recorded "
+        "TF32/cuDNN flags). No effect on the CPU or in float64.")})
+    memory_budget_gb: float | None = field(default=None, metadata={
         "help": "Memory (GiB) for per-sample states before chunking, and for the models --verify retrains "
                 "together; deep scopes split it between the replay's cache of states and the model backend's row "
-                "blocks (beyond it: sub-intervals recomputed, smaller blocks)."})
+                "blocks (beyond it: sub-intervals recomputed, smaller blocks). Default (auto): on a GPU 70%% of its "
+                "free memory; on the CPU 4 GiB, or half the available RAM when that is less."})
     replay_tolerance: float = field(default=1e-4, metadata={  # = trajectory.replay.REPLAY_TOLERANCE
         "help": "Deep scopes: largest accepted relative error of the replay at each checkpoint (of the outputs, the "
                 "parameters and the optimizer state, gauge tensors left out); a replay beyond it is refused."})
@@ -132,7 +141,8 @@ class ScoreArguments:
             check_choice(name, getattr(self, name), allowed)
         if self.projection_dim < 0:
             raise ValueError(f"projection_dim must be >= 0 (0: no projection), got {self.projection_dim}.")
-        if self.memory_budget_gb <= 0:
+        check_device_choice(self.device)
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
             raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}.")
         if not self.replay_tolerance > 0:
             raise ValueError(f"replay_tolerance must be positive, got {self.replay_tolerance}.")

@@ -143,9 +143,10 @@ class CheckpointStates:
 
 
 def default_states(run: RunReader, train_dataset, collate_fn=None, model: nn.Module | None = None,
-                   memory_budget: int | None = None, tolerance: float | None = None) -> TrajectoryStates:
-    """Exact ``theta_t`` for a deep scope: replay from the sparse checkpoints (DESIGN.md section 6b; its cache
-    within ``memory_budget`` bytes, its check at ``tolerance``), or, for runs recorded before replay existed,
+                   memory_budget: int | None = None, tolerance: float | None = None,
+                   device: torch.device | str = "cpu") -> TrajectoryStates:
+    """Exact ``theta_t`` for a deep scope: replay from the sparse checkpoints on ``device`` (DESIGN.md section 6b;
+    its cache within ``memory_budget`` bytes, its check at ``tolerance``), or, for runs recorded before replay existed,
     their checkpoints when there is one at every step. ``model``: the run's model (or a factory) when its class
     cannot be imported."""
     from .trajectory import schema
@@ -155,7 +156,7 @@ def default_states(run: RunReader, train_dataset, collate_fn=None, model: nn.Mod
         options = {"tolerance": REPLAY_TOLERANCE if tolerance is None else tolerance}
         if memory_budget is not None:
             options["memory_budget"] = int(memory_budget)
-        return Replay(run, train_dataset, collate_fn, model=model, **options)
+        return Replay(run, train_dataset, collate_fn, device, model=model, **options)
     run.check_dataset(train_dataset)
     return CheckpointStates(run, train_dataset, collate_fn)
 
@@ -219,6 +220,7 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
     needs ``train_dataset`` (and its ``collate_fn``) and exact parameters at every step: ``states``, or a
     replay of the run (:func:`default_states`, with ``memory_budget`` bytes and ``replay_tolerance``), or a
     run recorded with ``checkpoint_every=1``; its gauge tensors are left out (:attr:`InfluenceProblem.gauge`).
+    ``device``: where the curvature, its replay and every tensor the engine makes from them live.
     ``model``: the run's model already built (:meth:`RunReader.build_model`), else built here."""
     manifest = run.manifest
     model = model if model is not None else run.build_model()
@@ -248,7 +250,7 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
         # The memory budget is shared: half for the replay's cache of states, half for the model backend's blocks.
         share = None if memory_budget is None else int(memory_budget) // 2
         if states is None:
-            states = default_states(run, train_dataset, collate_fn, model, share, replay_tolerance)
+            states = default_states(run, train_dataset, collate_fn, model, share, replay_tolerance, device)
         scope, gauge = without_gauge(scope, states)
         names = list(scope.parameters)
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):

@@ -56,6 +56,20 @@ def record_digits_run(out, rows: int, epochs: int = 2):
     return out / "accinf", ["--train_data", str(out / "train"), "--eval_data", str(out / "eval")]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped where torch sees none; scripts/gpu_check.sh runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} sees none (run scripts/gpu_check.sh "
+                                   "on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tmp_run(tmp_path):
     return tmp_path / "run"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ScoreArguments
+from ..devices import resolve_device
 from ..inputs.sources import DataArguments, load_eval_data, load_model_factory, load_tokenizer, load_training_data
 from ..trajectory.recorded_data import load_recorded_data
 from ..errors import AccInfError
@@ -27,7 +28,8 @@ DESCRIPTION = "estimate every training row's influence from a recorded run"
 
 @dataclass
 class LaunchArguments:
-    cpu: bool = field(default=False, metadata={"help": "Under accelerate launch on CPU: join one gloo group."})
+    cpu: bool = field(default=False, metadata={"help": "An alias of --device cpu (under accelerate launch on CPU the "
+                                                       "processes then join one gloo group)."})
 
 
 def make_parser(subparsers=None):
@@ -41,6 +43,11 @@ def main(argv: list[str] | None = None, parser=None) -> int:
     from ..trajectory.schema import load_manifest
 
     args, data, launch = parse(parser or make_parser(), argv)[:3]
+    if launch.cpu:
+        if args.device not in ("auto", "cpu"):
+            raise AccInfError(f"--cpu is an alias of --device cpu; it contradicts --device {args.device}: pass one.")
+        args.device = "cpu"
+    resolve_device(args.device)  # --device cuda without a GPU is refused before any data is read
     manifest = load_manifest(args.run_dir)  # a wrong run directory is named before any data is read
     collate = None
     if data.train_data or data.eval_data:
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None, parser=None) -> int:
             raise AccInfError(f"{args.run_dir} records no evaluation split: pass --train_data and --eval_data.")
         evaluation = _recorded_evaluation(manifest, args.run_dir)
     model = load_model_factory(data.model)
-    shard = ShardContext.from_accelerate(cpu=launch.cpu or not torch.cuda.is_available())
+    shard = ShardContext.from_accelerate(cpu=args.device == "cpu" or not torch.cuda.is_available())
     try:
         result = score_run(args, train, held_out, shard, collate_fn=collate, model=model, tokenizer=tokenizer,
                            evaluation_source=evaluation)

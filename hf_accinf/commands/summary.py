@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..devices import check_device_choice
 from ..errors import AccInfError
 from .parsing import build_parser, parse
 from .runner import run_command
@@ -29,6 +30,9 @@ class SummaryArguments:
     replay_tolerance: float | None = field(default=None, metadata={"help": (
         "--check_replay: the largest relative error reported as within tolerance (as `score --replay_tolerance`; "
         "default: the score default, 1e-4).")})
+    device: str = field(default="auto", metadata={"help": (
+        "--check_replay: auto, cpu, cuda or cuda:<index>, where the replay runs (as `score --device`; auto: a "
+        "visible GPU, else the CPU).")})
 
 
 def make_parser(subparsers=None):
@@ -38,7 +42,7 @@ def make_parser(subparsers=None):
 
 
 def summary(run_dir: str | Path, check_replay: bool = False, train_data: str | None = None,
-            replay_tolerance: float | None = None, tokenizer: str | None = None) -> str:
+            replay_tolerance: float | None = None, tokenizer: str | None = None, device: str = "auto") -> str:
     from ..scope import describe_scopes
     from ..trajectory import RunReader
 
@@ -63,28 +67,31 @@ def summary(run_dir: str | Path, check_replay: bool = False, train_data: str | N
         describe_scopes(run.build_model()),
     ]
     if check_replay:
-        lines.extend(_replay_lines(run, train_data, replay_tolerance, tokenizer))
+        lines.extend(_replay_lines(run, train_data, replay_tolerance, tokenizer, device))
     elif train_data:
         raise AccInfError("--train_data is read by --check_replay only: add --check_replay.")
     return "\n".join(lines)
 
 
-def _replay_lines(run, train_data: str | None, tolerance: float | None, tokenizer: str | None) -> list[str]:
+def _replay_lines(run, train_data: str | None, tolerance: float | None, tokenizer: str | None,
+                  device: str = "auto") -> list[str]:
+    from ..devices import resolve_device
     from ..inputs.collate import eval_collator
     from ..inputs.sources import DataArguments, load_tokenizer, load_training_data
     from ..trajectory.recorded_data import load_recorded_data
     from ..trajectory.replay import REPLAY_TOLERANCE, Replay
 
+    where, _ = resolve_device(device)  # cuda without a GPU is refused before the rows are read
     if train_data:
         train = load_training_data(DataArguments(train_data=train_data, tokenizer=tokenizer))
         collate = eval_collator(run.build_model(), load_tokenizer(tokenizer))  # as `hf-accinf score` collates them
     else:
         train, _, collate = load_recorded_data(run.run_dir)
-    report = Replay(run, train, collate, tolerance=REPLAY_TOLERANCE if tolerance is None else tolerance).check()
+    report = Replay(run, train, collate, where, tolerance=REPLAY_TOLERANCE if tolerance is None else tolerance).check()
     verdict = "within" if report.ok else "ABOVE"
     worst = max(report.intervals, key=lambda interval: interval.max_rel, default=None)
     lines = [f"replay          max relative error {report.max_rel:.2e} over {len(report.intervals)} checkpoint "
-             f"intervals ({verdict} the tolerance {report.tolerance:g})"]
+             f"intervals ({verdict} the tolerance {report.tolerance:g}) on {where}"]
     if worst is not None:
         lines.append(f"                worst [{worst.start}, {worst.stop}): outputs {worst.output_rel:.2e}, parameters "
                      f"{worst.parameter_rel:.2e}, optimizer state {worst.state_rel:.2e}"
@@ -101,8 +108,9 @@ def main(argv: list[str] | None = None, parser=None) -> int:
     run_dir = extra.path or arguments.run_dir
     if not run_dir:
         raise AccInfError("Which run directory? hf-accinf summary RUN_DIR")
+    check_device_choice(arguments.device)
     print(summary(run_dir, arguments.check_replay, arguments.train_data, arguments.replay_tolerance,
-                  arguments.tokenizer))
+                  arguments.tokenizer, arguments.device))
     return 0
 
 

@@ -34,7 +34,8 @@ class MethodOptions:
 
     @classmethod
     def of(cls, args: Any = None, **overrides) -> "MethodOptions":
-        values = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
+        values = {name: getattr(args, name) for name in cls.__dataclass_fields__  # None: left to the default (auto)
+                  if getattr(args, name, None) is not None}
         values.update({k: v for k, v in overrides.items() if v is not None})
         options = cls(**values)
         check_removal(options.removal)

@@ -13,17 +13,23 @@ log and ``scores.json`` read:
 * **form**: ``direct`` for methods that score one objective (TracIn); otherwise :func:`choose_form`.
 * **dtype**: ``auto`` is float32 on deep scopes (measured to give the float64 scores: docs/ENGINE.md) and
   float64 on the head's closed form.
+* **device** and **memory budget** (:mod:`hf_accinf.devices`): ``--device auto`` is the accelerate process's
+  device, else a visible GPU, else the CPU; ``cuda`` without a GPU is refused here. An explicit
+  ``--memory_budget_gb`` wins, else a share of the device's free memory. Every later step (problem, replay,
+  curvature, forms, trust, ``--verify``, projection) takes the plan's device.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import ScoreArguments, resolve_dtype
+from ..devices import resolve_device, resolve_memory_budget, scorer_tf32
 from ..engine.adjoint import choose_form
 from ..engine.policies import CorrectionPolicy
 from ..errors import AccInfError
@@ -53,6 +59,13 @@ class ScoringPlan:
     reasons: dict[str, str] = field(default_factory=dict)  # decision -> why
     fallback: str | None = None  # why the default whole-model scope was not used, when it was not
     warnings: tuple[str, ...] = ()  # what the user should know of the chosen method on this scope
+    memory_budget_gb: float = 4.0  # resolved: as asked, or derived from the device's free memory
+    tf32: bool = False  # whether the scorer's own float32 products use TF32 (CUDA only; replay keeps the run's flags)
+
+    @property
+    def memory_budget(self) -> int:
+        """The memory budget in bytes."""
+        return int(self.memory_budget_gb * 2**30)
 
     def arguments(self, args: ScoreArguments) -> ScoreArguments:
         """``args`` with every ``auto`` replaced by what the plan resolved (what ``scores.json`` saves)."""
@@ -60,12 +73,13 @@ class ScoringPlan:
 
         return dataclasses.replace(args, method=self.method, form=args.form if self.form == "direct" else self.form,
                                    modules=list(self.modules) if self.modules is not None else [HEAD],
-                                   dtype=str(self.dtype).removeprefix("torch."))
+                                   dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+                                   memory_budget_gb=self.memory_budget_gb)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "modules": list(self.modules) if self.modules is not None else [HEAD],
                 "form": self.form, "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
-                "reasons": dict(self.reasons), "fallback": self.fallback, "warnings": list(self.warnings)}
+                "memory_budget_gb": self.memory_budget_gb, "tf32": self.tf32, "reasons": dict(self.reasons), "fallback": self.fallback, "warnings": list(self.warnings)}
 
     def log(self) -> None:
         for decision, why in self.reasons.items():
@@ -94,12 +108,18 @@ def _state_bytes(method: str, parameters: int, rows: int, args: ScoreArguments, 
     return rows * width * itemsize
 
 
-def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_unavailable: str | None = None,
-                 device: torch.device | str = "cpu") -> ScoringPlan:
+def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module,
+                 replay_unavailable: str | None | Callable[[torch.device], str | None] = None,
+                 process_device: torch.device | str | None = None) -> ScoringPlan:
     """Resolve ``args`` for ``run`` (``model``: the run's model, built). ``replay_unavailable``: why the run's
-    exact trajectory cannot be replayed here (``None``: it can), which keeps the default on the head."""
+    exact trajectory cannot be replayed (``None``: it can), which keeps the default on the head; a callable
+    is asked with the resolved device. ``process_device``: the accelerate process's device, when launched."""
     optimizer = run.manifest.optimizer_class
     reasons: dict[str, str] = {}
+    device, reasons["device"] = resolve_device(args.device, process_device)
+    budget_gb, reasons["memory_budget"] = resolve_memory_budget(args.memory_budget_gb, device)
+    if callable(replay_unavailable):
+        replay_unavailable = replay_unavailable(device)
     fallback = None
     asked_head = args.modules is not None and _is_head(run, model, args.modules)
     method = args.method
@@ -123,10 +143,10 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_
         if wants_states and get_method(resolved).output == "embeddings":
             parameters = sum(p.numel() for p in model.parameters())
             needed = _state_bytes(resolved, parameters, run.manifest.dataset.length, args, 4)
-            if needed > args.memory_budget_gb * 2**30:
+            if needed > budget_gb * 2**30:
                 modules = None
                 reasons["scope"] = (f"the recorded head: per-row states of the whole model ({needed / 2**30:.1f} GiB for "
-                                    f"{resolved}, forward form) exceed --memory_budget_gb {args.memory_budget_gb:g}; "
+                                    f"{resolved}, forward form) exceed --memory_budget_gb {budget_gb:g}; "
                                     "the adjoint form of a classical method (--method auto) scores the whole model")
 
     deep = modules is not None and not asked_head
@@ -155,7 +175,10 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_
     if args.dtype == "auto":
         reasons["dtype"] = ("float32: a deep scope (its scores agree with float64 ones to about 1e-5; docs/ENGINE.md)"
                             if deep else "float64: the head's closed form is cheap")
+    tf32 = scorer_tf32(device, dtype, args.allow_tf32)
+    if tf32:
+        reasons["precision"] = "TF32 matmuls for the scorer's own float32 products (replay keeps the run's flags)"
     warning = deep_scope_warning(method, deep)
-    return ScoringPlan(method, modules, deep, form, dtype, torch.device(device), policy, reasons, fallback,
-                       (warning,) if warning else ())
+    return ScoringPlan(method, modules, deep, form, dtype, device, policy, reasons, fallback,
+                       (warning,) if warning else (), budget_gb, tf32)
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..config import ScoreArguments
 from ..curvature.model import ModelCurvature
+from ..devices import scorer_precision
 from ..inputs.collate import eval_collator
 from ..inputs.evaluation import check_eval_labels
 from ..engine import ShardContext
@@ -80,7 +81,7 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
     """
     own_shard = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if own_shard:
-        shard = ShardContext.from_accelerate(cpu=not torch.cuda.is_available())
+        shard = ShardContext.from_accelerate(cpu=args.device == "cpu" or not torch.cuda.is_available())
     shard = shard or ShardContext.single()
     try:
         return _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer, states,
@@ -98,16 +99,17 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     run.check_dataset(train_dataset)
     run.trajectory().check_finite(clipped=run.manifest.training.max_grad_norm > 0)
     built = run.build_model(model=model)
-    plan = plan_scoring(args, run, built, deep_scope_unavailable(run, "cpu", built))
+    plan = plan_scoring(args, run, built, lambda device: deep_scope_unavailable(run, device, built),
+                        process_device=getattr(shard.state, "device", None))
     if shard.is_main:
         plan.log()
     args = plan.arguments(args)
     # The training rows of each step (deep scopes, --verify) are collated as the Trainer collated them:
     # padded per micro-batch (tokenized datasets.map output is not padded), unused columns dropped.
     train_collate = eval_collator(built, tokenizer, collate_fn)
-    problem = problem_from_run(run, plan.dtype, modules=list(plan.modules) if plan.modules else None, model=built,
-                               train_dataset=train_dataset, collate_fn=train_collate, states=states,
-                               memory_budget=int(args.memory_budget_gb * 2**30), replay_tolerance=args.replay_tolerance)
+    problem = problem_from_run(run, plan.dtype, plan.device, modules=list(plan.modules) if plan.modules else None,
+                               model=built, train_dataset=train_dataset, collate_fn=train_collate, states=states,
+                               memory_budget=plan.memory_budget, replay_tolerance=args.replay_tolerance)
     method = build_method(problem, plan.method, args)  # refuses a method/optimizer mismatch before the long work
     if method.output == "embeddings":
         check_score_kind(args.score_kind, method)
@@ -117,8 +119,9 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     check_eval_labels(labels, run.manifest.loss.num_labels)
     final = problem.final_parameters()
     identity = _check_rerun(output_dir, args, run, eval_dataset, len(labels), evaluation_source)
-    output = form_runner(plan.form)(FormInputs(method, problem, inputs, labels, final, args, plan.policy, shard,
-                                               progress))
+    with scorer_precision(plan.device, plan.dtype, plan.tf32):
+        output = form_runner(plan.form)(FormInputs(method, problem, inputs, labels, final, args, plan.policy, shard,
+                                                   progress))
     if output is None:  # not the main process
         return None
     scores, embeddings, trust, result = output.scores, output.embeddings, output.trust, output.result
@@ -130,8 +133,8 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         logger.info("verify: retraining the run and %d rows out by replay (weight 0 and 0.5) together, %d steps",
                     args.verify, run.num_steps)
         checks["verify"] = verify(run, train_dataset, train_collate, eval_dataset, scores, args.verify,
-                                  args.verify_seed, eval_collate_fn=train_collate,
-                                  memory_budget=int(args.memory_budget_gb * 2**30), progress=progress, model=model)
+                                  args.verify_seed, eval_collate_fn=train_collate, device=plan.device,
+                                  memory_budget=plan.memory_budget, progress=progress, model=model)
         logger.info("verify: %s", describe(checks["verify"]))
     states = getattr(curvature, "states", None)
     if hasattr(states, "report"):

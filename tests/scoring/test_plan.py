@@ -33,7 +33,7 @@ def test_the_default_is_the_whole_model_classical_adjoint_in_float32(adamw_run):
     assert chosen.dtype == torch.float32 and chosen.policy is None and chosen.fallback is None
     saved = chosen.arguments(ScoreArguments(run_dir="x"))
     assert (saved.method, saved.modules, saved.form, saved.dtype) == ("adam-ie", ["all"], "adjoint", "float32")
-    assert set(chosen.reasons) == {"scope", "method", "form", "dtype"}
+    assert set(chosen.reasons) == {"scope", "method", "form", "dtype", "device", "memory_budget"}
 
 
 def test_a_run_that_cannot_be_replayed_falls_back_to_the_head_and_says_why(adamw_run, caplog):
