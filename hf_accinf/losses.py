@@ -14,12 +14,12 @@ def target_distribution(labels: torch.Tensor, num_classes: int, label_smoothing:
 
     Rows labelled -100 (ignored by the Trainer) get an all-zero target, hence zero loss and gradient.
     """
-    valid = labels >= 0
-    target = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
-    target[valid] = nn.functional.one_hot(labels[valid], num_classes).to(dtype)
+    valid = (labels >= 0)[:, None]
+    # Masks, not boolean indexing: no data-dependent shapes (no host synchronisation on a GPU).
+    target = (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(dtype)
     if label_smoothing:
-        target[valid] = (1 - label_smoothing) * target[valid] + label_smoothing / num_classes
-    return target
+        target = (1 - label_smoothing) * target + label_smoothing / num_classes
+    return target * valid.to(dtype)
 
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

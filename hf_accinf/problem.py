@@ -13,7 +13,7 @@ are left out of a deep scope and named in :attr:`InfluenceProblem.gauge`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -79,10 +79,20 @@ class InfluenceProblem:
     scope: Scope | None = None  # full parameter names; None for problems assembled by hand
     final_parameters: Callable[[], dict[str, torch.Tensor]] | None = None  # in the curvature's naming
     gauge: tuple[str, ...] = ()  # gauge tensors of the requested scope, left out of it (no effect on the outputs)
+    _device_lr: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def learning_rates(self, step: int) -> torch.Tensor:
+        """The (P,) learning rates of ``step`` in the curvature's layout. Off the CPU, gathered from the run's
+        (steps, groups) table copied to the device once: no copy from the host inside the step loop."""
+        curvature = self.curvature
+        if getattr(curvature, "device", torch.device("cpu")).type != "cpu":
+            if self._device_lr is None:
+                group = curvature.expand({name: float(index) for name, index in self.optimizer.group_of.items()})
+                self._device_lr = (self.trajectory.lr.to(curvature.device, curvature.dtype), group.long())
+            table, group = self._device_lr
+            return table[step].index_select(0, group)
         lrs = self.trajectory.lr[step]
-        return self.curvature.expand({name: float(lrs[index]) for name, index in self.optimizer.group_of.items()})
+        return curvature.expand({name: float(lrs[index]) for name, index in self.optimizer.group_of.items()})
 
 
 def make_curvature(trajectory: Trajectory, head: nn.Module, chosen: list[str], label_smoothing: float,

@@ -90,6 +90,12 @@ class HeadCurvature(ABC):
 
             raise AccInfError(f"The run did not record the optimizer state '{key}' of {missing}: "
                               "the method needs a run recorded with the optimizer it models.")
+        if self.device.type != "cpu":  # one copy to the device per key, then a slice per step (no copy in the loop)
+            cache = self.__dict__.setdefault("_device_states", {})
+            if key not in cache:
+                every = {name: source[name + suffix] for name in self.chosen}
+                cache[key] = self.flatten_named(every).to(self.device, self.dtype)
+            return cache[key][step]
         named = {name: source[name + suffix][step][None] for name in self.chosen}
         return self.flatten_named(named)[0].to(self.device, self.dtype)
 

@@ -68,6 +68,8 @@ class FunctionalHeadCurvature(FlatLayout, HeadCurvature):
         self._inputs = trajectory.head_input.to(self.device, dtype)
         self._labels = trajectory.labels.to(self.device)
         self._weights = trajectory.row_weight.to(self.device, dtype)
+        # Each step's recorded parameters on the device once (on the CPU: the trajectory's own tensors).
+        self._step_params = {name: values.to(self.device) for name, values in trajectory.params.items()}
 
     def logits(self, flat: torch.Tensor, fixed: dict, inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(self.head, {**fixed, **self.unflatten(flat)}, (inputs,))
@@ -83,7 +85,7 @@ class FunctionalHeadCurvature(FlatLayout, HeadCurvature):
 
     def at_step(self, step: int) -> FunctionalBatch:
         rows = self.trajectory.rows_of(step)
-        params = {name: values[step] for name, values in self.trajectory.params.items()}
+        params = {name: values[step] for name, values in self._step_params.items()}
         return self._batch(params, self._inputs[rows], self._labels[rows], self._weights[rows])
 
     def example_grads(self, params, inputs, labels) -> torch.Tensor:

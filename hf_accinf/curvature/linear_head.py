@@ -10,6 +10,8 @@ heads), no per-sample loop. Vectors are laid out as ``Θ`` flattened row-major.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -21,10 +23,18 @@ from .base import BatchCurvature, HeadCurvature
 SMALL_CLASS_COUNT = 8
 
 
-def _centered_basis(classes: int, dtype, device) -> torch.Tensor:
-    """Orthonormal basis ``Q`` (C x C-1) of the vectors orthogonal to all-ones: ``Λ_r = Q (Q^T Λ_r Q) Q^T``."""
+@functools.lru_cache(maxsize=None)
+def _host_basis(classes: int) -> tuple[tuple[float, ...], ...]:
+    """``Q`` on the host, as numbers: the few-class axpys read their coefficients without touching a device."""
     full = torch.linalg.qr(torch.cat([torch.ones(classes, 1), torch.eye(classes)[:, : classes - 1]], 1).double())[0]
-    return full[:, 1:].to(device, dtype)
+    return tuple(tuple(row) for row in full[:, 1:].tolist())
+
+
+@functools.lru_cache(maxsize=None)
+def _centered_basis(classes: int, dtype, device) -> torch.Tensor:
+    """Orthonormal basis ``Q`` (C x C-1) of the vectors orthogonal to all-ones: ``Λ_r = Q (Q^T Λ_r Q) Q^T``;
+    made once per device (no copy to the device at every step)."""
+    return torch.tensor(_host_basis(classes), dtype=dtype, device=device)
 
 
 class LinearBatch(BatchCurvature):
@@ -37,6 +47,7 @@ class LinearBatch(BatchCurvature):
         self.batch_grad = ((row_weight[:, None] * residual).T @ inputs).flatten()
         # Λ_r 1 = 0 (softmax), so H_B acts through the C-1 centred directions only: C/(C-1) fewer flops.
         self.basis = _centered_basis(self.num_classes, inputs.dtype, inputs.device)  # (C, q)
+        self.host_basis = _host_basis(self.num_classes)
         reduced_probs = probs @ self.basis  # (b, q)
         reduced = torch.einsum("cq,bc,cr->bqr", self.basis, probs, self.basis) - reduced_probs[:, :, None] * reduced_probs[:, None, :]
         self._mixing = (row_weight[:, None, None] * reduced).permute(1, 2, 0).contiguous()  # (q, q, b): w_r Q^T Λ_r Q
@@ -47,10 +58,11 @@ class LinearBatch(BatchCurvature):
         if self.num_classes > SMALL_CLASS_COUNT:
             return torch.matmul(self.basis.T, grid)
         centred = []
-        for q in range(self.basis.shape[1]):
-            column = grid[:, 0] * self.basis[0, q]
+        basis = self.host_basis
+        for q in range(len(basis[0])):
+            column = grid[:, 0] * basis[0][q]
             for c in range(1, self.num_classes):
-                column.add_(grid[:, c], alpha=float(self.basis[c, q]))
+                column.add_(grid[:, c], alpha=basis[c][q])
             centred.append(column)
         return centred[0][:, None] if len(centred) == 1 else torch.stack(centred, 1)
 
@@ -63,8 +75,8 @@ class LinearBatch(BatchCurvature):
         out = torch.zeros(count, self.num_classes, centred.shape[2], dtype=centred.dtype, device=centred.device) \
             if base is None else base.reshape(count, self.num_classes, -1).clone()
         for c in range(self.num_classes):
-            for q in range(self.basis.shape[1]):
-                out[:, c].add_(centred[:, q], alpha=scale * float(self.basis[c, q]))
+            for q in range(len(self.host_basis[0])):
+                out[:, c].add_(centred[:, q], alpha=scale * self.host_basis[c][q])
         return out.view(count, -1)
 
     def _reduced_product(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -114,6 +126,8 @@ class LinearHeadCurvature(HeadCurvature):
         self._inputs = trajectory.head_input.to(self.device, dtype).flatten(1)
         self._labels = trajectory.labels.to(self.device)
         self._weights = trajectory.row_weight.to(self.device, dtype)
+        # Each step's recorded parameters on the device once (on the CPU: the trajectory's own tensors).
+        self._step_params = {name: values.to(self.device) for name, values in trajectory.params.items()}
 
     def _augment(self, inputs: torch.Tensor) -> torch.Tensor:
         parts = []
@@ -132,13 +146,13 @@ class LinearHeadCurvature(HeadCurvature):
     def _batch(self, params, inputs, labels, weights) -> LinearBatch:
         probs = torch.softmax(self._logits(params, inputs), dim=-1)
         residual = probs - target_distribution(labels, self.num_classes, self.label_smoothing, self.dtype)
-        ignored = labels < 0  # rows the loss ignores: no gradient, no curvature
-        residual[ignored], probs[ignored] = 0, 0
+        kept = (labels >= 0)[:, None]  # rows the loss ignores: no gradient, no curvature
+        residual, probs = residual.where(kept, 0.0), probs.where(kept, 0.0)
         return LinearBatch(self._augment(inputs), probs, residual, weights)
 
     def at_step(self, step: int) -> LinearBatch:
         rows = self.trajectory.rows_of(step)
-        params = {name: values[step] for name, values in self.trajectory.params.items()}
+        params = {name: values[step] for name, values in self._step_params.items()}
         return self._batch(params, self._inputs[rows], self._labels[rows], self._weights[rows])
 
     def expand(self, per_parameter: dict[str, float]) -> torch.Tensor:

@@ -21,6 +21,7 @@ class StepOccurrences:
     row_owner: torch.Tensor  # (k,) index into samples for each kept batch row
     rows: torch.Tensor  # (k,) positions of those rows in the step's batch
     global_samples: torch.Tensor  # (m,) dataset row indices
+    host_samples: torch.Tensor | None = None  # ``samples`` on the host, for bookkeeping without reading the device
 
 
 @dataclass
@@ -53,7 +54,8 @@ def build_plan(trajectory: Trajectory, start: int, stop: int, device="cpu") -> O
         keep = (ids >= start) & (ids < stop)
         rows = keep.nonzero().flatten()
         samples, owner = torch.unique(ids[rows], return_inverse=True)
-        steps.append(StepOccurrences((samples - start).to(device), owner.to(device), rows.to(device), samples.to(device)))
+        steps.append(StepOccurrences((samples - start).to(device), owner.to(device), rows.to(device), samples.to(device),
+                                     samples - start))
     windows.append((window_start, trajectory.num_steps))
     return OccurrencePlan(start, stop - start, steps, windows)
 

@@ -59,13 +59,21 @@ class CorrectionPolicy:
         if self.kind == "stage" and not (self.stages or self.stage_epochs):
             raise AccInfError("A stage-limited correction needs stages (step windows) or stage_epochs.")
 
+    def may_correct(self, step: int, epoch: int) -> bool:
+        """Whether any occurrence at ``step`` may get ``c != 0``, decided on the host (no device value read)."""
+        if self.kind in ("none", "all"):
+            return self.kind == "all"
+        if self.kind == "random":
+            return self.p > 0
+        return any(a <= step < b for a, b in self.stages) or any(a <= epoch < b for a, b in self.stage_epochs)
+
     def coefficients(self, samples: torch.Tensor, step: int, epoch: int, dtype=torch.float64) -> torch.Tensor:
         if self.kind == "none":
             return torch.zeros(len(samples), dtype=dtype, device=samples.device)
         if self.kind == "all":
             return torch.ones(len(samples), dtype=dtype, device=samples.device)
         if self.kind == "random":
-            return (uniform_coins(self.seed, samples.cpu(), step) < self.p).to(dtype).to(samples.device)
+            return (uniform_coins(self.seed, samples, step) < self.p).to(dtype)  # integer hash: equal on every device
         inside = any(a <= step < b for a, b in self.stages) or any(a <= epoch < b for a, b in self.stage_epochs)
         return torch.full((len(samples),), float(inside), dtype=dtype, device=samples.device)
 

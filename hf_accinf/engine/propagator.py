@@ -39,12 +39,12 @@ def propagate(rule: UpdateRule, plan: OccurrencePlan, policy: CorrectionPolicy, 
             for step in range(start, stop)
             if len(plan.steps[step].samples)
         }
-        if not any(bool(c.any()) for c in coefficients.values()):
+        if not any(policy.may_correct(step, int(epochs[step])) for step in coefficients):
             _classical_window(rule, plan, states, start, stop, coefficients, identity, boundary_chunk)
             bar.update(stop - start)
             continue
         forward = identity.clone()
-        occurred = torch.zeros(plan.size, dtype=torch.bool, device=device)
+        occurred = torch.zeros(plan.size, dtype=torch.bool)  # on the host: which rows the window touched
         operators = []
         for step in range(start, stop):
             ops = rule.at_step(step)
@@ -54,10 +54,10 @@ def propagate(rule: UpdateRule, plan: OccurrencePlan, policy: CorrectionPolicy, 
                 samples = occurrences.samples
                 states[samples] = ops.occurrence(states[samples] @ forward, occurrences.row_owner, occurrences.rows,
                                                  coefficients[step])
-                occurred[samples] = True
+                occurred[occurrences.host_samples if occurrences.host_samples is not None else samples.cpu()] = True
             forward = ops.apply(forward)
             bar.update()
-        absent = (~occurred).nonzero().flatten()
+        absent = (~occurred).nonzero().flatten().to(device, non_blocking=True)
         for lo in range(0, len(absent), boundary_chunk):
             chunk = absent[lo : lo + boundary_chunk]
             states[chunk] = states[chunk] @ forward

@@ -37,7 +37,10 @@ def sweep(rule: UpdateRule, plan: OccurrencePlan, policy: CorrectionPolicy, epoc
         states = torch.zeros(hi - lo, rule.state_dim, dtype=dtype, device=device)
         for step in tqdm(range(plan.num_steps), desc=f"sweep {lo}:{hi}", disable=not progress, leave=False):
             ops = rule.at_step(step)
-            samples, owner, rows, global_ids = _chunk_occurrences(plan.steps[step], lo, hi)
+            occurrences = plan.steps[step]
+            samples, owner, rows, global_ids = (  # one chunk: no masks (data-dependent shapes sync a GPU)
+                (occurrences.samples, occurrences.row_owner, occurrences.rows, occurrences.global_samples)
+                if hi - lo == plan.size else _chunk_occurrences(occurrences, lo, hi))
             moved = ops.apply(states)
             if len(samples):
                 c = policy.coefficients(global_ids, step, int(epochs[step]), dtype)

@@ -145,7 +145,8 @@ class AdamStep(RemovalStepOps):
 
     def occurrence(self, states, row_owner, rows, coefficient) -> torch.Tensor:
         theta = states[:, : self.rule.param_dim]
-        removed_grad, removed_hvp = removed_terms(self.batch, theta, row_owner, rows, coefficient)
+        removed_grad, removed_hvp = removed_terms(self.batch, theta, row_owner, rows, coefficient,
+                                                  self.rule.accumulative)
         gradient = self.batch.batch_grad.expand_as(theta)
         return removal_step(self._removal_map(states), gradient, self.batch.hvp(theta), removed_grad, removed_hvp,
                             coefficient, self.rule.removal)
@@ -166,7 +167,7 @@ class AdamRule(UpdateRule):
         decoupled = spec.kind.decoupled_decay
         self.decoupled = decay if decoupled else torch.zeros_like(decay)
         self.l2 = torch.zeros_like(decay) if decoupled else decay
-        self.has_l2 = bool((self.l2 != 0).any())
+        self.has_l2 = not decoupled and any(spec.groups[index].weight_decay for index in spec.group_of.values())
 
     def at_step(self, step: int) -> AdamStep:
         return AdamStep(self, step)

@@ -69,7 +69,7 @@ class UpdateRule(ABC):
     state_dim: int
     param_dim: int
     output: str = "embeddings"
-    accumulative: bool = False  # set by the registry: whether correction policies apply
+    accumulative: bool | None = None  # set by the registry: whether correction policies apply (None: not built there)
     parameter_space: bool = True  # whether embeddings are parameter changes (False: a projected space)
 
     def embed_gradient(self, gradient: torch.Tensor) -> torch.Tensor:

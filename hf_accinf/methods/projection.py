@@ -68,7 +68,7 @@ class GradientProjection:
 def projection_fingerprint(projection: GradientProjection) -> dict:
     """What identifies a projection (saved in scores.json): its width and its image of a fixed probe."""
     probe = torch.linspace(-1, 1, projection.input_dim, dtype=torch.float64)
-    image = projection(probe.to(projection.dtype)).double()
+    image = projection(probe.to(projection.device, projection.dtype)).double().cpu()
     return {"dim": projection.dim, "identity": projection.identity, "probe": [float(x) for x in image[:4]]}
 
 

@@ -46,13 +46,19 @@ class ClipMap:
                  gradient: torch.Tensor | None = None):
         self.batch, self.max_norm = batch, max_norm
         self.gradient = batch.batch_grad if gradient is None else gradient
-        squared = float(self.gradient @ self.gradient)
-        self.rest = max(recorded_norm**2 - squared, 0.0)
-        # a and n as rows() computes them, so that shared step and occurrences agree to the last bit.
-        norm = (self.rest + squared) ** 0.5
-        self.coef = clip_coefficient(norm, max_norm)
-        self.active = self.coef < 1.0
-        self.projection = 1.0 / (norm * (norm + CLIP_EPS)) if self.active else 0.0
+        # ``a``, ``n`` and the rank-one weight stay device tensors (no host synchronisation in the step loop):
+        # ``active`` is the host's decision to carry the rank-one term, whose weight is 0 on unclipped steps.
+        self.active = bool(max_norm) and max_norm > 0
+        if not self.active:
+            self.rest, self.coef, self.projection = 0.0, 1.0, 0.0
+            return
+        squared = self.gradient @ self.gradient
+        self.rest = (recorded_norm**2 - squared).clamp(min=0.0)
+        # a and n as rows() computes them, so that shared step and occurrences agree.
+        norm = (self.rest + squared).sqrt()
+        finite = torch.isfinite(norm)  # clip_coefficient: no clipping of a norm that is not finite
+        self.coef = torch.where(finite, (max_norm / (norm + CLIP_EPS)).clamp(max=1.0), 1.0)
+        self.projection = torch.where(finite & (self.coef < 1.0), 1.0 / (norm * (norm + CLIP_EPS)), 0.0)
 
     @classmethod
     def of_gradient(cls, gradient: torch.Tensor, max_norm: float, recorded_norm: float) -> "ClipMap":
@@ -63,11 +69,15 @@ class ClipMap:
     def clipped_gradient(self) -> torch.Tensor:
         return self.coef * self.gradient
 
+    def _rank_one(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``e - G (G . e) / (n (n + CLIP_EPS))`` for each row ``e`` (``e`` itself on unclipped steps)."""
+        return torch.addr(vectors, (vectors @ self.gradient) * -self.projection, self.gradient)
+
     def jacobian(self, vectors: torch.Tensor) -> torch.Tensor:
         """``clip(G, e)`` for each row ``e`` of ``vectors`` (m, P): symmetric, so also its transpose."""
         if not self.active:
-            return self.coef * vectors
-        return self.coef * torch.addr(vectors, vectors @ self.gradient, self.gradient, alpha=-self.projection)
+            return vectors
+        return self.coef * self._rank_one(vectors)
 
     def rows(self, gradient: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-wise ``(clip(G, e), a(G) G)`` for gradients ``G`` and vectors ``e`` (m, P); differentiable."""
@@ -91,13 +101,11 @@ class ClipMap:
         """``base + scale clip(G, H_B theta)`` (or ``base + scale H_B clip(G, theta)`` transposed), rows of ``theta``:
         one product with the batch curvature, the rank-one term on its result (forward) or on its input (adjoint)."""
         if not self.active:
-            return self.batch.hvp_add(theta, base, scale * self.coef)
-        if transpose:
-            projected = torch.addr(theta, theta @ self.gradient, self.gradient, alpha=-self.projection)
-            return self.batch.hvp_add(projected, base, scale * self.coef)
-        product = self.batch.hvp(theta)
-        product.addr_(product @ self.gradient, self.gradient, alpha=-self.projection)
-        return product.mul_(scale * self.coef) if base is None else base.add(product, alpha=scale * self.coef)
+            return self.batch.hvp_add(theta, base, scale)
+        if transpose:  # H_B is linear: the device scalar a goes on its input, the host scale on its output
+            return self.batch.hvp_add(self.coef * self._rank_one(theta), base, scale)
+        product = self._rank_one(self.batch.hvp(theta)).mul_(scale * self.coef)
+        return product if base is None else base.add(product)
 
 
 INJECTION_BLOCK_BYTES = 2**28
@@ -115,12 +123,20 @@ def removed_gradients(batch: BatchCurvature, row_owner: torch.Tensor, rows: torc
 
 
 def removed_terms(batch: BatchCurvature, theta: torch.Tensor, row_owner: torch.Tensor, rows: torch.Tensor,
-                  coefficient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per occurring sample: ``sum_r w_r g_r`` and, where ``c != 0``, ``sum_r w_r H_r theta`` (repeats counted)."""
+                  coefficient: torch.Tensor, accumulative: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per occurring sample: ``sum_r w_r g_r`` and, where ``c != 0``, ``sum_r w_r H_r theta`` (repeats counted).
+    ``accumulative``: the registry's word on the rule (``False``: ``c = 0`` everywhere, the policy was checked;
+    ``True``: every row's product, weighted by ``c != 0``, with no host synchronisation; ``None``: unknown, the
+    rows with ``c != 0`` are looked up)."""
     weights = batch.row_weight[rows][:, None]
     removed_grad = removed_gradients(batch, row_owner, rows, len(theta))
     removed_hvp = torch.zeros_like(theta)
+    if accumulative is False:
+        return removed_grad, removed_hvp
     corrected = coefficient[row_owner] != 0
+    if accumulative:
+        kept = weights * corrected[:, None].to(weights.dtype)
+        return removed_grad, removed_hvp.index_add_(0, row_owner, kept * batch.row_hvp(theta[row_owner], rows))
     if corrected.any():
         owners = row_owner[corrected]
         removed_hvp.index_add_(0, owners, weights[corrected] * batch.row_hvp(theta[owners], rows[corrected]))

@@ -42,7 +42,8 @@ class SGDStep(RemovalStepOps):
         self.rule, self.batch, self.removal = rule, problem.curvature.at_step(step), rule.removal
         self.state_dim = rule.state_dim
         self.lr = problem.learning_rates(step)
-        self.uniform_lr = float(self.lr[0]) if bool((self.lr == self.lr[0]).all()) else None
+        rates = {float(problem.trajectory.lr[step, group]) for group in problem.optimizer.group_of.values()}
+        self.uniform_lr = rates.pop() if len(rates) == 1 else None  # from the host's trajectory: no sync
         if self.removal == "exact":  # the counterfactual step needs every row's gradient
             self.batch.keep_row_grads()
         self.clip = ClipMap(self.batch, problem.optimizer.max_grad_norm, float(problem.trajectory.grad_norm[step]))
@@ -95,7 +96,7 @@ class SGDStep(RemovalStepOps):
     def occurrence(self, states, row_owner, rows, coefficient) -> torch.Tensor:
         theta = states[:, : self.rule.param_dim]
         batch = self.batch
-        removed_grad, removed_hvp = removed_terms(batch, theta, row_owner, rows, coefficient)
+        removed_grad, removed_hvp = removed_terms(batch, theta, row_owner, rows, coefficient, self.rule.accumulative)
         gradient = batch.batch_grad.expand_as(theta)
         change = removal_step(self.clip.rows, gradient, batch.hvp(theta), removed_grad, removed_hvp, coefficient,
                               self.rule.removal)
@@ -112,10 +113,11 @@ class SGDRule(UpdateRule):
         self.problem, self.removal = problem, removal
         curvature = problem.curvature
         self.param_dim = curvature.dim
-        self.decay = curvature.expand(problem.optimizer.per_parameter("weight_decay"))
-        self.has_decay = bool((self.decay != 0).any())
-        self.momentum = curvature.expand(problem.optimizer.per_parameter("momentum"))
-        self.has_momentum = bool((self.momentum != 0).any())
+        # Host-side decisions come from the optimizer's host values, never from device tensors (no sync).
+        decay, momentum = (problem.optimizer.per_parameter(name) for name in ("weight_decay", "momentum"))
+        self.decay, self.momentum = curvature.expand(decay), curvature.expand(momentum)
+        self.has_decay = any(value != 0 for value in decay.values())
+        self.has_momentum = any(value != 0 for value in momentum.values())
         self.nesterov = bool(problem.optimizer.uniform("nesterov")) if self.has_momentum else False
         self.state_dim = self.param_dim * (2 if self.has_momentum else 1)
 

@@ -124,7 +124,9 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
                                                    progress))
     if output is None:  # not the main process
         return None
-    scores, embeddings, trust, result = output.scores, output.embeddings, output.trust, output.result
+    # Results leave the device here: the writers, --verify's statistics and the dataset column read them on the host.
+    scores, trust, result = output.scores.cpu(), output.trust, output.result
+    embeddings = {name: value.cpu() for name, value in output.embeddings.items()}
     checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict(),
               "gauge": list(problem.gauge)}
     if args.verify:

@@ -83,7 +83,8 @@ def leave_one_out_effects(run: RunReader, train_dataset, collate_fn: Callable | 
         raise AccInfError("Every evaluation row is ignored (label -100): the evaluation loss is undefined.")
 
     def mean_loss(parameters) -> torch.Tensor:
-        return retraining.losses(parameters, batches) @ valid / valid.sum()
+        losses = retraining.losses(parameters, batches)
+        return losses @ valid.to(losses.device) / valid.sum()
 
     count = len(rows)
     scales = torch.ones(2 * count, retraining.length, dtype=torch.float64)
