@@ -41,6 +41,8 @@ def resolve_device(choice: str, process_device: torch.device | str | None = None
     (``PartialState().device``) when launched. ``cuda`` without a GPU, or a GPU index that does not exist,
     is refused here, before any work."""
     check_device_choice(choice)
+    if process_device is not None and torch.device(process_device).type == "cpu":
+        process_device = torch.device("cpu")  # gloo processes may report cpu:<rank>: one CPU device
     available = torch.cuda.is_available()
     if choice == "auto":
         if process_device is not None:

@@ -171,6 +171,28 @@ def default_states(run: RunReader, train_dataset, collate_fn=None, model: nn.Mod
     return CheckpointStates(run, train_dataset, collate_fn)
 
 
+class RecordedPrecision:
+    """A :class:`TrajectoryStates` provider whose every call runs under the training run's own TF32 flags
+    (``manifest.numerics``, :func:`~hf_accinf.devices.recorded_precision`): the scorer may allow TF32 for its own
+    products (:func:`~hf_accinf.devices.scorer_precision`), never for replay (DESIGN.md 6b)."""
+
+    def __init__(self, states: TrajectoryStates, numerics: dict):
+        self.states, self.numerics = states, numerics
+
+    def __getattr__(self, name: str):
+        value = getattr(self.states, name)
+        if not callable(value):
+            return value
+
+        def under_recorded_flags(*args, **kwargs):
+            from .devices import recorded_precision
+
+            with recorded_precision(self.numerics):
+                return value(*args, **kwargs)
+
+        return under_recorded_flags
+
+
 def deep_scope_unavailable(run: RunReader, device="cpu", model: nn.Module | None = None) -> str | None:
     """Why no scope outside the head can be scored on ``device`` (``None``: it can), before any work: the
     reason replay is impossible (:func:`~hf_accinf.trajectory.replay.replay_unavailable`), unless the run,
@@ -261,6 +283,8 @@ def problem_from_run(run: RunReader, dtype: torch.dtype = torch.float64, device=
         share = None if memory_budget is None else int(memory_budget) // 2
         if states is None:
             states = default_states(run, train_dataset, collate_fn, model, share, replay_tolerance, device)
+            if torch.device(device).type == "cuda":  # the TF32 flags decide nothing elsewhere
+                states = RecordedPrecision(states, manifest.numerics)
         scope, gauge = without_gauge(scope, states)
         names = list(scope.parameters)
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):

@@ -26,8 +26,9 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusa
 # --- resolution ---------------------------------------------------------------------------------------------
 
 def test_auto_is_the_process_device_when_launched_else_a_visible_gpu_else_the_cpu():
-    device, why = resolve_device("auto", process_device="cpu")
-    assert device == torch.device("cpu") and "accelerate" in why
+    for process in ("cpu", "cpu:1"):  # gloo processes may name their rank
+        device, why = resolve_device("auto", process_device=process)
+        assert device == torch.device("cpu") and "accelerate" in why
     device, why = resolve_device("auto")
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu")[0] == torch.device("cpu")
@@ -70,6 +71,24 @@ def test_precision_contexts_restore_the_flags():
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     with scorer_precision(torch.device("cpu"), torch.float32):  # nothing changes off CUDA
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_replay_runs_under_the_runs_own_flags_inside_the_scorers():
+    """The scorer may allow TF32 for its own products; a states provider wrapped in RecordedPrecision (as
+    problem_from_run wraps replay on CUDA) runs every call under the flags the manifest recorded."""
+    from hf_accinf.problem import RecordedPrecision
+
+    class States:
+        kind = "replay"
+
+        def parameters_at(self, step):
+            return step, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    wrapped = RecordedPrecision(States(), {"tf32_matmul": False, "tf32_cudnn": False})
+    with matmul_flags(True, True):  # the scorer's context on a GPU
+        assert wrapped.parameters_at(3) == (3, False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    assert wrapped.kind == "replay" and not hasattr(wrapped, "report")
 
 
 # --- end to end on the CPU ----------------------------------------------------------------------------------
@@ -203,3 +222,20 @@ def test_the_replay_runs_on_the_gpu_and_stays_within_its_tolerance(digits_run, t
     reference = _scores(digits_run, tmp_path, "cpu", "replayed")
     error = (result.scores.cpu() - reference.scores).norm() / reference.scores.norm()
     assert error <= 1e-3, f"replayed on cuda vs cpu: relative error {error:.2e}"
+
+
+@pytest.mark.cuda
+def test_tf32_on_a_gpu_is_planned_and_its_fidelity_cost_printed(digits_run, tmp_path):
+    """TF32 (10-bit mantissa, unit round-off 2^-11) for the scorer's float32 products: planned on CUDA only, and
+    its cost against float64 on the CPU printed for docs/ENGINE.md (the bound is a sanity check, not the claim)."""
+    root, train, held_out = digits_run
+    scores = {}
+    for name, device, dtype, tf32 in (("tf32", "cuda", "float32", True), ("exact", "cpu", "float64", False)):
+        args = ScoreArguments(run_dir=str(root / "sgd"), output_dir=str(tmp_path / name), device=device, dtype=dtype,
+                              allow_tf32=tf32, trust_probes=0)
+        result = score_run(args, train, held_out, progress=False, states=_checkpoint_states(digits_run))
+        assert result.summary.plan["tf32"] is tf32
+        scores[name] = result.scores.double()
+    error = float((scores["tf32"] - scores["exact"]).norm() / scores["exact"].norm())
+    print(f"TF32 float32 whole-model sgd-ie adjoint on cuda vs float64 on cpu: relative error {error:.2e}")
+    assert error < 1e-2

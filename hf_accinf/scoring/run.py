@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..config import ScoreArguments
 from ..curvature.model import ModelCurvature
-from ..devices import scorer_precision
+from ..devices import recorded_precision, scorer_precision
 from ..inputs.collate import eval_collator
 from ..inputs.evaluation import check_eval_labels
 from ..engine import ShardContext
@@ -134,9 +134,10 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
 
         logger.info("verify: retraining the run and %d rows out by replay (weight 0 and 0.5) together, %d steps",
                     args.verify, run.num_steps)
-        checks["verify"] = verify(run, train_dataset, train_collate, eval_dataset, scores, args.verify,
-                                  args.verify_seed, eval_collate_fn=train_collate, device=plan.device,
-                                  memory_budget=plan.memory_budget, progress=progress, model=model)
+        with recorded_precision(run.manifest.numerics):  # retraining replays the run: its own TF32 flags
+            checks["verify"] = verify(run, train_dataset, train_collate, eval_dataset, scores, args.verify,
+                                      args.verify_seed, eval_collate_fn=train_collate, device=plan.device,
+                                      memory_budget=plan.memory_budget, progress=progress, model=model)
         logger.info("verify: %s", describe(checks["verify"]))
     states = getattr(curvature, "states", None)
     if hasattr(states, "report"):
