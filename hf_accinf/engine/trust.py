@@ -183,7 +183,7 @@ def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4,
     plan = build_plan(trajectory, 0, problem.num_samples, device) if injected is not None else None
     block = _padded(probe, size)
     product = torch.eye(len(block), dtype=dtype, device=device)  # block_t = (R_{t-1} ... R_0)^T Q_t
-    log_scale = 0.0
+    log_scale = torch.zeros((), dtype=dtype, device=device)  # a tensor: no host synchronisation per step
     growth: list[float] = []
     epochs = trajectory.epoch.tolist()
     for step in range(steps):
@@ -202,18 +202,19 @@ def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4,
         product, scale = _rescaled(r @ product)
         log_scale += scale
         if step + 1 == steps or epochs[step + 1] != epochs[step]:
-            growth.append(_log10_norm(product.T @ block[:, :params], log_scale))
+            growth.append(_log10_norm(product.T @ block[:, :params], float(log_scale)))  # once per epoch
         bar.update()
     bar.close()
     return growth[-1], [10.0**g if g < 300 else math.inf for g in growth]
 
 
-def _rescaled(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``matrix / n`` and ``log n`` (natural), ``n`` its largest entry, against overflow of long products."""
-    norm = float(matrix.abs().max())
-    if norm == 0.0 or not math.isfinite(norm):
-        return matrix, 0.0
-    return matrix / norm, math.log(norm)
+def _rescaled(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``matrix / n`` and ``log n`` (natural), ``n`` its largest entry, against overflow of long products
+    (``n`` 0 or not finite: unchanged, log 0); device tensors, read by no host branch."""
+    norm = matrix.abs().amax()
+    usable = (norm > 0) & torch.isfinite(norm)
+    safe = torch.where(usable, norm, torch.ones_like(norm))
+    return matrix / safe, safe.log()
 
 
 def _log10_norm(matrix: torch.Tensor, log_scale: float) -> float:

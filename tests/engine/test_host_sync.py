@@ -118,3 +118,17 @@ def test_on_a_gpu_the_step_loops_never_synchronise(optimizer, backend, form, mon
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert result.is_cuda and bool(torch.isfinite(result).all())
+
+
+def test_the_power_iteration_reads_no_device_value_inside_its_epochs():
+    """The trust check of the forward form (tangent_growth) reads the device once per epoch boundary only: one
+    epoch of a run on the meta device reaches the single read at the run's end."""
+    from hf_accinf.engine.trust import tangent_growth
+
+    problem = _problem("sgd", "linear")
+    problem.trajectory.epoch.zero_()  # one epoch: the only host read is the final figure's
+    rule = build_method(problem, "sgd-ie")
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta") as error:
+        tangent_growth(rule, problem, probes=2, iterations=1, dtype=torch.float64, device=META)
+    assert any(frame.name == "tangent_growth" and "float(log_scale)" in str(frame.statement)
+               for frame in error.traceback), "a host read happened before the epoch's end"
