@@ -113,13 +113,14 @@ class AdamDisplacement:
         self.problem, self.beta1, self.beta2, self.eps, self.l2 = problem, beta1, beta2, eps, l2
         self.first = torch.zeros_like(beta1)
         self.second = torch.zeros_like(beta1)
+        self.has_l2 = bool((l2 != 0).any())  # once, not at every step
 
     def at(self, step: int, batch_grad: torch.Tensor, clip: float) -> torch.Tensor:
         problem, curvature = self.problem, self.problem.curvature
         beta1, beta2, eps = self.beta1, self.beta2, self.eps
         count = int(problem.trajectory.optimizer_step_count[step]) + 1
         gradient = clip * batch_grad
-        if bool((self.l2 != 0).any()):
+        if self.has_l2:
             gradient = gradient + self.l2 * curvature.optimizer_state(step, "param")
         m = beta1 * curvature.optimizer_state(step, "exp_avg") + (1 - beta1) * gradient
         v = beta2 * curvature.optimizer_state(step, "exp_avg_sq") + (1 - beta2) * gradient * gradient
@@ -223,11 +224,7 @@ class DVEmbRule(UpdateRule):
             else:
                 direction = curvature.expand({name: float(self.rates[step, index]) for name, index in spec.group_of.items()})
                 decay = direction * self.decay_rate
-            decay = float(decay.mean())
-            if not 0.0 <= decay < 1.0:
-                raise AccInfError(f"DVEmb: the projected state's decay at step {step} is {decay:.3g} (Adam's L2 weight "
-                                  "decay through a preconditioner near 1/eps): it must lie in [0, 1). Train with AdamW "
-                                  "(decoupled decay) or score with adam-ie.")
+            decay = decay.mean()  # a device scalar: checked for every step at once after the pass (no sync per step)
             gradients = batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
             clip_map = ClipMap.of_gradient(batch.batch_grad, spec.max_grad_norm, float(trajectory.grad_norm[step]))
             if self.curvature_form == "fisher":
@@ -240,6 +237,13 @@ class DVEmbRule(UpdateRule):
             update, curve_update = self.projection(moved).split([len(gradients), len(columns)])
             weight = batch.row_weight.repeat_interleave(len(columns) // len(gradients))
             factors[step] = (update, batch.row_weight, decay, curve_update, self.projection(columns), weight)
+        decays = torch.stack([factor[2] for factor in factors]).cpu() if steps else torch.zeros(0)
+        outside = ((decays < 0) | (decays >= 1)).nonzero().flatten()
+        if len(outside):
+            step = int(outside[-1])
+            raise AccInfError(f"DVEmb: the projected state's decay at step {step} is {float(decays[step]):.3g} (Adam's "
+                              "L2 weight decay through a preconditioner near 1/eps): it must lie in [0, 1). Train with "
+                              "AdamW (decoupled decay) or score with adam-ie.")
         return factors
 
     def factors(self, step: int) -> tuple:
