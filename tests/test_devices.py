@@ -209,9 +209,12 @@ def test_scores_on_cuda_equal_scores_on_the_cpu(digits_run, tmp_path, case, dtyp
     on = {device: _scores(digits_run, tmp_path, device, case, _checkpoint_states(digits_run) if exact else None,
                           "sgd" if exact else "run", dtype=dtype, **options) for device in ("cpu", "cuda")}
     _assert_close(on["cuda"].scores, on["cpu"].scores, getattr(torch, dtype))
-    if case == "verify":
-        for key in ("kendall_tau", "pearson_r"):
-            assert on["cuda"].verify[key] == pytest.approx(on["cpu"].verify[key], abs=1e-6)
+    if case == "verify":  # the same rows retrained out; float32 retraining on two devices, and the truth is a
+        # difference of nearby losses: within 1e-2 of its norm
+        cuda, cpu = on["cuda"].verify, on["cpu"].verify
+        assert cuda["rows"] == cpu["rows"]
+        truth = torch.tensor(cpu["truth"], dtype=torch.float64)
+        assert (torch.tensor(cuda["truth"], dtype=torch.float64) - truth).norm() <= 1e-2 * truth.norm()
 
 
 @pytest.mark.cuda
