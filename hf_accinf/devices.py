@@ -81,16 +81,20 @@ def available_memory_gb(device: torch.device) -> float | None:
 
 def resolve_memory_budget(asked_gb: float | None, device: torch.device) -> tuple[float, str]:
     """``(GiB, why)``: an explicit budget wins; on CUDA :data:`CUDA_FREE_SHARE` of the free GPU memory; on CPU
-    :data:`CPU_BUDGET_GB`, or :data:`CPU_FREE_SHARE` of the available RAM when that is less."""
+    :data:`CPU_BUDGET_GB`, or :data:`CPU_FREE_SHARE` of the available RAM (split between the processes launched
+    on this machine) when that is less."""
     if asked_gb is not None:
         return float(asked_gb), f"{asked_gb:g} GiB, as asked"
     free = available_memory_gb(device)
     if device.type == "cuda":
         return CUDA_FREE_SHARE * free, f"auto: {CUDA_FREE_SHARE:.0%} of the {free:.1f} GiB free on {device}"
-    if free is None or CPU_FREE_SHARE * free >= CPU_BUDGET_GB:
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # launched processes share the machine's RAM
+    share = None if free is None else CPU_FREE_SHARE * free / processes
+    if share is None or share >= CPU_BUDGET_GB:
         return CPU_BUDGET_GB, f"auto: {CPU_BUDGET_GB:g} GiB on the CPU"
-    budget = max(CPU_FREE_SHARE * free, 0.25)
-    return budget, f"auto: {CPU_FREE_SHARE:.0%} of the {free:.1f} GiB of RAM available (under {CPU_BUDGET_GB:g} GiB)"
+    budget = max(share, 0.25)
+    return budget, (f"auto: {CPU_FREE_SHARE:.0%} of the {free:.1f} GiB of RAM available"
+                    + (f", shared by {processes} processes" if processes > 1 else "") + f" (under {CPU_BUDGET_GB:g} GiB)")
 
 
 def _matmul_flags() -> tuple[bool, bool]:

@@ -59,6 +59,8 @@ def test_an_explicit_budget_wins_and_the_automatic_one_is_bounded_on_the_cpu(mon
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Scarce)
     budget, why = resolve_memory_budget(None, torch.device("cpu"))
     assert budget == pytest.approx(1.5) and "RAM available" in why
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two launched processes on this machine: half each
+    assert resolve_memory_budget(None, torch.device("cpu"))[0] == pytest.approx(0.75)
 
 
 def test_precision_contexts_restore_the_flags():
@@ -242,3 +244,16 @@ def test_tf32_on_a_gpu_is_planned_and_its_fidelity_cost_printed(digits_run, tmp_
     error = float((scores["tf32"] - scores["exact"]).norm() / scores["exact"].norm())
     print(f"TF32 float32 whole-model sgd-ie adjoint on cuda vs float64 on cpu: relative error {error:.2e}")
     assert error < 1e-2
+
+
+@pytest.mark.cuda
+def test_the_command_scores_on_a_gpu_and_writes_the_column(digits_run, tmp_path):
+    """`hf-accinf score --device cuda` end to end: the plan names the GPU, the results come back to the host for
+    the files and the dataset column, and they equal the CPU's (the head in float64)."""
+    root, _, _ = digits_run
+    for device in ("cuda", "cpu"):
+        assert _cli(root, tmp_path / device, "--device", device, "--modules", "head") == 0
+    plan = json.loads((tmp_path / "cuda" / "scores.json").read_text())["plan"]
+    assert plan["device"].startswith("cuda") and plan["reasons"]["memory_budget"].startswith("auto")
+    _assert_close(load_scores(tmp_path / "cuda"), load_scores(tmp_path / "cpu"), torch.float64)
+    assert (tmp_path / "cuda" / "dataset").is_dir()
