@@ -124,7 +124,8 @@ class ScoreArguments:
         "help": "Memory (GiB) for per-sample states before chunking, and for the models --verify retrains "
                 "together; deep scopes split it between the replay's cache of states and the model backend's row "
                 "blocks (beyond it: sub-intervals recomputed, smaller blocks). Default (auto): on a GPU 70%% of its "
-                "free memory; on the CPU 4 GiB, or half the available RAM when that is less."})
+                "free memory; on the CPU 4 GiB, or half the available RAM (split between the processes launched on the "
+                "machine) when that is less."})
     replay_tolerance: float = field(default=1e-4, metadata={  # = trajectory.replay.REPLAY_TOLERANCE
         "help": "Deep scopes: largest accepted relative error of the replay at each checkpoint (of the outputs, the "
                 "parameters and the optimizer state, gauge tensors left out); a replay beyond it is refused."})
