@@ -109,7 +109,8 @@ class HeadCurvature(ABC):
 
     def parameters_at(self, step: int) -> dict[str, torch.Tensor]:
         """The parameters this backend's objective side takes, before step ``step`` (head backends: the head's)."""
-        return {name: values[step] for name, values in self.trajectory.params.items()}
+        steps = getattr(self, "_step_params", None) or self.trajectory.params  # the device copy, when a backend keeps one
+        return {name: values[step] for name, values in steps.items()}
 
     @abstractmethod
     def example_grads(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
