@@ -19,6 +19,12 @@ positions, whose float32 random walk no replay reproduces; their error is report
 beyond :data:`REPLAY_TOLERANCE` (``--replay_tolerance``) in (a), (b) or (c) is refused with the reason it
 can happen. :func:`replay_unavailable` says beforehand why a run cannot be replayed at all.
 
+Random states: a run trained on a GPU recorded each micro-batch's CUDA generator state too. On a CUDA device
+the replay restores both; elsewhere it accepts the run only when its randomness decides nothing (no positive
+dropout-like config field, no active ``nn.Dropout``, and a training-mode forward draws no random number:
+:func:`draws_random_numbers`), ignores the CUDA states and says so (``ReplayReport.randomness``); otherwise
+it refuses and names ``--device cuda``.
+
 Numerics: the replay runs under the training run's thread count (``numerics.torch_threads`` in the
 manifest, capped at the CPUs available here), because CPU reductions are split by thread, and weighs the
 rows by the recorded weights snapped to the reciprocal integers the Trainer used (:func:`exact_weights`).
@@ -123,6 +129,7 @@ class ReplayReport:
     intervals: list[IntervalError]
     tolerance: float
     gauge: tuple[str, ...] = ()  # the gauge tensors left out of the judged norms
+    randomness: str = ""  # which recorded random states the replay restored, or why it ignored them
 
     @property
     def max_rel(self) -> float:
@@ -133,7 +140,8 @@ class ReplayReport:
         return self.max_rel <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tolerance": self.tolerance, "max_rel": self.max_rel, "ok": self.ok, "gauge": list(self.gauge),
+        return {"tolerance": self.tolerance, "max_rel": self.max_rel, "ok": self.ok, "randomness": self.randomness,
+                "gauge": list(self.gauge),
                 "gauge_max_rel": max((i.gauge_rel for i in self.intervals), default=0.0),
                 "output_max_rel": max((i.output_rel for i in self.intervals), default=0.0),
                 "intervals": [asdict(interval) for interval in self.intervals]}
@@ -209,9 +217,32 @@ def replay_unavailable(run: RunReader, device: str | torch.device = "cpu",
         return f"Replay supports torch SGD, Adam and AdamW, not {manifest.optimizer_class}."
     if torch.device(device).type != "cuda" and run.trajectory().rng_cuda is not None \
             and has_dropout(manifest.model_config, model):
-        return ("This run was trained on a GPU with dropout: its dropout masks come from the CUDA generator. "
-                "Replay it on a GPU (device='cuda'), or train with dropout off.")
+        return GPU_RANDOMNESS
     return None
+
+
+GPU_RANDOMNESS = ("This run was trained on a GPU with dropout (or another layer that draws random numbers in "
+                  "training): its masks came from the CUDA generator, whose recorded states only a GPU restores. "
+                  "Score it on a GPU: `hf-accinf score --device cuda` (device='cuda'); or record with dropout off.")
+
+
+def draws_random_numbers(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> bool:
+    """Whether a training-mode forward of ``model`` on ``inputs`` draws from the random generator of the
+    inputs' device: the rule, beyond :func:`has_dropout`'s config fields and modules, that catches any random
+    layer (a functional dropout, layer drop, stochastic depth, noise). Run once, without gradients; the
+    model's mode and the generator's state are restored."""
+    device = next(iter(v for v in inputs.values() if isinstance(v, torch.Tensor))).device
+    get_state, set_state = (torch.get_rng_state, torch.set_rng_state) if device.type == "cpu" else \
+        (lambda: torch.cuda.get_rng_state(device), lambda s: torch.cuda.set_rng_state(s, device))
+    saved, was_training = get_state(), model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return not torch.equal(saved, get_state())
+    finally:
+        set_state(saved)
+        model.train(was_training)
 
 
 def available_threads() -> int:
@@ -268,15 +299,10 @@ class Replay:
         self.trajectory = run.trajectory()
         # ``model``: the run's model or a factory, when its class cannot be imported (RunReader.build_model).
         self.model = run.build_model(step=0, model=copy.deepcopy(model) if isinstance(model, torch.nn.Module) else model).to(self.device)
-        self.restore_cuda_rng = self.trajectory.rng_cuda is not None and self.device.type == "cuda"
-        if self.trajectory.rng_cuda is not None and not self.restore_cuda_rng:
-            reason = replay_unavailable(run, self.device, self.model)  # the built model's dropout modules too
-            if reason is not None:
-                raise AccInfError(reason)
-            logger.info("replaying a GPU run on %s: its CUDA random states are not restored (the model has no "
-                        "dropout, so they decide nothing)", self.device)
         self.num_threads = self._threads(manifest.numerics.get("torch_threads"))
         self.collate = model_collator(self.model, collate_fn)
+        self.restore_cuda_rng = self.trajectory.rng_cuda is not None and self.device.type == "cuda"
+        self.randomness = self._randomness(run)
         self.num_labels = manifest.loss.num_labels
         self.smoothing = manifest.loss.label_smoothing
         self.max_grad_norm = manifest.training.max_grad_norm
@@ -294,6 +320,22 @@ class Replay:
         self._dense: dict[int, State] = {}
         self._gauge: tuple[str, ...] | None = None
         self._probe_model: torch.nn.Module | None = None
+
+    def _randomness(self, run: RunReader) -> str:
+        """Which recorded random states the replay restores; a GPU run replayed elsewhere is accepted only when
+        its random states decide nothing (no dropout in the config or the modules, and a training-mode forward
+        of the first step's rows draws no random number), and refused otherwise (:data:`GPU_RANDOMNESS`)."""
+        if self.trajectory.rng_cuda is None:
+            return f"restored: CPU random states on {self.device}"
+        if self.restore_cuda_rng:
+            return f"restored: CPU and CUDA random states on {self.device}"
+        if replay_unavailable(run, self.device, self.model) is not None or \
+                (self.num_steps > 0 and draws_random_numbers(self.model, self.batch_inputs(0)[0][0])):
+            raise AccInfError(GPU_RANDOMNESS)
+        message = (f"unused (dropout off, no random layer): the run's CUDA random states are ignored on "
+                   f"{self.device}")
+        logger.info("replaying a GPU run: %s", message)
+        return message
 
     @staticmethod
     def _threads(recorded: int | None) -> int | None:
@@ -356,7 +398,7 @@ class Replay:
     def report(self) -> ReplayReport:
         """The errors of the intervals replayed so far."""
         return ReplayReport([self.errors[key] for key in sorted(self.errors)], self.tolerance,
-                            self._gauge if self._gauge is not None else ())
+                            self._gauge if self._gauge is not None else (), self.randomness)
 
     def gauge_parameters(self) -> tuple[str, ...]:
         """The parameters that do not change the model's outputs (:mod:`.gauge`), found once at the first and
