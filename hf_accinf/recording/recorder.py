@@ -62,6 +62,8 @@ class TrajectoryRecorder(TrainerCallback):
         self.writer: RunWriter | None = None
         self.epoch: int | None = None
         self.checked_weights = False
+        self.tolerance = 1e-3  # of the loss-weight fit and the head-gradient check; a mixed-precision run's own
+        # rounding raises it (schema.MIXED_PRECISION_TOLERANCE, set in on_train_begin)
 
     @property
     def is_main(self) -> bool:
@@ -73,6 +75,7 @@ class TrajectoryRecorder(TrainerCallback):
         optimizer = base_optimizer(trainer.optimizer)
         check_optimizer(optimizer)
         manifest = build_manifest(trainer, optimizer)
+        self.tolerance = max(1e-3, schema.MIXED_PRECISION_TOLERANCE.get(manifest.training.precision, 0.0))
         run_dir = trainer.run_dir
         if self.is_main:
             if trainer.resuming:
@@ -161,7 +164,7 @@ class TrajectoryRecorder(TrainerCallback):
         self._check_finite(step, [batch.logits for batch in batches])
         local = []
         for batch in batches:
-            weights = measure_row_weights(batch, smoothing) / world
+            weights = measure_row_weights(batch, smoothing, self.tolerance) / world
             local.append((batch.rows, weights, batch.labels, batch.head_input, batch.logits, replay_state(batch)))
         parts = gather_object([local]) if world > 1 else [local]
         micro = [item for process in parts for item in process]
@@ -249,7 +252,7 @@ class TrajectoryRecorder(TrainerCallback):
             if grad is None:
                 continue
             observed = record[schema.GRAD_PREFIX + name].double() / clip
-            if (observed - grad).norm() > 1e-3 * max(grad.norm().item(), 1e-8) + 1e-6:
+            if (observed - grad).norm() > self.tolerance * max(grad.norm().item(), 1e-8) + 1e-6:
                 raise AccInfError(
                     f"Replaying the head on the recorded inputs does not reproduce the gradient of '{name}' that the "
                     "optimizer used. The head must be a deterministic function of one input (no dropout inside it; "

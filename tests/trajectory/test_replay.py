@@ -202,8 +202,8 @@ def test_replay_unavailable_says_why_before_any_work(bert_run, vit_run, tmp_path
     assert report.to_dict()["randomness"].startswith("unused (dropout off") and "CUDA random states" in report.randomness
     assert Replay(vit, vit_data).report().to_dict()["randomness"] == "restored: CPU random states on cpu"
     mixed = RunReader(vit.run_dir)
-    mixed.manifest.training.bf16 = True
-    assert "mixed-precision" in replay_unavailable(mixed)
+    mixed.manifest.training.fp16 = True  # bf16 runs replay under their autocast (test_replay_precision.py)
+    assert "fp16 runs" in replay_unavailable(mixed)
     old = RunReader(vit.run_dir)
     old.manifest.schema_version = 1
     assert "schema 1" in replay_unavailable(old) and "schema 1" in deep_scope_unavailable(old)
