@@ -144,8 +144,9 @@ def to_host(tensors: list[torch.Tensor | None], copy: bool | list[bool] = False)
         if tensor is None or tensor.device.type == "cpu":
             hosts.append(tensor.detach().clone() if cloned and tensor is not None else tensor)
             continue
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
-        hosts.append(host.copy_(tensor.detach(), non_blocking=True))
+        cuda = tensor.device.type == "cuda"
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+        hosts.append(host.copy_(tensor.detach(), non_blocking=cuda))
         devices.add(tensor.device)
     for device in devices:
         if device.type == "cuda":
