@@ -245,3 +245,21 @@ def test_a_gpu_run_with_dropout_replays_on_the_gpu_with_its_cuda_random_states(t
     replay = Replay(run, data, device="cuda")
     report = replay.check()
     assert report.ok and report.randomness.startswith("restored: CPU and CUDA"), report.to_dict()
+
+
+@pytest.mark.cuda
+def test_a_gpu_run_without_dropout_replays_on_the_cpu_ignoring_its_cuda_random_states(tmp_path):
+    """ViT has no dropout: its GPU run replays on the CPU (other kernels: judged by the replay check). TF32 is
+    off while recording, as float32 replay on the CPU cannot follow TF32 rounding."""
+    data = digits_dataset(num_rows=VIT_ROWS)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        record_run(tiny_vit(), data, tmp_path / "run", recording={"checkpoint_every": 4}, use_cpu=False, optim="sgd",
+                   learning_rate=0.05, max_grad_norm=1.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    run = RunReader(tmp_path / "run")
+    assert run.trajectory().rng_cuda is not None
+    report = Replay(run, data).check()
+    assert report.ok and report.randomness.startswith("unused (dropout off"), report.to_dict()

@@ -66,3 +66,17 @@ def test_whole_model_scores_of_a_bf16_run(bf16_run, tmp_path):
     assert result.replay["tolerance"] == schema.MIXED_PRECISION_TOLERANCE["bf16"]
     assert result.scores.shape == (ROWS,) and torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
 
+
+
+@pytest.mark.cuda
+def test_a_bf16_run_trained_on_the_gpu_replays_on_the_gpu(tmp_path):
+    """The GPU check: recorded under CUDA bf16 autocast with dropout, replayed on the GPU with its CUDA random
+    states and the same autocast, within the bf16 tolerance."""
+    data = synthetic_text_dataset(num_rows=ROWS)
+    record_run(tiny_bert(), data, tmp_path / "run", recording={"checkpoint_every": 3}, bf16=True, use_cpu=False,
+               gradient_accumulation_steps=2, per_device_train_batch_size=2, max_grad_norm=0.5, learning_rate=3e-3)
+    run = RunReader(tmp_path / "run")
+    assert run.manifest.numerics["device"] == "cuda" and run.manifest.numerics["autocast_dtype"] == "bfloat16"
+    report = Replay(run, data, device="cuda").check()
+    assert report.ok and report.precision == "bf16" and report.randomness.startswith("restored: CPU and CUDA"), \
+        report.to_dict()
