@@ -77,7 +77,7 @@ class RecordingSource(Protocol):
     head_selection: HeadSelection
     capture: HeadCapture
     resuming: bool
-    last_grad_norm: float
+    last_grad_norm: torch.Tensor | float  # the pre-clip norm of the step (a tensor on the training device)
 
 
 class TrajectoryRecorder(TrainerCallback):
@@ -193,7 +193,10 @@ class TrajectoryRecorder(TrainerCallback):
                         (param, param.grad, *(optimizer.state.get(param, {}).get(key) for key in state_keys))]
         # One host transfer for the step: the micro-batches' captures and the head's parameters, gradients and
         # optimizer state (asynchronous on CUDA, one synchronisation).
-        batches, head_tensors = host_micro_batches(trainer.capture.take(), *head_tensors)
+        norm = trainer.last_grad_norm
+        norm_tensor = norm if isinstance(norm, torch.Tensor) else None
+        batches, (*head_tensors, norm_tensor) = host_micro_batches(trainer.capture.take(), *head_tensors, norm_tensor)
+        norm = float(norm_tensor) if norm_tensor is not None else float(norm)
         self._check_finite(step, [batch.logits for batch in batches], head_tensors[1::2 + len(state_keys)])
         local = {schema.ROW_INDEX: torch.cat([batch.rows for batch in batches]),
                  schema.ROW_WEIGHT: torch.cat([measure_row_weights(batch, smoothing, self.tolerance) / world
@@ -207,7 +210,6 @@ class TrajectoryRecorder(TrainerCallback):
             return {}
         rows, weights, labels, head_input, logits = (gathered[key] for key in (
             schema.ROW_INDEX, schema.ROW_WEIGHT, schema.LABELS, schema.HEAD_INPUT, LOGITS))
-        norm = trainer.last_grad_norm
         max_norm = trainer.args.max_grad_norm
         clip = clip_coefficient(norm, max_norm)
         losses = cross_entropy_rows(logits.double(), target_distribution(labels, logits.shape[-1], smoothing))

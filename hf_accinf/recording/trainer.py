@@ -120,7 +120,7 @@ class AccInfTrainer(Trainer):
                 "('adamw_torch' is the default).", UserWarning, stacklevel=2)
         self.capture = HeadCapture(self.head_selection.head)
         self.resuming = False
-        self.last_grad_norm: float = math.nan
+        self.last_grad_norm: torch.Tensor | float = math.nan  # a device tensor: read at the optimizer step
         self.add_callback(TrajectoryRecorder(self))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -157,5 +157,5 @@ class AccInfTrainer(Trainer):
 
     def _clip_grad_norm(self, model):
         norm = super()._clip_grad_norm(model)
-        self.last_grad_norm = float(norm)
+        self.last_grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else float(norm)  # no sync here
         return norm
