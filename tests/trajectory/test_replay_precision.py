@@ -80,3 +80,12 @@ def test_a_bf16_run_trained_on_the_gpu_replays_on_the_gpu(tmp_path):
     report = Replay(run, data, device="cuda").check()
     assert report.ok and report.precision == "bf16" and report.randomness.startswith("restored: CPU and CUDA"), \
         report.to_dict()
+
+
+def test_summary_check_replay_names_the_precision(bf16_run, tmp_path):
+    from hf_accinf.commands.summary import summary
+
+    run, data = bf16_run
+    data.save_to_disk(str(tmp_path / "train"))
+    text = summary(run.run_dir, check_replay=True, train_data=str(tmp_path / "train"))
+    assert "mixed precision bf16" in text and "within the tolerance 0.01" in text
