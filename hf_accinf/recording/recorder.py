@@ -25,6 +25,7 @@ from ..errors import AccInfError
 from ..losses import clip_coefficient, cross_entropy_rows, target_distribution
 from ..scope import HeadSelection
 from ..trajectory import schema
+from ..trajectory.replay import exact_weights
 from ..trajectory.schema import Manifest
 from ..optimizers import check_optimizer, optimizer_kind
 from .capture import (HeadCapture, host_micro_batches, measure_row_weights, optimizer_checkpoint, replay_state,
@@ -90,6 +91,7 @@ class TrajectoryRecorder(TrainerCallback):
         self.checked_weights = False
         self.tolerance = 1e-3  # of the loss-weight fit and the head-gradient check; a mixed-precision run's own
         # rounding raises it (schema.MIXED_PRECISION_TOLERANCE, set in on_train_begin)
+        self.weight_snap: float | None = None  # mixed precision: measured weights snapped to 1 / k within it
 
     @property
     def is_main(self) -> bool:
@@ -102,6 +104,7 @@ class TrajectoryRecorder(TrainerCallback):
         check_optimizer(optimizer)
         manifest = build_manifest(trainer, optimizer)
         self.tolerance = max(1e-3, schema.MIXED_PRECISION_TOLERANCE.get(manifest.training.precision, 0.0))
+        self.weight_snap = schema.MIXED_PRECISION_ROUNDOFF.get(manifest.training.precision)
         run_dir = trainer.run_dir
         if self.is_main:
             if trainer.resuming:
@@ -205,6 +208,8 @@ class TrajectoryRecorder(TrainerCallback):
                  schema.HEAD_INPUT: torch.cat([batch.head_input for batch in batches]),
                  LOGITS: torch.cat([batch.logits for batch in batches]),
                  **stack_replay_states([replay_state(batch) for batch in batches])}
+        if self.weight_snap is not None:  # rounded logit gradients: weights measured to the unit roundoff only
+            local[schema.ROW_WEIGHT] = exact_weights(local[schema.ROW_WEIGHT], self.weight_snap)
         gathered = gather_rows(local, trainer.accelerator) if world > 1 else local
         if not self.is_main:
             return {}

@@ -307,7 +307,7 @@ class Replay:
         floor = schema.MIXED_PRECISION_TOLERANCE.get(self.precision, 0.0)
         self.tolerance, self.check_steps = max(tolerance, floor), check_steps
         self.cheap_tolerance = max(CHEAP_CHECK_TOLERANCE, floor)
-        self.weight_snap = torch.finfo(self.autocast_dtype).eps / 2 if self.autocast_dtype is not None else 1e-6
+        self.weight_snap = schema.MIXED_PRECISION_ROUNDOFF.get(self.precision, 1e-6)
         trained_on = manifest.numerics.get("device", self.device.type)
         if self.autocast_dtype is not None and trained_on != self.device.type:
             logger.info("the run autocast its forward to %s on %s; the replay autocasts on %s (other kernels: the "
