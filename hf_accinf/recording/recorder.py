@@ -191,7 +191,7 @@ class TrajectoryRecorder(TrainerCallback):
         smoothing = trainer.args.label_smoothing_factor
         optimizer = base_optimizer(trainer.optimizer)
         state_keys = optimizer_kind(type(optimizer).__name__).state_keys
-        head = list(trainer.head_selection.head.named_parameters())
+        head, per_param = list(trainer.head_selection.head.named_parameters()), 2 + len(state_keys)
         head_tensors = [tensor for _, param in head for tensor in
                         (param, param.grad, *(optimizer.state.get(param, {}).get(key) for key in state_keys))]
         # One host transfer for the step: the micro-batches' captures and the head's parameters, gradients and
@@ -200,7 +200,7 @@ class TrajectoryRecorder(TrainerCallback):
         norm_tensor = norm if isinstance(norm, torch.Tensor) else None
         batches, (*head_tensors, norm_tensor) = host_micro_batches(trainer.capture.take(), *head_tensors, norm_tensor)
         norm = float(norm_tensor) if norm_tensor is not None else float(norm)
-        self._check_finite(step, [batch.logits for batch in batches], head_tensors[1::2 + len(state_keys)])
+        self._check_finite(step, [batch.logits for batch in batches], head_tensors[1::per_param])
         local = {schema.ROW_INDEX: torch.cat([batch.rows for batch in batches]),
                  schema.ROW_WEIGHT: torch.cat([measure_row_weights(batch, smoothing, self.tolerance) / world
                                                for batch in batches]),
@@ -231,7 +231,7 @@ class TrajectoryRecorder(TrainerCallback):
             schema.LOSS: (weights.double() * losses).sum(),  # weights are global: they sum over all processes
             **{key: gathered[key] for key in schema.MICRO_KEYS if key in gathered},
         }
-        step_count, per_param = 0, 2 + len(state_keys)
+        step_count = 0
         for index, (name, param) in enumerate(head):
             value, grad, *states = head_tensors[index * per_param:(index + 1) * per_param]
             record[schema.PARAM_PREFIX + name] = value
