@@ -96,6 +96,8 @@ def _replay_lines(run, train_data: str | None, tolerance: float | None, tokenize
         lines.append(f"                worst [{worst.start}, {worst.stop}): outputs {worst.output_rel:.2e}, parameters "
                      f"{worst.parameter_rel:.2e}, optimizer state {worst.state_rel:.2e}"
                      + (f" (furthest: '{worst.worst}')" if worst.worst else ""))
+    if report.randomness.startswith("unused") or report.precision != "no":
+        lines.append(f"                random states {report.randomness}; mixed precision {report.precision}")
     if report.gauge:
         gauge_rel = max(interval.gauge_rel for interval in report.intervals) if report.intervals else 0.0
         lines.append(f"gauge tensors   {len(report.gauge)} left out (no effect on the outputs; their replay error "

@@ -6,7 +6,10 @@
 * :class:`HeadCapture` hooks the head: its inputs and logits on every training micro-batch, and the
   gradient that reached the logits, from which the per-row loss weight the Trainer really applied is
   measured (DESIGN.md section 3, "record the per-row loss weights of each step"), and the random
-  generator state taken just before each micro-batch's forward, which decides its dropout masks.
+  generator state taken just before each micro-batch's forward, which decides its dropout masks. It keeps
+  them where they are (no copy and no host synchronisation inside the training step); :func:`to_host`
+  brings a whole optimizer step's tensors to the CPU at once (on CUDA: asynchronous copies into pinned
+  memory, one synchronisation).
 * :func:`optimizer_checkpoint` turns the optimizer's state into named tensors and metadata, so that a
   replay from a sparse checkpoint (DESIGN.md section 6b) restarts the optimizer where it was.
 """
@@ -89,7 +92,7 @@ class HeadCapture:
 
     def begin(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
         self.active = MicroBatch(
-            rows=rows.detach().cpu(), labels=labels.detach().cpu(), rng_cpu=torch.get_rng_state(),
+            rows=rows.detach(), labels=labels.detach(), rng_cpu=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state(labels.device) if labels.is_cuda else None,
         )
 
@@ -103,6 +106,8 @@ class HeadCapture:
         self.micro_batches.append(batch)
 
     def take(self) -> list[MicroBatch]:
+        """The micro-batches captured since the last call, their tensors on the training device (read them
+        through :func:`host_micro_batches`)."""
         batches, self.micro_batches = self.micro_batches, []
         return batches
 
@@ -118,14 +123,47 @@ class HeadCapture:
             )
         if batch.head_input is not None:
             raise AccInfError("The head module was called twice in one training step; choose a head used once.")
-        batch.head_input = tensors[0].detach().cpu()
-        batch.logits = output.detach().float().cpu()
+        batch.head_input = tensors[0].detach()
+        batch.logits = output.detach().float()
 
         def keep_grad(grad: torch.Tensor) -> None:
-            batch.logits_grad = grad.detach().float().cpu()
+            batch.logits_grad = grad.detach().float()
 
         if output.requires_grad:
             output.register_hook(keep_grad)
+
+
+def to_host(tensors: list[torch.Tensor | None], copy: bool | list[bool] = False) -> list[torch.Tensor | None]:
+    """CPU versions of ``tensors`` (``None`` kept): CUDA ones copied asynchronously into pinned memory and
+    waited for once (one synchronisation per device for the whole list); CPU ones returned as they are, or
+    cloned where ``copy`` (one flag, or one per tensor) is set (tensors the training step will change, like
+    parameters)."""
+    copies = copy if isinstance(copy, list) else [copy] * len(tensors)
+    hosts, devices = [], set()
+    for tensor, cloned in zip(tensors, copies):
+        if tensor is None or tensor.device.type == "cpu":
+            hosts.append(tensor.detach().clone() if cloned and tensor is not None else tensor)
+            continue
+        cuda = tensor.device.type == "cuda"
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+        hosts.append(host.copy_(tensor.detach(), non_blocking=cuda))
+        devices.add(tensor.device)
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+    return hosts
+
+
+def host_micro_batches(batches: list[MicroBatch], *others: torch.Tensor | None,
+                       copy_others: bool = True) -> tuple[list[MicroBatch], list[torch.Tensor | None]]:
+    """The micro-batches with their tensors on the CPU, and ``others`` (copies, by default), in one
+    :func:`to_host` (one synchronisation for the optimizer step)."""
+    names = ("rows", "labels", "head_input", "logits", "logits_grad", "rng_cpu", "rng_cuda")
+    flat = [getattr(batch, name) for batch in batches for name in names]
+    hosts = to_host(flat + list(others), copy=[False] * len(flat) + [copy_others] * len(others))
+    width = len(names)
+    moved = [MicroBatch(**dict(zip(names, hosts[i * width:(i + 1) * width]))) for i in range(len(batches))]
+    return moved, hosts[len(flat):]
 
 
 def measure_row_weights(batch: MicroBatch, label_smoothing: float, tolerance: float = 1e-3) -> torch.Tensor:

@@ -45,10 +45,15 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def numerics(model: nn.Module, args) -> dict:
-    """The settings that decide the run's floating-point results, for replay to reproduce them."""
+def numerics(model: nn.Module, args, accelerator=None) -> dict:
+    """The settings that decide the run's floating-point results, for replay to reproduce them.
+
+    ``autocast_dtype``: the dtype accelerate autocasts the model's forward to (``None``: no autocast), read off
+    the ``accelerator`` (``native_amp``) when given, else off ``args``."""
     config = getattr(model, "config", None)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    autocast = getattr(accelerator, "native_amp", precision != "no")
     return {
         "torch_threads": torch.get_num_threads(),
         "device": str(device.type),
@@ -59,7 +64,8 @@ def numerics(model: nn.Module, args) -> dict:
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        "mixed_precision": precision,
+        "autocast_dtype": schema.MIXED_PRECISION_DTYPES.get(precision) if autocast else None,
     }
 
 
@@ -141,7 +147,7 @@ def build_manifest(source: "RecordingSource", optimizer: torch.optim.Optimizer) 
             source=trainer.recording.data_source,
         ),
         libraries=library_versions(),
-        numerics=numerics(model, args),
+        numerics=numerics(model, args, trainer.accelerator),
         checkpoint_every=trainer.recording.checkpoint_every,
     )
 

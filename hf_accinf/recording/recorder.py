@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather
 from transformers import TrainerCallback
 
 from ..config import RecordingArguments
@@ -25,16 +25,43 @@ from ..errors import AccInfError
 from ..losses import clip_coefficient, cross_entropy_rows, target_distribution
 from ..scope import HeadSelection
 from ..trajectory import schema
+from ..trajectory.replay import exact_weights
 from ..trajectory.schema import Manifest
 from ..optimizers import check_optimizer, optimizer_kind
-from .capture import HeadCapture, measure_row_weights, optimizer_checkpoint, replay_state, stack_replay_states
+from .capture import (HeadCapture, host_micro_batches, measure_row_weights, optimizer_checkpoint, replay_state,
+                      stack_replay_states, to_host)
 from .manifest import build_manifest, check_same_run
 from .writer import RunWriter
 
 logger = logging.getLogger(__name__)
 
+LOGITS = "logits"  # gathered with the step's rows to compute the recorded loss (not itself recorded)
+
+
 def base_optimizer(optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def gather_rows(local: dict[str, torch.Tensor], accelerator) -> dict[str, torch.Tensor]:
+    """Every process's ``local`` tensors concatenated along their first dimension in process order (on the
+    CPU), by tensor gathers: the lengths first, then each key padded to the longest (NCCL gathers tensors on
+    the process's device, gloo on the CPU)."""
+    device = accelerator.device
+    lengths = to_host([gather(torch.tensor([len(value) for value in local.values()], device=device))])[0]
+    lengths = lengths.view(accelerator.num_processes, len(local)).tolist()
+    padded = {}
+    for column, (key, value) in enumerate(local.items()):
+        longest = max(length[column] for length in lengths)
+        buffer = torch.zeros((longest, *value.shape[1:]), dtype=value.dtype, device=device)
+        buffer[:len(value)] = value
+        padded[key] = buffer
+    everything = dict(zip(padded, to_host(list(gather(padded).values()))))
+    result = {}
+    for column, (key, value) in enumerate(everything.items()):
+        longest = len(value) // accelerator.num_processes
+        result[key] = torch.cat([value[rank * longest:rank * longest + length[column]]
+                                 for rank, length in enumerate(lengths)])
+    return result
 
 
 class RecordingSource(Protocol):
@@ -51,7 +78,7 @@ class RecordingSource(Protocol):
     head_selection: HeadSelection
     capture: HeadCapture
     resuming: bool
-    last_grad_norm: float
+    last_grad_norm: torch.Tensor | float  # the pre-clip norm of the step (a tensor on the training device)
 
 
 class TrajectoryRecorder(TrainerCallback):
@@ -62,6 +89,9 @@ class TrajectoryRecorder(TrainerCallback):
         self.writer: RunWriter | None = None
         self.epoch: int | None = None
         self.checked_weights = False
+        self.tolerance = 1e-3  # of the loss-weight fit and the head-gradient check; a mixed-precision run's own
+        # rounding raises it (schema.MIXED_PRECISION_TOLERANCE, set in on_train_begin)
+        self.weight_snap: float | None = None  # mixed precision: measured weights snapped to 1 / k within it
 
     @property
     def is_main(self) -> bool:
@@ -73,6 +103,8 @@ class TrajectoryRecorder(TrainerCallback):
         optimizer = base_optimizer(trainer.optimizer)
         check_optimizer(optimizer)
         manifest = build_manifest(trainer, optimizer)
+        self.tolerance = max(1e-3, schema.MIXED_PRECISION_TOLERANCE.get(manifest.training.precision, 0.0))
+        self.weight_snap = schema.MIXED_PRECISION_ROUNDOFF.get(manifest.training.precision)
         run_dir = trainer.run_dir
         if self.is_main:
             if trainer.resuming:
@@ -157,21 +189,32 @@ class TrajectoryRecorder(TrainerCallback):
         trainer = self.trainer
         world = trainer.accelerator.num_processes
         smoothing = trainer.args.label_smoothing_factor
-        batches = list(trainer.capture.take())
-        self._check_finite(step, [batch.logits for batch in batches])
-        local = []
-        for batch in batches:
-            weights = measure_row_weights(batch, smoothing) / world
-            local.append((batch.rows, weights, batch.labels, batch.head_input, batch.logits, replay_state(batch)))
-        parts = gather_object([local]) if world > 1 else [local]
-        micro = [item for process in parts for item in process]
-        rows, weights, labels, head_input, logits = (torch.cat([m[k] for m in micro]) for k in range(5))
-        if not self.is_main:
-            return {}
-
         optimizer = base_optimizer(trainer.optimizer)
         state_keys = optimizer_kind(type(optimizer).__name__).state_keys
+        head, per_param = list(trainer.head_selection.head.named_parameters()), 2 + len(state_keys)
+        head_tensors = [tensor for _, param in head for tensor in
+                        (param, param.grad, *(optimizer.state.get(param, {}).get(key) for key in state_keys))]
+        # One host transfer for the step: the micro-batches' captures and the head's parameters, gradients and
+        # optimizer state (asynchronous on CUDA, one synchronisation).
         norm = trainer.last_grad_norm
+        norm_tensor = norm if isinstance(norm, torch.Tensor) else None
+        batches, (*head_tensors, norm_tensor) = host_micro_batches(trainer.capture.take(), *head_tensors, norm_tensor)
+        norm = float(norm_tensor) if norm_tensor is not None else float(norm)
+        self._check_finite(step, [batch.logits for batch in batches], head_tensors[1::per_param])
+        local = {schema.ROW_INDEX: torch.cat([batch.rows for batch in batches]),
+                 schema.ROW_WEIGHT: torch.cat([measure_row_weights(batch, smoothing, self.tolerance) / world
+                                               for batch in batches]),
+                 schema.LABELS: torch.cat([batch.labels for batch in batches]),
+                 schema.HEAD_INPUT: torch.cat([batch.head_input for batch in batches]),
+                 LOGITS: torch.cat([batch.logits for batch in batches]),
+                 **stack_replay_states([replay_state(batch) for batch in batches])}
+        if self.weight_snap is not None:  # rounded logit gradients: weights measured to the unit roundoff only
+            local[schema.ROW_WEIGHT] = exact_weights(local[schema.ROW_WEIGHT], self.weight_snap)
+        gathered = gather_rows(local, trainer.accelerator) if world > 1 else local
+        if not self.is_main:
+            return {}
+        rows, weights, labels, head_input, logits = (gathered[key] for key in (
+            schema.ROW_INDEX, schema.ROW_WEIGHT, schema.LABELS, schema.HEAD_INPUT, LOGITS))
         max_norm = trainer.args.max_grad_norm
         clip = clip_coefficient(norm, max_norm)
         losses = cross_entropy_rows(logits.double(), target_distribution(labels, logits.shape[-1], smoothing))
@@ -186,38 +229,32 @@ class TrajectoryRecorder(TrainerCallback):
             schema.GRAD_NORM: torch.tensor(norm, dtype=torch.float64),
             schema.CLIP_COEF: torch.tensor(clip, dtype=torch.float64),
             schema.LOSS: (weights.double() * losses).sum(),  # weights are global: they sum over all processes
-            **stack_replay_states([m[5] for m in micro]),
+            **{key: gathered[key] for key in schema.MICRO_KEYS if key in gathered},
         }
         step_count = 0
-        for name, param in trainer.head_selection.head.named_parameters():
-            record[schema.PARAM_PREFIX + name] = param.detach().cpu().clone()
-            grad = param.grad
-            record[schema.GRAD_PREFIX + name] = (
-                grad.detach().cpu().clone() if grad is not None else torch.zeros_like(param, device="cpu")
-            )
-            param_state = optimizer.state.get(param, {})
-            step_count = int(param_state.get("step", 0))
-            for key in state_keys:
-                value = param_state.get(key)
-                record[f"{schema.STATE_PREFIX}{name}.{key}"] = (
-                    value.detach().cpu().clone() if value is not None else torch.zeros_like(param, device="cpu")
-                )
+        for index, (name, param) in enumerate(head):
+            value, grad, *states = head_tensors[index * per_param:(index + 1) * per_param]
+            record[schema.PARAM_PREFIX + name] = value
+            record[schema.GRAD_PREFIX + name] = grad if grad is not None else torch.zeros_like(value)
+            step_count = int(optimizer.state.get(param, {}).get("step", 0))
+            for key, state in zip(state_keys, states):
+                record[f"{schema.STATE_PREFIX}{name}.{key}"] = state if state is not None else torch.zeros_like(value)
         record[schema.OPTIMIZER_STEP_COUNT] = torch.tensor(step_count)
         if not self.checked_weights:
             self._check_weights(record, world)
             self.checked_weights = True
         return record
 
-    def _check_finite(self, step: int, logits: list[torch.Tensor]) -> None:
-        """Stop at the first non-finite learning rate, logit or head gradient (all processes see the same)."""
+    def _check_finite(self, step: int, logits: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+        """Stop at the first non-finite learning rate, logit or head gradient (all processes see the same);
+        ``logits`` and the head's ``grads`` on the CPU."""
         optimizer = base_optimizer(self.trainer.optimizer)
         problems = []
         if not all(math.isfinite(float(group["lr"])) for group in optimizer.param_groups):
             problems.append("learning rate")
         if not all(torch.isfinite(value).all() for value in logits):
             problems.append("loss (logits)")
-        grads = [p.grad for p in self.trainer.head_selection.head.parameters() if p.grad is not None]
-        if not all(torch.isfinite(grad).all() for grad in grads):
+        if not all(torch.isfinite(grad).all() for grad in grads if grad is not None):
             problems.append("head gradient")
         if problems:
             if self.is_main:
@@ -249,7 +286,7 @@ class TrajectoryRecorder(TrainerCallback):
             if grad is None:
                 continue
             observed = record[schema.GRAD_PREFIX + name].double() / clip
-            if (observed - grad).norm() > 1e-3 * max(grad.norm().item(), 1e-8) + 1e-6:
+            if (observed - grad).norm() > self.tolerance * max(grad.norm().item(), 1e-8) + 1e-6:
                 raise AccInfError(
                     f"Replaying the head on the recorded inputs does not reproduce the gradient of '{name}' that the "
                     "optimizer used. The head must be a deterministic function of one input (no dropout inside it; "

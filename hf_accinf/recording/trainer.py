@@ -59,6 +59,28 @@ def check_training_labels(dataset) -> None:
         )
 
 
+def check_unsharded(trainer: Trainer) -> None:
+    """Refuse FSDP and DeepSpeed runs when the trainer is built: the recorder reads the full parameters,
+    gradients and optimizer state of the model in every process, which these engines shard."""
+    from accelerate.utils import DistributedType
+
+    distributed = getattr(trainer.accelerator, "distributed_type", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) or distributed == DistributedType.DEEPSPEED:
+        engine = "DeepSpeed (ZeRO shards the optimizer state, then gradients and parameters, across processes, " \
+                 "and steps with its own optimizer)"
+    elif getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_fsdp_xla_enabled", False) \
+            or distributed == DistributedType.FSDP:
+        engine = "FSDP (each process holds a shard of the parameters, gradients and optimizer state)"
+    else:
+        return
+    raise AccInfError(
+        f"Recording a run trained with {engine} is not supported: the recorder reads every parameter, the head's "
+        "gradient and the optimizer's state directly, for its checkpoints, its per-step record and replay. Train "
+        "with DDP instead (`accelerate launch --multi_gpu` or torchrun without fsdp/deepspeed settings), which the "
+        "recorder supports."
+    )
+
+
 class AccInfTrainer(Trainer):
     """A ``Trainer`` that records the trajectory into a run directory during an unchanged ``train()``.
 
@@ -71,6 +93,7 @@ class AccInfTrainer(Trainer):
 
     def __init__(self, *args, recording: RecordingArguments | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        check_unsharded(self)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size != launched:
             raise AccInfError(
@@ -97,7 +120,7 @@ class AccInfTrainer(Trainer):
                 "('adamw_torch' is the default).", UserWarning, stacklevel=2)
         self.capture = HeadCapture(self.head_selection.head)
         self.resuming = False
-        self.last_grad_norm: float = math.nan
+        self.last_grad_norm: torch.Tensor | float = math.nan  # a device tensor: read at the optimizer step
         self.add_callback(TrajectoryRecorder(self))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -134,5 +157,5 @@ class AccInfTrainer(Trainer):
 
     def _clip_grad_norm(self, model):
         norm = super()._clip_grad_norm(model)
-        self.last_grad_norm = float(norm)
+        self.last_grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else float(norm)  # no sync here
         return norm

@@ -253,7 +253,7 @@ class BatchedRetraining:
                     raise AccInfError(f"The collated labels of step {step} differ from the recorded ones: pass the "
                                       "training dataset and collator the run was recorded with.")
                 torch.set_rng_state(trajectory.rng_cpu[index].clone())
-                if trajectory.rng_cuda is not None:
+                if self.replay.restore_cuda_rng:  # a GPU run replayed elsewhere has no randomness (Replay)
                     torch.cuda.set_rng_state(trajectory.rng_cuda[index].clone(), self.device)
                 logits = forward(leaves, inputs)  # (m, b, C)
                 target = target_distribution(labels, self.num_labels, self.smoothing, dtype=logits.dtype)

@@ -53,9 +53,10 @@ def output_sensitivity(model: nn.Module, probes: Iterable[Probe], projections: i
     params = dict(model.named_parameters())
     share = dict.fromkeys(params, 0.0)
     generator = torch.Generator().manual_seed(seed)
+    device = next(iter(params.values())).device
     for weights, batches in probes:
         model.load_state_dict(weights, strict=True)
-        squared = {name: torch.zeros((), dtype=torch.float64) for name in params}
+        squared = {name: torch.zeros((), dtype=torch.float64, device=device) for name in params}
         for inputs in batches:
             output = model(**inputs)
             logits = output if isinstance(output, torch.Tensor) else \
@@ -66,10 +67,11 @@ def output_sensitivity(model: nn.Module, probes: Iterable[Probe], projections: i
                                             allow_unused=True)
                 for name, gradient in zip(params, grads):
                     if gradient is not None:
-                        squared[name] += gradient.detach().double().square().sum().cpu()
-        total = float(sum(squared.values()))
-        for name, value in squared.items():
-            own = math.sqrt(float(value) / total) if total > 0 else 0.0
+                        squared[name] += gradient.detach().double().square().sum()
+        values = torch.stack(list(squared.values())).tolist()  # one host transfer per probe point
+        total = sum(values)
+        for name, value in zip(squared, values):
+            own = math.sqrt(value / total) if total > 0 else 0.0
             share[name] = max(share[name], own)
     return share
 

@@ -19,6 +19,12 @@ positions, whose float32 random walk no replay reproduces; their error is report
 beyond :data:`REPLAY_TOLERANCE` (``--replay_tolerance``) in (a), (b) or (c) is refused with the reason it
 can happen. :func:`replay_unavailable` says beforehand why a run cannot be replayed at all.
 
+Random states: a run trained on a GPU recorded each micro-batch's CUDA generator state too. On a CUDA device
+the replay restores both; elsewhere it accepts the run only when its randomness decides nothing (no positive
+dropout-like config field, no active ``nn.Dropout``, and a training-mode forward draws no random number:
+:func:`draws_random_numbers`), ignores the CUDA states and says so (``ReplayReport.randomness``); otherwise
+it refuses and names ``--device cuda``.
+
 Numerics: the replay runs under the training run's thread count (``numerics.torch_threads`` in the
 manifest, capped at the CPUs available here), because CPU reductions are split by thread, and weighs the
 rows by the recorded weights snapped to the reciprocal integers the Trainer used (:func:`exact_weights`).
@@ -43,7 +49,7 @@ import json
 import logging
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -123,6 +129,8 @@ class ReplayReport:
     intervals: list[IntervalError]
     tolerance: float
     gauge: tuple[str, ...] = ()  # the gauge tensors left out of the judged norms
+    randomness: str = ""  # which recorded random states the replay restored, or why it ignored them
+    precision: str = "no"  # the run's mixed precision ("bf16": replayed under its autocast, tolerance to fit)
 
     @property
     def max_rel(self) -> float:
@@ -133,7 +141,9 @@ class ReplayReport:
         return self.max_rel <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tolerance": self.tolerance, "max_rel": self.max_rel, "ok": self.ok, "gauge": list(self.gauge),
+        return {"tolerance": self.tolerance, "max_rel": self.max_rel, "ok": self.ok, "precision": self.precision,
+                "randomness": self.randomness,
+                "gauge": list(self.gauge),
                 "gauge_max_rel": max((i.gauge_rel for i in self.intervals), default=0.0),
                 "output_max_rel": max((i.output_rel for i in self.intervals), default=0.0),
                 "intervals": [asdict(interval) for interval in self.intervals]}
@@ -169,15 +179,16 @@ def _ratio(squared_error: float, squared_scale: float) -> float:
     return math.sqrt(squared_error / squared_scale) if squared_scale > 0 else math.inf
 
 
-def exact_weights(measured: torch.Tensor) -> torch.Tensor:
-    """The recorded loss weights, each snapped to ``1 / k`` for the integer ``k`` it is within 1e-6 of.
+def exact_weights(measured: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
+    """The recorded loss weights, each snapped to ``1 / k`` for the integer ``k`` it is within ``tolerance`` of
+    (relative; a mixed-precision run's weights are measured from rounded logit gradients: its unit roundoff).
 
     The recorder measures every row's weight from the gradient that reached the logits (float32, ~1e-8
     relative); the Trainer's weights are reciprocals of integers (a mean over ``k`` rows, ``num_items_in_batch``,
     accumulation and processes). With the measured value a step whose weight rounds to another float32 than
     ``1 / k`` is not bitwise (measured: one step in 40 on a tiny BERT); snapped, it is."""
     count = torch.round(1.0 / measured)
-    close = (measured * count - 1.0).abs() < 1e-6
+    close = (measured * count - 1.0).abs() < tolerance
     return torch.where(close, 1.0 / count, measured)
 
 
@@ -203,15 +214,39 @@ def replay_unavailable(run: RunReader, device: str | torch.device = "cpu",
     if manifest.schema_version < schema.REPLAY_SCHEMA_VERSION:
         return (f"{run.run_dir} was recorded with run-directory schema {manifest.schema_version}, which does not hold "
                 "the optimizer state and random states a replay needs. Record the run again with this hf_accinf.")
-    if manifest.training.mixed_precision:
-        return "Replay of mixed-precision (bf16/fp16) runs is not supported; record in float32."
+    if manifest.training.fp16:
+        return ("Replay of fp16 runs is not supported (their loss scaling and skipped steps are not modelled); "
+                "record in float32 or with bf16=True.")
     if manifest.optimizer_class not in OPTIMIZERS:
         return f"Replay supports torch SGD, Adam and AdamW, not {manifest.optimizer_class}."
     if torch.device(device).type != "cuda" and run.trajectory().rng_cuda is not None \
             and has_dropout(manifest.model_config, model):
-        return ("This run was trained on a GPU with dropout: its dropout masks come from the CUDA generator. "
-                "Replay it on a GPU (device='cuda'), or train with dropout off.")
+        return GPU_RANDOMNESS
     return None
+
+
+GPU_RANDOMNESS = ("This run was trained on a GPU with dropout (or another layer that draws random numbers in "
+                  "training): its masks came from the CUDA generator, whose recorded states only a GPU restores. "
+                  "Score it on a GPU: `hf-accinf score --device cuda` (device='cuda'); or record with dropout off.")
+
+
+def draws_random_numbers(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> bool:
+    """Whether a training-mode forward of ``model`` on ``inputs`` draws from the random generator of the
+    inputs' device: the rule, beyond :func:`has_dropout`'s config fields and modules, that catches any random
+    layer (a functional dropout, layer drop, stochastic depth, noise). Run once, without gradients; the
+    model's mode and the generator's state are restored."""
+    device = next(iter(v for v in inputs.values() if isinstance(v, torch.Tensor))).device
+    get_state, set_state = (torch.get_rng_state, torch.set_rng_state) if device.type == "cpu" else \
+        (lambda: torch.cuda.get_rng_state(device), lambda s: torch.cuda.set_rng_state(s, device))
+    saved, was_training = get_state(), model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return not torch.equal(saved, get_state())
+    finally:
+        set_state(saved)
+        model.train(was_training)
 
 
 def available_threads() -> int:
@@ -264,19 +299,26 @@ class Replay:
             raise AccInfError(reason)
         run.check_dataset(train_dataset)
         self.run, self.dataset = run, train_dataset
-        self.tolerance, self.check_steps = tolerance, check_steps
+        # A mixed-precision run replays under its own autocast; the tolerances then fit its rounding (the
+        # larger of the one given and schema.MIXED_PRECISION_TOLERANCE: no replay is closer than one rounding).
+        self.precision = manifest.training.precision
+        dtype = manifest.numerics.get("autocast_dtype", schema.MIXED_PRECISION_DTYPES.get(self.precision))
+        self.autocast_dtype = getattr(torch, dtype) if dtype else None
+        floor = schema.MIXED_PRECISION_TOLERANCE.get(self.precision, 0.0)
+        self.tolerance, self.check_steps = max(tolerance, floor), check_steps
+        self.cheap_tolerance = max(CHEAP_CHECK_TOLERANCE, floor)
+        self.weight_snap = schema.MIXED_PRECISION_ROUNDOFF.get(self.precision, 1e-6)
+        trained_on = manifest.numerics.get("device", self.device.type)
+        if self.autocast_dtype is not None and trained_on != self.device.type:
+            logger.info("the run autocast its forward to %s on %s; the replay autocasts on %s (other kernels: the "
+                        "replay check judges the difference)", dtype, trained_on, self.device.type)
         self.trajectory = run.trajectory()
         # ``model``: the run's model or a factory, when its class cannot be imported (RunReader.build_model).
         self.model = run.build_model(step=0, model=copy.deepcopy(model) if isinstance(model, torch.nn.Module) else model).to(self.device)
-        self.restore_cuda_rng = self.trajectory.rng_cuda is not None and self.device.type == "cuda"
-        if self.trajectory.rng_cuda is not None and not self.restore_cuda_rng:
-            reason = replay_unavailable(run, self.device, self.model)  # the built model's dropout modules too
-            if reason is not None:
-                raise AccInfError(reason)
-            logger.info("replaying a GPU run on %s: its CUDA random states are not restored (the model has no "
-                        "dropout, so they decide nothing)", self.device)
         self.num_threads = self._threads(manifest.numerics.get("torch_threads"))
         self.collate = model_collator(self.model, collate_fn)
+        self.restore_cuda_rng = self.trajectory.rng_cuda is not None and self.device.type == "cuda"
+        self.randomness = self._randomness(run)
         self.num_labels = manifest.loss.num_labels
         self.smoothing = manifest.loss.label_smoothing
         self.max_grad_norm = manifest.training.max_grad_norm
@@ -294,6 +336,22 @@ class Replay:
         self._dense: dict[int, State] = {}
         self._gauge: tuple[str, ...] | None = None
         self._probe_model: torch.nn.Module | None = None
+
+    def _randomness(self, run: RunReader) -> str:
+        """Which recorded random states the replay restores; a GPU run replayed elsewhere is accepted only when
+        its random states decide nothing (no dropout in the config or the modules, and a training-mode forward
+        of the first step's rows draws no random number), and refused otherwise (:data:`GPU_RANDOMNESS`)."""
+        if self.trajectory.rng_cuda is None:
+            return f"restored: CPU random states on {self.device}"
+        if self.restore_cuda_rng:
+            return f"restored: CPU and CUDA random states on {self.device}"
+        if replay_unavailable(run, self.device, self.model) is not None or \
+                (self.num_steps > 0 and draws_random_numbers(self.model, self.batch_inputs(0)[0][0])):
+            raise AccInfError(GPU_RANDOMNESS)
+        message = (f"unused (dropout off, no random layer): the run's CUDA random states are ignored on "
+                   f"{self.device}")
+        logger.info("replaying a GPU run: %s", message)
+        return message
 
     @staticmethod
     def _threads(recorded: int | None) -> int | None:
@@ -356,7 +414,7 @@ class Replay:
     def report(self) -> ReplayReport:
         """The errors of the intervals replayed so far."""
         return ReplayReport([self.errors[key] for key in sorted(self.errors)], self.tolerance,
-                            self._gauge if self._gauge is not None else ())
+                            self._gauge if self._gauge is not None else (), self.randomness, self.precision)
 
     def gauge_parameters(self) -> tuple[str, ...]:
         """The parameters that do not change the model's outputs (:mod:`.gauge`), found once at the first and
@@ -403,7 +461,7 @@ class Replay:
     def _step(self, step: int, scale: torch.Tensor | None) -> None:
         trajectory = self.trajectory
         rows = trajectory.rows_of(step)
-        weights = exact_weights(trajectory.row_weight[rows])
+        weights = exact_weights(trajectory.row_weight[rows], self.weight_snap)
         if scale is not None:
             weights = weights * scale[trajectory.row_index[rows]]
         micro = trajectory.micro_batches_of(step)
@@ -419,7 +477,9 @@ class Replay:
                 torch.set_rng_state(trajectory.rng_cpu[index].clone())  # a view at an offset crashes torch
                 if self.restore_cuda_rng:
                     torch.cuda.set_rng_state(trajectory.rng_cuda[index].clone(), self.device)
-                logits = self.model(**inputs).logits
+                with self.autocast():
+                    logits = self.model(**inputs).logits
+                logits = logits.float()  # as accelerate's convert_outputs_to_fp32 (no-op in float32)
                 target = target_distribution(labels, self.num_labels, self.smoothing, dtype=logits.dtype)
                 losses = cross_entropy_rows(logits, target)
                 row_weights = weights[positions].to(self.device)
@@ -437,6 +497,12 @@ class Replay:
         for group, lr in zip(self.optimizer.param_groups, trajectory.lr[step].tolist()):
             group["lr"] = lr
         self.optimizer.step()
+
+    def autocast(self):
+        """The Trainer's autocast of the model's forward (accelerate's ``native_amp``), or nothing in float32."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     # -- the cache -----------------------------------------------------------------------------------
     def _state_at(self, step: int) -> State:
@@ -545,11 +611,11 @@ class Replay:
 
     def _cheap_check(self, step: int, loss: float, norm: float) -> None:
         recorded_loss = float(self.trajectory.loss[step])
-        if abs(loss - recorded_loss) > CHEAP_CHECK_TOLERANCE * max(abs(recorded_loss), 1e-12):
+        if abs(loss - recorded_loss) > self.cheap_tolerance * max(abs(recorded_loss), 1e-12):
             self._refuse(step, f"the loss of step {step} is {loss:.8g}, recorded {recorded_loss:.8g}")
         recorded_norm = float(self.trajectory.grad_norm[step])
         if math.isfinite(recorded_norm) and math.isfinite(norm):
-            if abs(norm - recorded_norm) > CHEAP_CHECK_TOLERANCE * max(recorded_norm, 1e-12):
+            if abs(norm - recorded_norm) > self.cheap_tolerance * max(recorded_norm, 1e-12):
                 self._refuse(step, f"the gradient norm of step {step} is {norm:.8g}, recorded {recorded_norm:.8g}")
 
     def _compare(self, start: int, stop: int, replayed: State, refuse: bool) -> IntervalError:

@@ -74,6 +74,24 @@ OFFSET_KEYS = (ROW_OFFSETS, MICRO_OFFSETS)
 
 
 
+MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+"""The autocast dtype of each ``TrainingArguments`` mixed-precision mode (accelerate autocasts the model's
+forward to it; parameters, gradients and optimizer state stay float32)."""
+MIXED_PRECISION_TOLERANCE = {"bf16": 1e-2, "fp16": 1e-3}
+"""Largest relative error accepted where a mixed-precision run's own rounding enters what is recorded and
+replayed (the measured loss weights, the head-gradient check, the replay of an interval). bf16 keeps 8
+significand bits (unit roundoff 2**-8 ~ 3.9e-3), fp16 11 (2**-11 ~ 4.9e-4); one step's forward and backward
+round every activation and logit gradient to it, so one rounding that differs anywhere (another kernel,
+thread count or loss formulation) is of that size and is carried along an interval: a few unit roundoffs,
+1e-2 (bf16) and 1e-3 (fp16), still one to two orders below a wrong row or dropout mask (1e-1 to 1 of the
+interval's movement)."""
+MIXED_PRECISION_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
+"""Unit roundoff of each mode's autocast dtype: the relative error of the loss weights the recorder measures
+from the rounded logit gradients, within which they are snapped to the Trainer's ``1 / k``
+(:func:`~hf_accinf.trajectory.replay.exact_weights`; measured on a tiny BERT in bf16 with 2-row
+micro-batches: up to 2e-3)."""
+
+
 TORCH_HASH_ROWS = 4096
 
 
@@ -223,6 +241,12 @@ class TrainingSpec:
     @property
     def mixed_precision(self) -> bool:
         return bool(self.bf16 or self.fp16)
+
+    @property
+    def precision(self) -> str:
+        """The run's mixed-precision mode: ``"bf16"``, ``"fp16"`` or ``"no"`` (float32; manifests before
+        mixed precision was recorded read as ``"no"``)."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
 
 
 @dataclass

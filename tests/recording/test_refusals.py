@@ -48,3 +48,22 @@ def test_a_run_whose_loss_turns_non_finite_stops_naming_the_step(tmp_run):
     assert json.loads((tmp_run / "manifest.json").read_text())["num_steps"] == 2  # the steps before it, kept
     with pytest.raises(AccInfError, match="incomplete"):
         RunReader(tmp_run)
+
+
+@pytest.mark.parametrize("flag,engine", [("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed"),
+                                         ("is_fsdp_xla_enabled", "FSDP")])
+def test_sharded_training_is_refused_when_the_trainer_is_built(tmp_run, monkeypatch, flag, engine):
+    """FSDP and DeepSpeed cannot be enabled on this CPU-only machine (FSDP needs a distributed GPU run, DeepSpeed
+    is not installed): the Trainer's own flags, which it sets from accelerate's plugins, are set as they would be."""
+    from transformers import Trainer
+
+    built = Trainer.__init__
+
+    def sharded(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        setattr(self, flag, True)
+
+    monkeypatch.setattr(Trainer, "__init__", sharded)
+    with pytest.raises(AccInfError, match=f"{engine}.*not supported.*Train with DDP"):
+        _trainer(tmp_run)
+    assert not tmp_run.exists()  # refused before anything is written

@@ -194,15 +194,72 @@ def test_replay_unavailable_says_why_before_any_work(bert_run, vit_run, tmp_path
     # CUDA random states decide dropout masks: the BERT run has dropout, the ViT run has none.
     gpu_bert, gpu_vit = _as_if_trained_on_a_gpu(bert), _as_if_trained_on_a_gpu(vit)
     assert "GPU with dropout" in replay_unavailable(gpu_bert, "cpu")
-    with pytest.raises(AccInfError, match="GPU with dropout"):
+    with pytest.raises(AccInfError, match="GPU with dropout.*--device cuda"):
         Replay(gpu_bert, bert_data)
     assert replay_unavailable(gpu_vit, "cpu") is None
-    assert Replay(gpu_vit, vit_data).check().max_rel == 0.0  # its random states decide nothing: bit for bit
+    report = Replay(gpu_vit, vit_data).check()
+    assert report.max_rel == 0.0  # its random states decide nothing: bit for bit
+    assert report.to_dict()["randomness"].startswith("unused (dropout off") and "CUDA random states" in report.randomness
+    assert Replay(vit, vit_data).report().to_dict()["randomness"] == "restored: CPU random states on cpu"
     mixed = RunReader(vit.run_dir)
-    mixed.manifest.training.bf16 = True
-    assert "mixed-precision" in replay_unavailable(mixed)
+    mixed.manifest.training.fp16 = True  # bf16 runs replay under their autocast (test_replay_precision.py)
+    assert "fp16 runs" in replay_unavailable(mixed)
     old = RunReader(vit.run_dir)
     old.manifest.schema_version = 1
     assert "schema 1" in replay_unavailable(old) and "schema 1" in deep_scope_unavailable(old)
     old.manifest.checkpoints = list(range(old.num_steps + 1))  # checkpointed at every step: no replay needed
     assert deep_scope_unavailable(old) is None
+
+
+def test_a_gpu_run_whose_model_draws_random_numbers_outside_dropout_is_refused_on_the_cpu(vit_run):
+    """No dropout in the config or the modules, but a layer that draws noise in training (as layer drop or
+    stochastic depth do): the CUDA random states decided it, so a CPU replay is refused, naming --device cuda."""
+    from hf_accinf.examples import tiny_vit
+
+    run, data = vit_run
+    model = tiny_vit()
+
+    def noisy(module, args, output):
+        return output + 1e-3 * torch.randn_like(output) if module.training else output
+
+    model.vit.layernorm.register_forward_hook(noisy)
+    with pytest.raises(AccInfError, match="--device cuda"):
+        Replay(_as_if_trained_on_a_gpu(run), data, model=model)
+    assert Replay(run, data, model=model).randomness.startswith("restored: CPU")  # a CPU run: its states restore it
+
+
+@pytest.mark.cuda
+def test_a_gpu_run_with_dropout_replays_on_the_gpu_with_its_cuda_random_states(tmp_path):
+    """Recorded on the GPU with dropout on: the replay restores each micro-batch's CUDA random state on the
+    device and reproduces every checkpoint (the masks are the run's own, or the error would be ~1e-2)."""
+    run_dir = tmp_path / "run"
+    data = synthetic_text_dataset(num_rows=BERT_ROWS)
+    model = tiny_bert()
+    assert model.config.hidden_dropout_prob > 0
+    record_run(model, data, run_dir, recording={"checkpoint_every": 4}, use_cpu=False,
+               per_device_train_batch_size=4, learning_rate=3e-3)
+    run = RunReader(run_dir)
+    assert run.trajectory().rng_cuda is not None
+    with pytest.raises(AccInfError, match="--device cuda"):
+        Replay(run, data)
+    replay = Replay(run, data, device="cuda")
+    report = replay.check()
+    assert report.ok and report.randomness.startswith("restored: CPU and CUDA"), report.to_dict()
+
+
+@pytest.mark.cuda
+def test_a_gpu_run_without_dropout_replays_on_the_cpu_ignoring_its_cuda_random_states(tmp_path):
+    """ViT has no dropout: its GPU run replays on the CPU (other kernels: judged by the replay check). TF32 is
+    off while recording, as float32 replay on the CPU cannot follow TF32 rounding."""
+    data = digits_dataset(num_rows=VIT_ROWS)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        record_run(tiny_vit(), data, tmp_path / "run", recording={"checkpoint_every": 4}, use_cpu=False, optim="sgd",
+                   learning_rate=0.05, max_grad_norm=1.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    run = RunReader(tmp_path / "run")
+    assert run.trajectory().rng_cuda is not None
+    report = Replay(run, data).check()
+    assert report.ok and report.randomness.startswith("unused (dropout off"), report.to_dict()
