@@ -75,17 +75,5 @@ def tmp_run(tmp_path):
     return tmp_path / "run"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU")
-        for item in items:
-            if "cuda" in item.keywords:
-                item.add_marker(skip)
-
-
 def pytest_unconfigure(config):
     shutil.rmtree(HF_CACHE, ignore_errors=True)
