@@ -56,7 +56,7 @@ class ShardContext:
     world_size: int
     state: object | None = None  # accelerate.PartialState when distributed
     _collecting: bool = field(default=False, repr=False)  # inside a collective (a failure there is the group's)
-    _failed: bool = field(default=False, repr=False)  # this process has told the group it failed
+    _failed: bool = field(default=False, repr=False)  # a process failed (this one, or one it heard of): no barrier
 
     @classmethod
     def single(cls) -> "ShardContext":
@@ -146,6 +146,7 @@ class ShardContext:
             dist.all_reduce(flags)
             failed = flags.nonzero().flatten().tolist()
             if failed:
+                self._failed = True
                 raise PeerFailure(
                     f"Process {failed[0]} of {self.world_size} failed (its error is printed above); process "
                     f"{self.rank} stops too. Fix that error and launch again.")

@@ -77,6 +77,10 @@ def test_two_processes_give_the_single_process_result_for_every_form_and_method(
         launch_two_processes(ROOT / "tests/scripts/many_processes.py", tmp_path)
         launched = load_file(tmp_path / "launched.safetensors")
         assert int(launched.pop("world_size")) == 2
+        # one process failing: the other stops at its next collective with an error naming it (no hang), and
+        # both leave the group (the launch returned)
+        assert (tmp_path / "failure-1.txt").read_text() == "RuntimeError: a failure on process 1"
+        assert (tmp_path / "failure-0.txt").read_text().startswith("PeerFailure: Process 1 of 2 failed")
         single = engine_cases(ShardContext.single(), str(tmp_path / "run"))
         assert set(launched) == set(single)
         for key, value in single.items():

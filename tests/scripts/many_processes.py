@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parents[2]))
 from hf_accinf import ScoreArguments, score_run  # noqa: E402
 from hf_accinf.engine import CorrectionPolicy, ShardContext, estimate_influence  # noqa: E402
 from hf_accinf.engine.adjoint import adjoint_scores  # noqa: E402
+from hf_accinf.engine.sharding import PeerFailure  # noqa: E402
 from hf_accinf.examples import digits_dataset  # noqa: E402
 from hf_accinf.methods.registry import build_method  # noqa: E402
 from hf_accinf.problem import problem_from_run  # noqa: E402
@@ -83,6 +84,20 @@ def score_cases(run_dir: str, out_dir: Path, shard: ShardContext) -> None:
                   shard=shard, progress=False)
 
 
+def failure_case(shard: ShardContext) -> str:
+    """Process 1 fails inside guarded work while process 0 waits at a collective: what each of them raises."""
+    try:
+        with shard.guard():
+            if shard.rank == 1:
+                raise RuntimeError("a failure on process 1")
+            shard.barrier()
+    except PeerFailure as error:
+        return f"PeerFailure: {error}"
+    except RuntimeError as error:
+        return f"RuntimeError: {error}"
+    return "no error"
+
+
 def main(work_dir: str) -> None:
     torch.set_num_threads(1)
     work = Path(work_dir)
@@ -95,6 +110,7 @@ def main(work_dir: str) -> None:
         if shard.is_main:
             results["world_size"] = torch.tensor(shard.world_size)
             save_file({key: value.contiguous() for key, value in results.items()}, str(work / "launched.safetensors"))
+        (work / f"failure-{shard.rank}.txt").write_text(failure_case(shard))
     finally:
         shard.close()
 
