@@ -47,8 +47,9 @@ class BatchCurvature(ABC):
         weighted sum (one backward pass less). The default does nothing."""
 
     def restrict(self, rows: torch.Tensor) -> "BatchCurvature":
-        """The batch of the rows ``rows`` only, positions in the step unchanged: its batch gradient, ``H_B X`` and
-        loss tangents cover those rows (the others weigh 0). The adjoint's row split (:mod:`hf_accinf.engine.sharding`)."""
+        """The batch of the rows ``rows`` only, positions in the step unchanged: its batch gradient and ``H_B X`` sum
+        those rows (the others weigh 0); per-row quantities are asked of those rows only. The adjoint's row split
+        (:mod:`hf_accinf.engine.sharding`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot be split by rows over processes")
 
     def row_loss_tangents(self, vector: torch.Tensor) -> torch.Tensor:

@@ -208,10 +208,12 @@ class ShardContext:
         if self.world_size == 1:
             return rows
         per = -(-num_samples // self.world_size)
-        start, _ = self.sample_range(num_samples)
-        full = torch.zeros(self.world_size * per, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-        full[start:start + len(rows)] = rows
-        return self.all_reduce_sum(full)[:num_samples]
+        padded = torch.zeros(per, *rows.shape[1:], dtype=rows.dtype, device=self.device)
+        padded[: len(rows)] = rows
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        with self._collective() as dist:
+            dist.all_gather(parts, padded)
+        return torch.cat(parts)[:num_samples].to(rows.device)
 
 
 class RowShardBatch(BatchCurvature):
@@ -241,7 +243,7 @@ class RowShardBatch(BatchCurvature):
         self.local.keep_row_grads()
 
     def row_loss_tangents(self, vector: torch.Tensor) -> torch.Tensor:
-        """This process's rows' tangents (the others' entries are 0)."""
+        """The tangents of this process's rows (the other entries are not theirs: 0, or unweighted tangents)."""
         return self.local.row_loss_tangents(vector)
 
 

@@ -37,6 +37,39 @@ def test_the_row_split_gives_every_row_to_one_process_and_keeps_a_sample_togethe
         assert max(sizes) - min(sizes) <= 1  # balanced by distinct samples
 
 
+def _restricted_parts_sum_to_the_batch(batch, dim: int) -> None:
+    """The row split's invariant: the parts' batch gradients and ``H_B X`` sum to the whole batch's, and each part's
+    per-row loss tangents and gradients (also kept, as exact removal keeps them) of its rows are the batch's own."""
+    size = len(batch.row_weight)
+    mine = ShardContext(0, 2).rows_of_step(torch.arange(size) % 3)  # repeated samples: rows 0, 3, ... together
+    parts = [batch.restrict(mask.nonzero().flatten()) for mask in (mine, ~mine)]
+    vectors = torch.randn(3, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    direction = vectors[0]
+    scale = batch.batch_grad.abs().max()
+    torch.testing.assert_close(sum(part.batch_grad for part in parts), batch.batch_grad, rtol=1e-12, atol=1e-14 * scale)
+    torch.testing.assert_close(sum(part.hvp(vectors) for part in parts), batch.hvp(vectors), rtol=1e-10, atol=1e-12)
+    tangents = batch.row_loss_tangents(direction)
+    for part, mask in zip(parts, (mine, ~mine)):
+        rows = mask.nonzero().flatten()
+        torch.testing.assert_close(part.row_loss_tangents(direction)[rows], tangents[rows], rtol=1e-10, atol=1e-12)
+        part.keep_row_grads()
+        torch.testing.assert_close(part.row_grads(rows), batch.row_grads(rows), rtol=1e-10, atol=1e-14)
+
+
+def test_a_batch_restricted_to_rows_is_its_share_of_every_batch_quantity():
+    from tests.curvature.test_model_rows import CASES, curvature
+    from tests.engine.helpers import make_problem
+
+    torch.manual_seed(0)
+    head = make_problem(model=torch.nn.Linear(6, 3).double(), num_samples=14, batch_size=6, features=6, classes=3)
+    functional = make_problem(num_samples=14, batch_size=6)
+    for problem in (head, functional):
+        _restricted_parts_sum_to_the_batch(problem.curvature.at_step(1), problem.curvature.dim)
+    model, step = CASES["vit"]()
+    backend = curvature(model, step, ["all"])
+    _restricted_parts_sum_to_the_batch(backend.at_step(0), backend.dim)
+
+
 def test_step_split_and_collectives_at_world_size_one():
     assert [list(ShardContext(rank, 3).steps_of(7)) for rank in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
     single = ShardContext.single()

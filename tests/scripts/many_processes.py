@@ -60,6 +60,12 @@ def engine_cases(shard: ShardContext, run_dir: str) -> dict[str, torch.Tensor]:
             if shard.is_main:
                 results[f"adjoint/{run}/{method}/{removal}"] = backward.scores
                 results[f"growth/{run}/{method}/{removal}"] = torch.tensor(backward.trust.growth, dtype=torch.float64)
+    problem = problems["sgd"]  # stage-limited ACC: the hybrid (forward form on the corrected prefix, by samples)
+    rule = build_method(problem, "acc-sgd-ie")
+    hybrid = adjoint_scores(rule, problem, objective(problem.curvature.dim), shard=shard, progress=False,
+                            policy=CorrectionPolicy("stage", stages=[(1, 5)]))
+    if shard.is_main:
+        results["hybrid/acc-sgd-ie"] = hybrid.scores
     for method in ("sgd-ie", "acc-sgd-ie", "acc-dvemb", "adam-ie", "acc-adam-ie"):
         problem = problems["adam" if "adam" in method else "sgd"]
         policy = CorrectionPolicy("random", p=0.5, seed=1) if method.startswith("acc-") else None
