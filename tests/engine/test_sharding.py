@@ -1,5 +1,6 @@
 """Many processes (docs/ENGINE.md "Many processes"): the row and step splits, the collectives at world size 1, and
-one launch of two real processes (gloo) in which every form and method equals the single-process result."""
+one launch of two real processes (gloo) in which every form and method equals the single-process result (head
+backends, the whole ViT and BERT, a BERT's last block)."""
 
 import json
 
@@ -14,6 +15,7 @@ from hf_accinf.examples import digits_dataset, tiny_vit
 from hf_accinf.scoring import load_scores
 from hf_accinf.scoring.artifacts import load_embeddings
 from tests.conftest import record_run
+from tests.engine.test_deep_scope import tiny_model
 from tests.launch import ROOT, launch_two_processes
 from tests.scripts.many_processes import SCORE_CASES, TRAIN_ROWS, engine_cases, score_cases
 
@@ -107,6 +109,11 @@ def test_two_processes_give_the_single_process_result_for_every_form_and_method(
     try:
         record_run(tiny_vit(hidden_size=8), digits_dataset(TRAIN_ROWS), tmp_path / "run", learning_rate=1e-2,
                    warmup_steps=0.2, max_grad_norm=0.3, per_device_train_batch_size=8, num_train_epochs=1)
+        model, text = tiny_model("bert")  # SGD with momentum, decay and clipping, 2 epochs of batches of 3
+        record_run(model, text, tmp_path / "text" / "run", recording={"checkpoint_every": 1}, optim="sgd",
+                   optim_args="momentum=0.9", learning_rate=0.5, weight_decay=0.01, max_grad_norm=0.5,
+                   per_device_train_batch_size=3, num_train_epochs=2)
+        text.save_to_disk(str(tmp_path / "text" / "data"))
         launch_two_processes(ROOT / "tests/scripts/many_processes.py", tmp_path)
         launched = load_file(tmp_path / "launched.safetensors")
         assert int(launched.pop("world_size")) == 2
@@ -114,7 +121,7 @@ def test_two_processes_give_the_single_process_result_for_every_form_and_method(
         # both leave the group (the launch returned)
         assert (tmp_path / "failure-1.txt").read_text() == "RuntimeError: a failure on process 1"
         assert (tmp_path / "failure-0.txt").read_text().startswith("PeerFailure: Process 1 of 2 failed")
-        single = engine_cases(ShardContext.single(), str(tmp_path / "run"))
+        single = engine_cases(ShardContext.single(), str(tmp_path / "run"), str(tmp_path / "text"))
         assert set(launched) == set(single)
         for key, value in single.items():
             if key.startswith("growth/"):

@@ -1,12 +1,14 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2 ... WORK_DIR` (tests/engine/test_sharding.py): every
 form and method split over the processes (docs/ENGINE.md "Many processes"). The main process saves what the engine
 returns (``WORK_DIR/launched.safetensors``); :func:`score_cases` write their score sets under ``WORK_DIR/launched``.
-The test computes the same in one process (the functions below with ``ShardContext.single()``) and compares."""
+The test computes the same in one process (the functions below with ``ShardContext.single()``) and compares.
+``WORK_DIR`` holds the recorded runs: ``run`` (a ViT, AdamW, digits) and ``text/run`` with ``text/data`` (a BERT, SGD)."""
 
 import sys
 from pathlib import Path
 
 import torch
+from datasets import load_from_disk
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
@@ -44,13 +46,18 @@ def objective(dim: int) -> torch.Tensor:
     return torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 
 
-def engine_cases(shard: ShardContext, run_dir: str) -> dict[str, torch.Tensor]:
-    """The engine's results: adjoint scores (and probe growth), forward embeddings of this process's rows, TracIn."""
+def engine_cases(shard: ShardContext, run_dir: str, text_dir: str) -> dict[str, torch.Tensor]:
+    """The engine's results: adjoint scores (and probe growth), forward embeddings of this process's rows, TracIn.
+    ``run_dir``: a ViT trained with AdamW on digits; ``text_dir``: a BERT trained with SGD (``run``, ``data``)."""
     results = {}
     problems = head_problems()
     train = digits_dataset(TRAIN_ROWS)
     problems["model"] = problem_from_run(RunReader(run_dir), modules=["all"], train_dataset=train)
-    for run, method in (("sgd", "sgd-ie"), ("adam", "adam-ie"), ("model", "adam-ie"), ("adam", "dvemb")):
+    text = load_from_disk(str(Path(text_dir) / "data"))
+    problems["bert"] = problem_from_run(RunReader(Path(text_dir) / "run"), modules=["all"], train_dataset=text)
+    problems["bert-last"] = problem_from_run(RunReader(Path(text_dir) / "run"), modules=["last:1"], train_dataset=text)
+    for run, method in (("sgd", "sgd-ie"), ("adam", "adam-ie"), ("model", "adam-ie"), ("bert", "sgd-ie"),
+                        ("adam", "dvemb")):
         problem = problems[run]
         for removal in ("exact", "first-order") if method != "dvemb" else ("exact",):
             rule = build_method(problem, method, removal=removal, projection_dim=5)
@@ -76,6 +83,12 @@ def engine_cases(shard: ShardContext, run_dir: str) -> dict[str, torch.Tensor]:
                                          progress=False, gather=False)
             assert forward.rows == shard.sample_range(problem.num_samples), forward.rows
             results[f"forward/{method}/{schedule}"] = shard.gather_rows(forward.embeddings, problem.num_samples)
+    for method in ("sgd-ie", "acc-sgd-ie"):  # a deep scope's forward form: each process its rows
+        problem = problems["bert-last"]
+        policy = CorrectionPolicy("all") if method.startswith("acc-") else None
+        forward = estimate_influence(problem, build_method(problem, method), policy=policy, schedule="sweep",
+                                     shard=shard, progress=False, gather=False)
+        results[f"forward-last/{method}"] = shard.gather_rows(forward.embeddings, problem.num_samples)
     problem = problems["sgd"]
     results["tracin"] = build_method(problem, "tracin").scores(lambda step: objective(problem.curvature.dim),
                                                                shard=shard)
@@ -111,7 +124,7 @@ def main(work_dir: str) -> None:
     assert shard.world_size == 2, shard.world_size
     try:
         with shard.guard():
-            results = engine_cases(shard, str(work / "run"))
+            results = engine_cases(shard, str(work / "run"), str(work / "text"))
             score_cases(str(work / "run"), work / "launched", shard)
         if shard.is_main:
             results["world_size"] = torch.tensor(shard.world_size)
