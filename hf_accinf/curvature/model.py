@@ -262,6 +262,8 @@ class ModelBatch(BatchCurvature):
 
     def _dispatch(self, rows: torch.Tensor, vectors: torch.Tensor | None) -> torch.Tensor:
         owner = self.owner
+        if not len(rows):  # a process's share of a step can be empty (engine.sharding): decide nothing on it
+            return torch.empty(0, owner.dim, dtype=self.point.dtype, device=self.point.device)
         if owner.per_row == "auto":
             try:
                 result = self._per_micro(rows, vectors, self._rows_vmap)
