@@ -38,15 +38,17 @@ class PeerFailure(AccInfError):
     """Another process of the group failed: this one stops too (the failing one shows the cause)."""
 
 
-def process_timeout() -> timedelta:
-    """The process group's timeout from ``HF_ACCINF_PROCESS_TIMEOUT_S`` (seconds), refused unless positive."""
-    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+def process_timeout(seconds: float | None = None) -> timedelta:
+    """The process group's timeout: ``seconds``, else ``HF_ACCINF_PROCESS_TIMEOUT_S``, else
+    :data:`DEFAULT_TIMEOUT_S`; refused unless positive."""
+    text = str(seconds) if seconds is not None else os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise AccInfError(f"{TIMEOUT_ENV}={text!r}: give the process group's timeout as a positive number of seconds.")
+        raise AccInfError(f"The process group's timeout {text!r} ({TIMEOUT_ENV} or timeout_s): give a positive number "
+                          "of seconds.")
     return timedelta(seconds=seconds)
 
 
@@ -63,11 +65,12 @@ class ShardContext:
         return cls(0, 1)
 
     @classmethod
-    def from_accelerate(cls, cpu: bool = False) -> "ShardContext":
+    def from_accelerate(cls, cpu: bool = False, timeout_s: float | None = None) -> "ShardContext":
+        """The group ``accelerate launch`` started (world size 1 without it); ``timeout_s``: see :func:`process_timeout`."""
         from accelerate import PartialState
 
         launched = int(os.environ.get("WORLD_SIZE", "1"))
-        timeout = process_timeout()
+        timeout = process_timeout(timeout_s)
         state = PartialState(cpu=cpu, timeout=timeout) if launched > 1 else PartialState(cpu=cpu)
         if launched != state.num_processes:
             raise AccInfError(

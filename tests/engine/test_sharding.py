@@ -86,6 +86,7 @@ def test_step_split_and_collectives_at_world_size_one():
 def test_process_timeout_from_the_environment(monkeypatch):
     monkeypatch.setenv("HF_ACCINF_PROCESS_TIMEOUT_S", "90")
     assert process_timeout().total_seconds() == 90
+    assert process_timeout(5).total_seconds() == 5  # an explicit value wins
     monkeypatch.setenv("HF_ACCINF_PROCESS_TIMEOUT_S", "-1")
     with pytest.raises(AccInfError, match="positive number of seconds"):
         process_timeout()
