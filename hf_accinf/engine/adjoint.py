@@ -28,7 +28,7 @@ from ..errors import AccInfError
 from ..methods.base import UpdateRule
 from ..options import FORM_CHOICES, check_choice
 from ..problem import InfluenceProblem
-from .plan import OccurrencePlan, StepOccurrences, build_plan, choose_schedule
+from .plan import OccurrencePlan, build_plan, choose_schedule
 from .policies import CorrectionPolicy
 from .propagator import propagate
 from .sharding import ShardContext, split_rows
@@ -91,18 +91,6 @@ class AdjointScores:
     trust: TrustReport | None = None  # kind "adjoint-probes"; None without probes
 
 
-def own_occurrences(occurrences: StepOccurrences, shard: ShardContext) -> StepOccurrences:
-    """The step's occurrences whose rows this process owns in the row split (:meth:`ShardContext.rows_of_step`)."""
-    if shard.world_size == 1:
-        return occurrences
-    mine = shard.rows_of_step(occurrences.global_samples[occurrences.row_owner])
-    owned = torch.zeros(len(occurrences.samples), dtype=torch.bool, device=mine.device)
-    owned[occurrences.row_owner[mine]] = True
-    renumber = owned.cumsum(0) - 1
-    return StepOccurrences(occurrences.samples[owned], renumber[occurrences.row_owner[mine]],
-                           occurrences.rows[mine], occurrences.global_samples[owned])
-
-
 def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradient: torch.Tensor,
                    shard: ShardContext | None = None, progress: bool = True,
                    policy: CorrectionPolicy | None = None, probes: int = 0, probe_seed: int = 0,
@@ -142,7 +130,7 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
         for step in tqdm(reversed(range(prefix, trajectory.num_steps)), total=trajectory.num_steps - prefix,
                          desc="adjoint", disable=not (progress and shard.is_main), leave=False):
             ops = rule.at_step(step)
-            occurrences = own_occurrences(plan.steps[step], shard)
+            occurrences = shard.own_occurrences(plan.steps[step])
             if len(occurrences.samples):
                 scores.index_add_(0, occurrences.samples, ops.injection_scores(
                     block[0], occurrences.row_owner, occurrences.rows, len(occurrences.samples)))

@@ -27,6 +27,7 @@ import torch
 
 from ..curvature.base import BatchCurvature
 from ..errors import AccInfError
+from .plan import StepOccurrences
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,18 @@ class ShardContext:
         distinct, owner = torch.unique(samples, return_inverse=True)
         block = torch.arange(len(distinct), device=samples.device) * self.world_size // max(len(distinct), 1)
         return block[owner] == self.rank
+
+    def own_occurrences(self, occurrences: StepOccurrences) -> StepOccurrences:
+        """The step's occurrences whose rows this process owns in the row split (:meth:`rows_of_step`); the plan must
+        hold every row of the step (a plan of all samples)."""
+        if self.world_size == 1:
+            return occurrences
+        mine = self.rows_of_step(occurrences.global_samples[occurrences.row_owner])
+        owned = torch.zeros(len(occurrences.samples), dtype=torch.bool, device=mine.device)
+        owned[occurrences.row_owner[mine]] = True
+        renumber = owned.cumsum(0) - 1
+        return StepOccurrences(occurrences.samples[owned], renumber[occurrences.row_owner[mine]],
+                               occurrences.rows[mine], occurrences.global_samples[owned])
 
     def steps_of(self, num_steps: int) -> range:
         """The steps this process takes when work is split by steps (round-robin)."""

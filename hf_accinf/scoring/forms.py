@@ -67,15 +67,11 @@ def _power_iteration(run: FormInputs, embeddings: torch.Tensor | None) -> dict |
     if args.trust_probes <= 0:
         return None
     if embeddings is not None and shard.world_size > 1:
-        # The ratio reads each row's norm only: the (N,) norms are gathered, never the embeddings. It also needs
-        # every occurrence's injection (all rows of every step), so the main process runs this check alone.
+        # the ratio reads each row's norm only: the (N,) norms are gathered, never the embeddings
         embeddings = shard.gather_rows(embeddings.norm(dim=1), run.problem.num_samples)[:, None]
-        if not shard.is_main:
-            return None
-        shard = ShardContext.single()
     with split_rows(run.method, shard, run.problem.trajectory):
         report = trust_check(run.method, run.problem, embeddings, args.trust_probes, args.trust_iterations,
-                             progress=run.progress and shard.is_main)
+                             progress=run.progress and shard.is_main, shard=shard)
     return report.to_dict() if shard.is_main else None
 
 
