@@ -126,11 +126,12 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     if tracker is not None:
         block = torch.cat([block, tracker.states])
     scores = torch.zeros(problem.num_samples, dtype=dtype, device=device)
+    own = [shard.own_occurrences(occurrences) for occurrences in plan.steps]  # before the loop: no syncs in it
     with split_rows(rule, shard, trajectory):
         for step in tqdm(reversed(range(prefix, trajectory.num_steps)), total=trajectory.num_steps - prefix,
                          desc="adjoint", disable=not (progress and shard.is_main), leave=False):
             ops = rule.at_step(step)
-            occurrences = shard.own_occurrences(plan.steps[step])
+            occurrences = own[step]
             if len(occurrences.samples):
                 scores.index_add_(0, occurrences.samples, ops.injection_scores(
                     block[0], occurrences.row_owner, occurrences.rows, len(occurrences.samples)))
