@@ -46,6 +46,12 @@ class BatchCurvature(ABC):
         removed sample): a backend may compute them once, keep them, and take the batch gradient as their
         weighted sum (one backward pass less). The default does nothing."""
 
+    def restrict(self, rows: torch.Tensor) -> "BatchCurvature":
+        """The batch of the rows ``rows`` only, positions in the step unchanged: its batch gradient and ``H_B X`` sum
+        those rows (the others weigh 0); per-row quantities are asked of those rows only. The adjoint's row split
+        (:mod:`hf_accinf.engine.sharding`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be split by rows over processes")
+
     def row_loss_tangents(self, vector: torch.Tensor) -> torch.Tensor:
         """``d/de l_r(theta + e v)`` at ``e = 0`` for every batch row ``r`` (b,), i.e. ``g_r . v`` (unweighted).
         Backends override this default (per-row gradients) with one forward-mode pass for the batch."""

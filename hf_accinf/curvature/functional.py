@@ -39,6 +39,12 @@ class FunctionalBatch(BatchCurvature):
         gradient = grad(self._batch_loss)
         return vmap(lambda v: jvp(gradient, (self.point,), (v,))[1])(vectors)
 
+    def restrict(self, rows: torch.Tensor) -> "FunctionalBatch":
+        kept = torch.zeros_like(self.row_weight)
+        kept[rows] = self.row_weight[rows]
+        params = {**self.fixed, **self.owner.unflatten(self.point)}
+        return FunctionalBatch(self.owner, params, self.inputs, self.targets, kept)
+
     def row_grads(self, rows: torch.Tensor) -> torch.Tensor:
         return vmap(grad(self._row_loss), in_dims=(None, 0, 0))(self.point, self.inputs[rows], self.targets[rows])
 

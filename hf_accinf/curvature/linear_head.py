@@ -96,6 +96,11 @@ class LinearBatch(BatchCurvature):
     def hvp_add(self, vectors: torch.Tensor, base: torch.Tensor | None, scale: float) -> torch.Tensor:
         return self._from_centred(self._reduced_product(vectors), base, scale)
 
+    def restrict(self, rows: torch.Tensor) -> "LinearBatch":
+        kept = torch.zeros_like(self.row_weight)
+        kept[rows] = self.row_weight[rows]
+        return LinearBatch(self.inputs, self.probs, self.residual, kept)
+
     def row_grads(self, rows: torch.Tensor) -> torch.Tensor:
         return (self.residual[rows][:, :, None] * self.inputs[rows][:, None, :]).flatten(1)
 

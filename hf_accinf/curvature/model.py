@@ -130,19 +130,32 @@ class ModelBatch(BatchCurvature):
     Derivatives are taken with respect to the scope's parameters as named views of the flat ``point`` and
     written straight into their columns of the (rows, P) results (no flattened copy per block)."""
 
-    def __init__(self, owner: "ModelCurvature", params: dict[str, torch.Tensor], micros: list[_Micro]):
+    def __init__(self, owner: "ModelCurvature", params: dict[str, torch.Tensor], micros: list[_Micro],
+                 size: int | None = None):
         self.owner, self.micros = owner, micros
         self.fixed = {name: value for name, value in params.items() if name not in owner.chosen_set}
         self.point = owner.flatten({name: params[name] for name in owner.chosen})
         self.named = owner.unflatten(self.point)
-        self.size = sum(len(micro) for micro in micros)
-        self.micro_of = torch.empty(self.size, dtype=torch.long)
-        self.local = torch.empty(self.size, dtype=torch.long)
-        self.row_weight = torch.empty(self.size, dtype=owner.dtype, device=owner.device)
+        # ``size``: the step's rows when the micro-batches hold only some of them (:meth:`restrict`)
+        self.size = sum(len(micro) for micro in micros) if size is None else size
+        self.held = torch.cat([micro.where for micro in micros]).sort().values if micros \
+            else torch.zeros(0, dtype=torch.long)
+        self.micro_of = torch.full((self.size,), -1, dtype=torch.long)
+        self.local = torch.full((self.size,), -1, dtype=torch.long)
+        self.row_weight = torch.zeros(self.size, dtype=owner.dtype, device=owner.device)
         for index, micro in enumerate(micros):
             self.micro_of[micro.where] = index
             self.local[micro.where] = torch.arange(len(micro))
             self.row_weight[micro.where.to(owner.device)] = micro.weights
+
+    def restrict(self, rows: torch.Tensor) -> "ModelBatch":
+        """The rows ``rows`` of this step only (the adjoint's row split): the others are dropped from the
+        micro-batches, so every batch quantity costs those rows' share."""
+        keep = torch.zeros(self.size, dtype=torch.bool)
+        keep[rows.cpu()] = True
+        micros = [micro.take(keep[micro.where].nonzero().flatten()) for micro in self.micros]
+        params = {**self.fixed, **self.named}
+        return ModelBatch(self.owner, params, [micro for micro in micros if len(micro)], self.size)
 
     def _plan(self, cost: memory.BlockCost, micro: _Micro, rows: int, vectors: int = 1,
               cap: int | None = None) -> tuple[int, int]:
@@ -204,7 +217,7 @@ class ModelBatch(BatchCurvature):
 
     def row_loss_tangents(self, vector: torch.Tensor) -> torch.Tensor:
         """``d/de l_r(theta + e v)`` for every row of the step (unweighted), one forward-mode pass: (b,)."""
-        tangents = torch.empty(self.size, dtype=self.point.dtype, device=self.point.device)
+        tangents = torch.zeros(self.size, dtype=self.point.dtype, device=self.point.device)
         direction = self.owner.unflatten(vector)
         for micro in self.micros:
             rows, _ = self._plan(memory.ROW_TANGENTS, micro, len(micro))
@@ -229,13 +242,19 @@ class ModelBatch(BatchCurvature):
 
     def keep_row_grads(self) -> None:
         if "_kept_row_grads" not in self.__dict__:
-            kept = self._dispatch(torch.arange(self.size), None)
+            kept = self._dispatch(self.held, None)
             self._kept_row_grads = kept
-            self.__dict__.setdefault("batch_grad", self.row_weight @ kept)  # sum_r w_r g_r: no second backward
+            self._kept_index = torch.full((self.size,), -1, dtype=torch.long)
+            self._kept_index[self.held] = torch.arange(len(self.held))
+            # sum_r w_r g_r: no second backward
+            self.__dict__.setdefault("batch_grad", self.row_weight[self.held.to(kept.device)] @ kept)
 
     def row_grads(self, rows: torch.Tensor) -> torch.Tensor:
         if "_kept_row_grads" in self.__dict__:
-            return self._kept_row_grads[rows.to(self._kept_row_grads.device)]
+            index = self._kept_index[rows.cpu()]
+            if bool((index < 0).any()):
+                raise AccInfError("Rows outside this process's share of the step were asked for (engine.sharding).")
+            return self._kept_row_grads[index.to(self._kept_row_grads.device)]
         return self._dispatch(rows, None)
 
     def row_hvp(self, vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -243,6 +262,8 @@ class ModelBatch(BatchCurvature):
 
     def _dispatch(self, rows: torch.Tensor, vectors: torch.Tensor | None) -> torch.Tensor:
         owner = self.owner
+        if not len(rows):  # a process's share of a step can be empty (engine.sharding): decide nothing on it
+            return torch.empty(0, owner.dim, dtype=self.point.dtype, device=self.point.device)
         if owner.per_row == "auto":
             try:
                 result = self._per_micro(rows, vectors, self._rows_vmap)

@@ -31,7 +31,7 @@ from ..problem import InfluenceProblem
 from .plan import OccurrencePlan, build_plan, choose_schedule
 from .policies import CorrectionPolicy
 from .propagator import propagate
-from .sharding import ShardContext
+from .sharding import ShardContext, split_rows
 from .sweep import sweep
 from .trust import EXPANSIVE_GROWTH, ProbeGrowth, TrustReport
 
@@ -101,9 +101,14 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     the correction coefficients (``None``: classical); a stage-limited policy runs the hybrid, whose forward
     part on the corrected prefix holds ``N x S`` states. ``probes > 0`` carries that many random probes with
     the adjoint (:class:`.trust.ProbeGrowth`, extra rows of each ``apply_adjoint``) and returns their trust
-    figure; on a hybrid it covers the backward steps ``[s, T)``. The shared adjoint is the same on every
-    process, so sharding by rows would save nothing: the main process computes all rows and the others
-    return ``None``.
+    figure; on a hybrid it covers the backward steps ``[s, T)``.
+
+    Several processes (``shard``) split each step by rows, as DDP splits training (docs/ENGINE.md "Many
+    processes"): each takes its block of the step's occurrences (:meth:`ShardContext.rows_of_step`), computes
+    its rows' share of the batch gradient and of ``H_B v`` (summed over the processes by
+    :class:`.sharding.RowShardBatch`, so every process holds the same adjoint) and its occurrences' injection
+    scores; the hybrid's forward part is split by samples. The ``(N,)`` scores are summed at the end and
+    returned on the main process (``None`` on the others).
     """
     shard = shard or ShardContext.single()
     if objective_gradient.shape != (rule.param_dim,):
@@ -111,8 +116,6 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
             f"The objective gradient has shape {tuple(objective_gradient.shape)}; the rule's parameters have "
             f"{rule.param_dim} entries."
         )
-    if not shard.is_main:
-        return None
     trajectory = problem.trajectory
     dtype, device = objective_gradient.dtype, objective_gradient.device
     plan = build_plan(trajectory, 0, problem.num_samples, device)
@@ -123,26 +126,32 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     if tracker is not None:
         block = torch.cat([block, tracker.states])
     scores = torch.zeros(problem.num_samples, dtype=dtype, device=device)
-    for step in tqdm(reversed(range(prefix, trajectory.num_steps)), total=trajectory.num_steps - prefix,
-                     desc="adjoint", disable=not progress, leave=False):
-        ops = rule.at_step(step)
-        occurrences = plan.steps[step]
-        if len(occurrences.samples):
-            scores.index_add_(0, occurrences.samples, ops.injection_scores(
-                block[0], occurrences.row_owner, occurrences.rows, len(occurrences.samples)))
-        block = ops.apply_adjoint(block)
-        if tracker is not None:
-            block = torch.cat([block[:1], tracker.carried(step, block[1:])])
+    own = [shard.own_occurrences(occurrences) for occurrences in plan.steps]  # before the loop: no syncs in it
+    with split_rows(rule, shard, trajectory):
+        for step in tqdm(reversed(range(prefix, trajectory.num_steps)), total=trajectory.num_steps - prefix,
+                         desc="adjoint", disable=not (progress and shard.is_main), leave=False):
+            ops = rule.at_step(step)
+            occurrences = own[step]
+            if len(occurrences.samples):
+                scores.index_add_(0, occurrences.samples, ops.injection_scores(
+                    block[0], occurrences.row_owner, occurrences.rows, len(occurrences.samples)))
+            block = ops.apply_adjoint(block)
+            if tracker is not None:
+                block = torch.cat([block[:1], tracker.carried(step, block[1:])])
     adjoint = block[0]
     if prefix:
-        head = _prefix_plan(plan, prefix)
+        start, stop = shard.sample_range(problem.num_samples)
+        head = _prefix_plan(build_plan(trajectory, start, stop, device), prefix)
         mean_batch = float(trajectory.row_offsets[prefix]) / prefix
-        schedule, costs = choose_schedule(head, problem.num_samples, rule.state_dim, mean_batch)
+        schedule, costs = choose_schedule(head, stop - start, rule.state_dim, mean_batch)
         logger.info("hybrid: forward form (%s) on the corrected steps [0, %d), %s", schedule, prefix, costs)
         run = sweep if schedule == "sweep" else propagate
-        states = run(rule, head, policy, trajectory.epoch, dtype, device, progress=progress)
-        scores += states @ adjoint
+        states = run(rule, head, policy, trajectory.epoch, dtype, device, progress=progress and shard.is_main)
+        scores[start:stop] += states @ adjoint
+    scores = shard.all_reduce_sum(scores)
     logger.info("adjoint form: %d steps backward in %.2f s", trajectory.num_steps, time.perf_counter() - began)
+    if not shard.is_main:
+        return None
     trust = None
     if tracker is not None:
         start = objective_gradient.norm()

@@ -1,7 +1,8 @@
 """The estimator entry point: one engine, a method rule plugged in, the schedule chosen by the cost model.
 
 ``estimate_influence`` computes every sample's influence embedding ``Delta^j_T`` (the parameter
-block of its final state) on this process's shard of samples, and gathers the shards.
+block of its final state) on this process's shard of samples (:meth:`ShardContext.sample_range`); the
+shards are gathered only when asked (the scoring forms keep them: each process writes its own rows).
 """
 
 from __future__ import annotations
@@ -27,20 +28,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class InfluenceResult:
-    embeddings: torch.Tensor  # (N, P) Delta^j_T, gathered on every process
+    embeddings: torch.Tensor  # (N, P) Delta^j_T gathered on every process, or this process's rows (gather=False)
     schedule: ScheduleRun
     seconds: float
     cost_model: dict = field(default_factory=dict)
+    rows: tuple[int, int] | None = None  # the sample rows [start, stop) that ``embeddings`` holds
 
 
 def estimate_influence(problem: InfluenceProblem, rule: UpdateRule, policy: CorrectionPolicy | None = None,
                        schedule: ScheduleChoice = "auto", memory_budget_gb: float = 4.0,
-                       shard: ShardContext | None = None, progress: bool = True) -> InfluenceResult:
+                       shard: ShardContext | None = None, progress: bool = True,
+                       gather: bool = True) -> InfluenceResult:
     """Every sample's embedding under ``rule`` (built by ``methods.registry.build_method``).
 
     ``policy``: where the accumulative correction applies, decided by the caller (``scoring.plan``); ``None``
     for a classical rule. An accumulative rule without a policy, or a classical one with a correcting policy,
-    is refused."""
+    is refused. ``gather=False``: each process keeps its own rows (no collective)."""
     check_policy(rule, policy)
     policy = policy or CorrectionPolicy("none")
     shard = shard or ShardContext.single()
@@ -82,5 +85,8 @@ def estimate_influence(problem: InfluenceProblem, rule: UpdateRule, policy: Corr
                       dtype, device, progress=show)
             for lo in range(start, stop, chunk)
         ]) if chunk < plan.size else propagate(rule, plan, policy, trajectory.epoch, dtype, device, progress=show)
-    embeddings = shard.gather_rows(rule.parameter_part(states).contiguous(), problem.num_samples)
-    return InfluenceResult(embeddings, schedule, time.perf_counter() - began, costs)
+    embeddings = rule.parameter_part(states).contiguous()
+    if not gather:
+        return InfluenceResult(embeddings, schedule, time.perf_counter() - began, costs, (start, stop))
+    embeddings = shard.gather_rows(embeddings, problem.num_samples)
+    return InfluenceResult(embeddings, schedule, time.perf_counter() - began, costs, (0, problem.num_samples))

@@ -41,6 +41,7 @@ from ..methods.base import UpdateRule
 from ..methods.removal import RemovalStepOps
 from ..problem import InfluenceProblem
 from .plan import build_plan
+from .sharding import ShardContext
 
 logger = logging.getLogger(__name__)
 
@@ -161,14 +162,17 @@ class ProbeGrowth:
 
 def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4, iterations: int = 1,
                    seed: int = 0, dtype: torch.dtype = torch.float64, device="cpu", injected: torch.Tensor | None = None,
-                   progress: bool = False) -> tuple[float, list[float]]:
+                   progress: bool = False, shard: ShardContext | None = None) -> tuple[float, list[float]]:
     """``(log10 ||P A P^T||_2 estimate, the same growth up to the end of each epoch)``.
 
     ``A = M_{T-1} ... M_0`` on the whole state; ``P`` keeps its parameter block. ``iterations`` passes of
     ``(P A P^T)^T (P A P^T)`` (two sweeps over the trajectory each) precede a final forward pass, which
     measures. If ``injected`` ``(N,)`` is given, the final pass also adds each occurrence's injection norm
-    (parameter block) to its row: the step operators are built there anyway.
+    (parameter block) to its row: the step operators are built there anyway. ``shard``: under several processes
+    (with the rule's steps split by rows, :func:`.sharding.split_rows`) each adds its own occurrences' injections and
+    the sums are all-reduced.
     """
+    shard = shard or ShardContext.single()
     trajectory = problem.trajectory
     steps, size, params = trajectory.num_steps, rule.state_dim, rule.param_dim
     probe = _random_probes(probes, params, seed, dtype, device)
@@ -188,8 +192,8 @@ def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4,
     epochs = trajectory.epoch.tolist()
     for step in range(steps):
         ops = rule.at_step(step)
-        if plan is not None and len(plan.steps[step].samples):
-            occurrences = plan.steps[step]
+        occurrences = shard.own_occurrences(plan.steps[step]) if plan is not None else None
+        if occurrences is not None and len(occurrences.samples):
             count = len(occurrences.samples)
             if isinstance(ops, RemovalStepOps):
                 injection = ops.injection(occurrences.row_owner, occurrences.rows, count)
@@ -205,6 +209,8 @@ def tangent_growth(rule: UpdateRule, problem: InfluenceProblem, probes: int = 4,
             growth.append(_log10_norm(product.T @ block[:, :params], float(log_scale)))  # once per epoch
         bar.update()
     bar.close()
+    if injected is not None:
+        injected.copy_(shard.all_reduce_sum(injected))
     return growth[-1], [10.0**g if g < 300 else math.inf for g in growth]
 
 
@@ -225,15 +231,16 @@ def _log10_norm(matrix: torch.Tensor, log_scale: float) -> float:
 
 def trust_check(rule: UpdateRule, problem: InfluenceProblem, embeddings: torch.Tensor | None = None,
                 probes: int = 4, iterations: int = 1, seed: int = 0, threshold: float = EXPANSIVE_GROWTH,
-                progress: bool = False) -> TrustReport:
-    """The trust figures of a run; ``embeddings`` ``(N, P)`` (forward form) add the embedding ratios.
+                progress: bool = False, shard: ShardContext | None = None) -> TrustReport:
+    """The trust figures of a run; ``embeddings`` ``(N, P)`` (forward form) add the embedding ratios (they read
+    each row's norm only: ``(N, 1)`` norms will do). ``shard``: see :func:`tangent_growth`.
 
     Logs a warning when the run is expansive.
     """
     dtype, device = problem.curvature.dtype, problem.curvature.device
     injected = torch.zeros(problem.num_samples, dtype=dtype, device=device) if embeddings is not None else None
     log10_growth, epoch_growth = tangent_growth(rule, problem, probes, iterations, seed, dtype, device, injected,
-                                                progress)
+                                                progress, shard)
     ratio = None
     if embeddings is not None:
         occurred = injected > 0
@@ -244,7 +251,8 @@ def trust_check(rule: UpdateRule, problem: InfluenceProblem, embeddings: torch.T
                      "max": float(values.max()), "argmax": int(rows[values.argmax()])}
     growth = 10.0**log10_growth if log10_growth < 300 else math.inf
     report = TrustReport(growth, log10_growth, epoch_growth, min(probes, rule.param_dim), iterations, threshold, ratio)
-    _log(report)
+    if shard is None or shard.is_main:
+        _log(report)
     return report
 
 

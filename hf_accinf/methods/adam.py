@@ -54,7 +54,7 @@ def adam_gains(lr, m_next: torch.Tensor, v_next: torch.Tensor, bias1, bias2, eps
 class AdamStep(RemovalStepOps):
     def __init__(self, rule: "AdamRule", step: int):
         problem, curvature = rule.problem, rule.problem.curvature
-        self.rule, self.batch, self.removal = rule, curvature.at_step(step), rule.removal
+        self.rule, self.batch, self.removal = rule, rule.batch_at(step), rule.removal
         if self.removal == "exact":  # the counterfactual step needs every row's gradient
             self.batch.keep_row_grads()
         self.clip = ClipMap(self.batch, problem.optimizer.max_grad_norm, float(problem.trajectory.grad_norm[step]))

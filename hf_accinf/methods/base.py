@@ -17,9 +17,12 @@ The engine never knows the method; the method never knows the schedule.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch.func import vjp
+
+from ..curvature.base import BatchCurvature
 
 
 class StepOps(ABC):
@@ -71,6 +74,13 @@ class UpdateRule(ABC):
     output: str = "embeddings"
     accumulative: bool | None = None  # set by the registry: whether correction policies apply (None: not built there)
     parameter_space: bool = True  # whether embeddings are parameter changes (False: a projected space)
+    # Set by the adjoint form under several processes (engine.sharding.RowShare): each step's batch split by rows.
+    row_share: Callable[[int, BatchCurvature], BatchCurvature] | None = None
+
+    def batch_at(self, step: int) -> BatchCurvature:
+        """Step ``step``'s batch curvature (split by rows over the processes while :attr:`row_share` is set)."""
+        batch = self.problem.curvature.at_step(step)
+        return batch if self.row_share is None else self.row_share(step, batch)
 
     def embed_gradient(self, gradient: torch.Tensor) -> torch.Tensor:
         """An objective gradient (..., P) in the embeddings' space: the identity for parameter-space rules."""

@@ -130,6 +130,10 @@ class AdamDisplacement:
         return (1 - beta1) * self.first - 2 * (1 - beta2) * gradient * self.second
 
 
+def _factors_to(factors: tuple, device) -> tuple:
+    return tuple(value.to(device) if isinstance(value, torch.Tensor) else value for value in factors)
+
+
 class DVEmbStep(StepOps):
     """One projected step. Curvature factors ``(U, F, w_c)``: the rows' ``(u~_r, g~_r, w_r)`` (empirical Fisher), or
     ``C`` per row, ``(R D clip(f_rc), R f_rc, w_r)`` with ``f_rc`` the columns of ``J_r^T L_r`` (GGN); injections
@@ -163,6 +167,7 @@ class DVEmbRule(UpdateRule):
     of ``memory_budget_gb`` before any work."""
 
     parameter_space = False
+    shard = None  # engine.sharding.ShardContext set by the scoring forms: the step factors are split by steps
 
     def __init__(self, problem: InfluenceProblem, projection_dim: int = 512, projection_seed: int = 0,
                  memory_budget_gb: float = 4.0, curvature: str = "fisher"):
@@ -208,15 +213,20 @@ class DVEmbRule(UpdateRule):
 
     def _build_factors(self) -> list[tuple]:
         """One backward pass: per step, the rows' gradients projected twice (``u~ = R(D_t clip_t(g_r))``, ``g~ = R g_r``,
-        in one product), the row weights and the state's decay ``d_t``."""
+        in one product), the row weights and the state's decay ``d_t``. Several processes (:attr:`shard`) take the
+        steps round-robin for the rows' gradients and projections and exchange the factors (``2 T b k`` numbers);
+        Adam's displacement, a recursion over every step's batch gradient, runs on each of them."""
         problem, curvature = self.problem, self.problem.curvature
         trajectory, spec = problem.trajectory, problem.optimizer
         steps = trajectory.num_steps
+        shard = self.shard
+        mine = set(shard.steps_of(steps)) if shard is not None and shard.world_size > 1 else set(range(steps))
         displacement = AdamDisplacement(problem, self.beta1, self.beta2, self.eps, torch.zeros_like(self.decay_rate)
                                         if self.decoupled else self.decay_rate) if self.adam else None
         factors: list[tuple] = [None] * steps
+        decays: list[torch.Tensor] = [None] * steps
         for step in reversed(range(steps)):
-            batch = curvature.at_step(step)
+            batch = curvature.at_step(step) if displacement is not None or step in mine else None
             clip = clip_coefficient(float(trajectory.grad_norm[step]), spec.max_grad_norm)
             if displacement is not None:
                 direction = displacement.at(step, batch.batch_grad, clip)
@@ -225,6 +235,9 @@ class DVEmbRule(UpdateRule):
                 direction = curvature.expand({name: float(self.rates[step, index]) for name, index in spec.group_of.items()})
                 decay = direction * self.decay_rate
             decay = decay.mean()  # a device scalar: checked for every step at once after the pass (no sync per step)
+            decays[step] = decay
+            if step not in mine:
+                continue
             gradients = batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
             clip_map = ClipMap.of_gradient(batch.batch_grad, spec.max_grad_norm, float(trajectory.grad_norm[step]))
             if self.curvature_form == "fisher":
@@ -237,13 +250,19 @@ class DVEmbRule(UpdateRule):
             update, curve_update = self.projection(moved).split([len(gradients), len(columns)])
             weight = batch.row_weight.repeat_interleave(len(columns) // len(gradients))
             factors[step] = (update, batch.row_weight, decay, curve_update, self.projection(columns), weight)
-        decays = torch.stack([factor[2] for factor in factors]).cpu() if steps else torch.zeros(0)
-        outside = ((decays < 0) | (decays >= 1)).nonzero().flatten()
+        stacked = torch.stack(decays).cpu() if steps else torch.zeros(0)
+        outside = ((stacked < 0) | (stacked >= 1)).nonzero().flatten()
         if len(outside):
             step = int(outside[-1])
-            raise AccInfError(f"DVEmb: the projected state's decay at step {step} is {float(decays[step]):.3g} (Adam's "
+            raise AccInfError(f"DVEmb: the projected state's decay at step {step} is {float(stacked[step]):.3g} (Adam's "
                               "L2 weight decay through a preconditioner near 1/eps): it must lie in [0, 1). Train with "
                               "AdamW (decoupled decay) or score with adam-ie.")
+        if len(mine) < steps:
+            device = curvature.device
+            moved = {step: _factors_to(factors[step], "cpu") for step in mine}
+            for part in shard.all_gather_object(moved):
+                for step, value in part.items():
+                    factors[step] = _factors_to(value, device)
         return factors
 
     def factors(self, step: int) -> tuple:

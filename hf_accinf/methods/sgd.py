@@ -39,7 +39,7 @@ from .removal import ClipMap, RemovalStepOps, check_removal, removal_step, remov
 class SGDStep(RemovalStepOps):
     def __init__(self, rule: "SGDRule", step: int):
         problem = rule.problem
-        self.rule, self.batch, self.removal = rule, problem.curvature.at_step(step), rule.removal
+        self.rule, self.batch, self.removal = rule, rule.batch_at(step), rule.removal
         self.state_dim = rule.state_dim
         self.lr = problem.learning_rates(step)
         rates = {float(problem.trajectory.lr[step, group]) for group in problem.optimizer.group_of.values()}

@@ -7,8 +7,10 @@
 * :class:`ForwardForm`: every row's embedding ``Delta^j_T`` by the engine (sweep or propagator), then the
   scores of the asked kind; its trust figure is the power iteration.
 
-Each ``run`` returns a :class:`FormOutput` (scores, embeddings, trust figure, schedule); only the main process
-gets one (``None`` elsewhere).
+Each ``run`` returns a :class:`FormOutput` (scores, embeddings, trust figure, schedule). Under several processes
+(docs/ENGINE.md "Many processes") every process works: the adjoint splits each step's rows, TracIn and DVEmb's step
+factors split the steps, the forward form splits the samples and returns each process's own rows (``rows``; the
+caller writes them as shards); the direct and adjoint forms return on the main process only (``None`` elsewhere).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from ..config import ScoreArguments
 from ..engine import InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores
+from ..engine.sharding import split_rows
 from ..engine.policies import CorrectionPolicy
 from ..engine.trust import trust_check
 from ..options import BACKWARD_PASS, DIRECT_SCORER, FormName
@@ -54,14 +57,28 @@ class FormOutput:
     result: InfluenceResult  # the schedule that ran, its seconds and cost model
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # as written to embeddings.safetensors
     trust: dict | None = None  # engine.trust.TrustReport.to_dict()
+    rows: tuple[int, int] | None = None  # the sample rows [start, stop) that scores and embeddings hold (None: all)
 
 
 def _power_iteration(run: FormInputs, embeddings: torch.Tensor | None) -> dict | None:
-    args = run.args
+    """The power iteration's trust figure (every process takes part: the probes' batch products are split by rows);
+    ``embeddings``: this process's rows of the forward form (their norms are gathered for the embedding ratio)."""
+    args, shard = run.args, run.shard
     if args.trust_probes <= 0:
         return None
-    return trust_check(run.method, run.problem, embeddings, args.trust_probes, args.trust_iterations,
-                       progress=run.progress).to_dict()
+    if embeddings is not None and shard.world_size > 1:
+        # the ratio reads each row's norm only: the (N,) norms are gathered, never the embeddings
+        embeddings = shard.gather_rows(embeddings.norm(dim=1), run.problem.num_samples)[:, None]
+    with split_rows(run.method, shard, run.problem.trajectory):
+        report = trust_check(run.method, run.problem, embeddings, args.trust_probes, args.trust_iterations,
+                             progress=run.progress and shard.is_main, shard=shard)
+    return report.to_dict() if shard.is_main else None
+
+
+def _share_work(run: FormInputs) -> None:
+    """Let a method that splits its own work over the processes (DVEmb's step factors) know the group."""
+    if hasattr(run.method, "shard"):
+        run.method.shard = run.shard
 
 
 class DirectForm:
@@ -72,7 +89,7 @@ class DirectForm:
         curvature = run.problem.curvature
         began = time.perf_counter()
         scores = run.method.scores(lambda step: run.objective_grad(curvature.parameters_at(step)),
-                                   run.progress and run.shard.is_main)
+                                   run.progress and run.shard.is_main, shard=run.shard)
         if not run.shard.is_main:
             return None
         return FormOutput(scores, InfluenceResult(None, DIRECT_SCORER, time.perf_counter() - began))
@@ -84,17 +101,17 @@ class AdjointForm:
     @staticmethod
     def run(run: FormInputs) -> FormOutput | None:
         began = time.perf_counter()
+        _share_work(run)
         gradient = run.method.embed_gradient(run.objective_grad(run.final))
         probes = run.args.trust_probes if run.args.trust != "power" else 0
         backward = adjoint_scores(run.method, run.problem, gradient, run.shard, run.progress, run.policy,
                                   probes=probes)
+        power = _power_iteration(run, None) if run.args.trust == "power" else None
         if backward is None:
             return None
         result = InfluenceResult(None, BACKWARD_PASS, time.perf_counter() - began)
         trust = backward.trust.to_dict() if backward.trust is not None else None
-        if run.args.trust == "power":
-            trust = _power_iteration(run, None)
-        return FormOutput(backward.scores, result, trust=trust)
+        return FormOutput(backward.scores, result, trust=power if run.args.trust == "power" else trust)
 
 
 class ForwardForm:
@@ -103,16 +120,16 @@ class ForwardForm:
     @staticmethod
     def run(run: FormInputs) -> FormOutput | None:
         method, problem, args = run.method, run.problem, run.args
+        _share_work(run)
         result = estimate_influence(problem, method, run.policy, schedule=args.schedule,
-                                    memory_budget_gb=args.memory_budget_gb, shard=run.shard, progress=run.progress)
-        if not run.shard.is_main:
-            return None
+                                    memory_budget_gb=args.memory_budget_gb, shard=run.shard, progress=run.progress,
+                                    gather=False)
         curvature = problem.curvature
         scores = scores_from_embeddings(curvature, result.embeddings, run.final, run.inputs,
                                         run.labels, args.score_kind, rule=method)
         embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()} \
             if method.parameter_space else {artifacts.PROJECTED_NAME: result.embeddings.contiguous()}
-        return FormOutput(scores, result, embeddings, _power_iteration(run, result.embeddings))
+        return FormOutput(scores, result, embeddings, _power_iteration(run, result.embeddings), result.rows)
 
 
 FORMS: dict[str, type] = {form.name: form for form in (DirectForm, AdjointForm, ForwardForm)}

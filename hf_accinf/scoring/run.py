@@ -9,6 +9,7 @@ returns the result. The score column of the training dataset is the caller's to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from ..problem import deep_scope_unavailable, problem_from_run
 from ..trajectory import RunReader
 from ..trajectory.schema import content_hash
 from . import artifacts
-from .forms import FormInputs, form_runner
+from .forms import FormInputs, FormOutput, form_runner
 from .plan import plan_scoring
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,9 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
         shard = ShardContext.from_accelerate(cpu=args.device == "cpu" or not torch.cuda.is_available())
     shard = shard or ShardContext.single()
     try:
-        return _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer, states,
-                      evaluation_source)
+        with shard.guard():  # an error here stops every process (PeerFailure names this one), not a hang
+            return _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model, tokenizer, states,
+                          evaluation_source)
     finally:
         if own_shard:
             shard.close()
@@ -122,23 +124,28 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     with scorer_precision(plan.device, plan.dtype, plan.tf32):
         output = form_runner(plan.form)(FormInputs(method, problem, inputs, labels, final, args, plan.policy, shard,
                                                    progress))
+    output = _own_rows_written(output, shard, output_dir, problem.num_samples)
+    verified = None
+    if args.verify:
+        from .verify import describe, verify
+
+        if shard.is_main:
+            logger.info("verify: retraining the run and %d rows out by replay (weight 0 and 0.5) together, %d steps",
+                        args.verify, run.num_steps)
+        with recorded_precision(run.manifest.numerics):  # retraining replays the run: its own TF32 flags
+            verified = verify(run, train_dataset, train_collate, eval_dataset,
+                              output.scores.cpu() if output is not None else None, args.verify, args.verify_seed,
+                              eval_collate_fn=train_collate, device=plan.device, memory_budget=plan.memory_budget,
+                              progress=progress, model=model, shard=shard)
+        if verified is not None:
+            logger.info("verify: %s", describe(verified))
     if output is None:  # not the main process
         return None
     # Results leave the device here: the writers, --verify's statistics and the dataset column read them on the host.
     scores, trust, result = output.scores.cpu(), output.trust, output.result
     embeddings = {name: value.cpu() for name, value in output.embeddings.items()}
-    checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict(),
+    checks = {"trust": trust, "verify": verified, "replay": None, "projection": None, "plan": plan.to_dict(),
               "gauge": list(problem.gauge)}
-    if args.verify:
-        from .verify import describe, verify
-
-        logger.info("verify: retraining the run and %d rows out by replay (weight 0 and 0.5) together, %d steps",
-                    args.verify, run.num_steps)
-        with recorded_precision(run.manifest.numerics):  # retraining replays the run: its own TF32 flags
-            checks["verify"] = verify(run, train_dataset, train_collate, eval_dataset, scores, args.verify,
-                                      args.verify_seed, eval_collate_fn=train_collate, device=plan.device,
-                                      memory_budget=plan.memory_budget, progress=progress, model=model)
-        logger.info("verify: %s", describe(checks["verify"]))
     states = getattr(curvature, "states", None)
     if hasattr(states, "report"):
         checks["replay"] = states.report().to_dict()
@@ -146,6 +153,26 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         checks["projection"] = projection_fingerprint(method.projection)
     summary = _write(output_dir, args, identity, problem, result, scores, embeddings, plan.form, checks)
     return ScoreResult(scores, embeddings, output_dir, summary)
+
+
+def _own_rows_written(output: FormOutput | None, shard: ShardContext, output_dir: Path,
+                      num_samples: int) -> FormOutput | None:
+    """A form that returned this process's rows only (the forward form under several processes): each process
+    writes its rows as one shard (:func:`.artifacts.write_scores_shard`), and the main process reads the shards back
+    in row order (:func:`.artifacts.aggregate`) for the set that :func:`_write` writes (which removes the shards).
+    Other outputs pass through; the main process gets the whole output, the others ``None``."""
+    if output is None or output.rows is None or output.rows == (0, num_samples):
+        return output if output is None or shard.is_main else None
+    start, stop = output.rows
+    shard.barrier()  # every process has checked the output directory before any writes into it
+    artifacts.write_scores_shard(output_dir, shard.rank, shard.world_size, torch.arange(start, stop),
+                                 output.scores, output.embeddings)
+    shard.barrier()
+    if not shard.is_main:
+        return None
+    scores, embeddings = artifacts.aggregate(output_dir, shard.world_size, num_samples)
+    dtype = output.scores.dtype
+    return dataclasses.replace(output, scores=scores.to(dtype), embeddings=embeddings, rows=None)
 
 
 def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_dataset, eval_rows: int,

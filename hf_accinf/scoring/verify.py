@@ -98,7 +98,7 @@ def leave_one_out_effects(run: RunReader, train_dataset, collate_fn: Callable | 
 
 def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_dataset, scores, k: int, seed: int = 0,
            eval_collate_fn: Callable | None = None, device: str = "cpu", memory_budget: int = 2**30,
-           progress: bool = True, model=None) -> dict[str, Any]:
+           progress: bool = True, model=None, shard=None) -> dict[str, Any] | None:
     """Retrain ``k`` random rows out (and at half weight) with the base run in one batched retraining, and
     report the agreement of ``scores`` with the exact changes of the mean evaluation loss.
 
@@ -106,18 +106,35 @@ def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_data
     ``truth(0)``; the linearity ceiling (tau with its interval, and r, of ``truth(0)`` against
     ``2 x truth(0.5)``); the rows and values; the base run's evaluation loss; the base run's relative error
     at the recorded checkpoints (``replay_error``) and the wall time.
+
+    ``shard`` (several processes, docs/ENGINE.md "Many processes"): each process retrains its block of the ``k``
+    rows (with a base run of its own), the effects are gathered, and the main process, the only one that needs
+    ``scores``, returns the result (``None`` elsewhere).
     """
-    scores = torch.as_tensor(np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores),
-                             dtype=torch.float64)
+    from ..engine.sharding import ShardContext
+
+    shard = shard or ShardContext.single()
     length = len(train_dataset)
-    if scores.shape != (length,):
-        raise AccInfError(f"scores must hold one value per training row ({length}), got shape {tuple(scores.shape)}.")
+    if shard.is_main:
+        scores = torch.as_tensor(np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores),
+                                 dtype=torch.float64)
+        if scores.shape != (length,):
+            raise AccInfError(f"scores must hold one value per training row ({length}), got shape "
+                              f"{tuple(scores.shape)}.")
     if not 2 <= k <= length:
         raise AccInfError(f"verify needs 2 <= k <= {length} rows, got k={k}.")
     started = time.perf_counter()
     rows = torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-    effects = leave_one_out_effects(run, train_dataset, collate_fn, eval_dataset, rows, eval_collate_fn, device,
-                                    memory_budget, progress, model)
+    lo, hi = shard.items_of(k)
+    effects = leave_one_out_effects(run, train_dataset, collate_fn, eval_dataset, rows[lo:hi], eval_collate_fn,
+                                    device, memory_budget, progress and shard.is_main, model) if hi > lo else None
+    if shard.world_size > 1:
+        parts = [part for part in shard.all_gather_object(effects) if part is not None]
+        if not shard.is_main:
+            return None
+        effects = LeaveOneOutEffects(rows, torch.cat([part.zero for part in parts]),
+                                     torch.cat([part.half for part in parts]), parts[0].base_loss,
+                                     parts[0].replay_error, parts[0].loss_error, parts[0].models_per_chunk)
     estimate, zero, half = scores[rows].numpy(), effects.zero.numpy(), effects.half.numpy()
     return {
         "k": k,

@@ -112,6 +112,6 @@ def test_launched_processes_without_a_shard_context_share_the_work(run_dir, tmp_
     returned = [json.loads((out.parent / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in returned] == [2, 2]  # the two processes formed one group
     assert [r["result"] for r in returned] == [True, False]  # only the main process writes and returns
-    single = score_run(ScoreArguments(run_dir=str(run_dir), output_dir=str(tmp_path / "single")),
+    single = score_run(ScoreArguments(run_dir=str(run_dir), output_dir=str(tmp_path / "single"), dtype="float64"),
                        digits_dataset(**TRAIN), digits_dataset(**EVAL), progress=False)
     torch.testing.assert_close(load_scores(out), single.scores, rtol=1e-10, atol=1e-15)

@@ -23,7 +23,7 @@ def test_launched_whole_model_adjoint_score_equals_one_process(tmp_path):
     held_out.save_to_disk(str(tmp_path / "eval"))
     command = ["score", "--run_dir", str(tmp_path / "run"), "--train_data", str(tmp_path / "train"),
                "--eval_data", str(tmp_path / "eval"), "--method", "adam-ie", "--modules", "all", "--form", "adjoint",
-               "--trust_probes", "0"]
+               "--trust_probes", "0", "--dtype", "float64"]
     launch_two_processes(ROOT / "tests/scripts/score_launched.py", "--cli", tmp_path, *command, "--cpu", "true",
                          "--output_dir", tmp_path / "launched")
     notes = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
