@@ -31,6 +31,7 @@ from ..problem import InfluenceProblem
 from .plan import OccurrencePlan, build_plan, choose_schedule
 from .policies import CorrectionPolicy
 from .propagator import propagate
+from .resume import ResumeStore, restore_adjoint, save_adjoint
 from .sharding import ShardContext
 from .sweep import sweep
 from .trust import EXPANSIVE_GROWTH, ProbeGrowth, TrustReport
@@ -94,7 +95,7 @@ class AdjointScores:
 def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradient: torch.Tensor,
                    shard: ShardContext | None = None, progress: bool = True,
                    policy: CorrectionPolicy | None = None, probes: int = 0, probe_seed: int = 0,
-                   threshold: float = EXPANSIVE_GROWTH) -> AdjointScores | None:
+                   threshold: float = EXPANSIVE_GROWTH, resume: ResumeStore | None = None) -> AdjointScores | None:
     """``s_j = u_T . Delta^j_T`` for every row ``j``, ``(N,)``, by one backward pass.
 
     ``objective_gradient`` ``(P,)`` is ``grad L_val(theta_T)`` in the rule's parameter layout. ``policy``:
@@ -103,7 +104,7 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     the adjoint (:class:`.trust.ProbeGrowth`, extra rows of each ``apply_adjoint``) and returns their trust
     figure; on a hybrid it covers the backward steps ``[s, T)``. The shared adjoint is the same on every
     process, so sharding by rows would save nothing: the main process computes all rows and the others
-    return ``None``.
+    return ``None``. ``resume``: where the walk saves its resume points (:mod:`.resume`) and starts from the last.
     """
     shard = shard or ShardContext.single()
     if objective_gradient.shape != (rule.param_dim,):
@@ -123,7 +124,8 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     if tracker is not None:
         block = torch.cat([block, tracker.states])
     scores = torch.zeros(problem.num_samples, dtype=dtype, device=device)
-    for step in tqdm(reversed(range(prefix, trajectory.num_steps)), total=trajectory.num_steps - prefix,
+    start, block, scores = restore_adjoint(resume, trajectory.num_steps, block, scores, tracker)
+    for step in tqdm(reversed(range(prefix, start)), total=start - prefix,
                      desc="adjoint", disable=not progress, leave=False):
         ops = rule.at_step(step)
         occurrences = plan.steps[step]
@@ -133,6 +135,8 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
         block = ops.apply_adjoint(block)
         if tracker is not None:
             block = torch.cat([block[:1], tracker.carried(step, block[1:])])
+        if resume is not None and step > prefix and resume.due(trajectory.num_steps - step, step):
+            save_adjoint(resume, step, block, scores, tracker)
     adjoint = block[0]
     if prefix:
         head = _prefix_plan(plan, prefix)

@@ -1,5 +1,8 @@
 """Sharding by sample (DESIGN.md section 6): each process owns a contiguous slice of the sample rows,
-reads the same trajectory, and only the final per-sample rows are gathered (accelerate's ``gather``)."""
+reads the same trajectory, and only the final per-sample rows are gathered (accelerate's ``gather``).
+
+A partition (``--num_partitions P --partition i``, an independent job, e.g. one per machine) owns the
+contiguous slice ``i`` of ``P`` (:func:`partition_range`); the processes of that job split it by rank."""
 
 from __future__ import annotations
 
@@ -8,11 +11,18 @@ from dataclasses import dataclass
 import torch
 
 
+def partition_range(count: int, index: int, parts: int) -> tuple[int, int]:
+    """``[lo, hi)``: slice ``index`` of ``parts`` nearly equal contiguous slices of ``range(count)`` (rows or steps)."""
+    per = -(-count // parts)
+    return min(count, index * per), min(count, (index + 1) * per)
+
+
 @dataclass
 class ShardContext:
     rank: int
     world_size: int
     state: object | None = None  # accelerate.PartialState when distributed
+    partition: tuple[int, int] = (0, 1)  # (index, count): this job's slice of the rows (or TracIn's steps)
 
     @classmethod
     def single(cls) -> "ShardContext":
@@ -48,9 +58,15 @@ class ShardContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def partition_range(self, count: int) -> tuple[int, int]:
+        """This job's partition of ``range(count)``."""
+        return partition_range(count, *self.partition)
+
     def sample_range(self, num_samples: int) -> tuple[int, int]:
-        per = -(-num_samples // self.world_size)
-        return min(num_samples, self.rank * per), min(num_samples, (self.rank + 1) * per)
+        """This process's rows: rank ``r`` of ``W`` within this job's partition."""
+        lo, hi = self.partition_range(num_samples)
+        start, stop = partition_range(hi - lo, self.rank, self.world_size)
+        return lo + start, lo + stop
 
     def gather_rows(self, rows: torch.Tensor, num_samples: int) -> torch.Tensor | None:
         """Concatenate every process's rows in rank order; the result lives on every process."""

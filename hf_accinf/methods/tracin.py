@@ -25,12 +25,15 @@ class TracIn:
     def __init__(self, problem: InfluenceProblem):
         self.problem = problem
 
-    def scores(self, objective_at: Callable[[int], torch.Tensor], progress: bool = False) -> torch.Tensor:
-        """``(N,)`` TracIn scores of every training row (positive: removing the row raises the objective)."""
+    def scores(self, objective_at: Callable[[int], torch.Tensor], progress: bool = False,
+               steps: range | None = None) -> torch.Tensor:
+        """``(N,)`` TracIn scores of every training row (positive: removing the row raises the objective); with
+        ``steps``, the contributions of those steps only (a partition: the partitions' scores sum to the whole)."""
         problem = self.problem
         trajectory, curvature = problem.trajectory, problem.curvature
         scores = torch.zeros(problem.num_samples, dtype=curvature.dtype, device=curvature.device)
-        for step in tqdm(range(trajectory.num_steps), desc="tracin", disable=not progress, leave=False):
+        steps = range(trajectory.num_steps) if steps is None else steps
+        for step in tqdm(steps, desc="tracin", disable=not progress, leave=False):
             batch = curvature.at_step(step)
             direction = objective_at(step).to(scores.dtype) * problem.learning_rates(step)
             contribution = batch.row_weight * batch.row_loss_tangents(direction)

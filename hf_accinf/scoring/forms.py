@@ -23,6 +23,7 @@ from ..config import ScoreArguments
 from ..engine import InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores
 from ..engine.policies import CorrectionPolicy
+from ..engine.resume import ResumeStore
 from ..engine.trust import trust_check
 from ..options import BACKWARD_PASS, DIRECT_SCORER, FormName
 from ..problem import InfluenceProblem
@@ -43,6 +44,7 @@ class FormInputs:
     policy: CorrectionPolicy | None
     shard: ShardContext
     progress: bool
+    resume: ResumeStore | None = None  # where long work saves its resume points (engine.resume)
 
     def objective_grad(self, parameters: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.problem.curvature.objective_grad(parameters, self.inputs, self.labels)
@@ -54,12 +56,15 @@ class FormOutput:
     result: InfluenceResult  # the schedule that ran, its seconds and cost model
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # as written to embeddings.safetensors
     trust: dict | None = None  # engine.trust.TrustReport.to_dict()
+    rows: tuple[int, int] | None = None  # the rows [lo, hi) of the scores and embeddings, when not all (a partition)
 
 
 def _power_iteration(run: FormInputs, embeddings: torch.Tensor | None) -> dict | None:
     args = run.args
-    if args.trust_probes <= 0:
+    if args.trust_probes <= 0 or args.partition > 0:  # the growth is the run's: the first partition measures it
         return None
+    if args.num_partitions > 1:
+        embeddings = None  # the embedding ratio needs every row
     return trust_check(run.method, run.problem, embeddings, args.trust_probes, args.trust_iterations,
                        progress=run.progress).to_dict()
 
@@ -71,8 +76,9 @@ class DirectForm:
     def run(run: FormInputs) -> FormOutput | None:
         curvature = run.problem.curvature
         began = time.perf_counter()
+        steps = range(*run.shard.partition_range(run.problem.trajectory.num_steps))
         scores = run.method.scores(lambda step: run.objective_grad(curvature.parameters_at(step)),
-                                   run.progress and run.shard.is_main)
+                                   run.progress and run.shard.is_main, steps=steps)
         if not run.shard.is_main:
             return None
         return FormOutput(scores, InfluenceResult(None, DIRECT_SCORER, time.perf_counter() - began))
@@ -87,7 +93,7 @@ class AdjointForm:
         gradient = run.method.embed_gradient(run.objective_grad(run.final))
         probes = run.args.trust_probes if run.args.trust != "power" else 0
         backward = adjoint_scores(run.method, run.problem, gradient, run.shard, run.progress, run.policy,
-                                  probes=probes)
+                                  probes=probes, resume=run.resume)
         if backward is None:
             return None
         result = InfluenceResult(None, BACKWARD_PASS, time.perf_counter() - began)
@@ -104,7 +110,8 @@ class ForwardForm:
     def run(run: FormInputs) -> FormOutput | None:
         method, problem, args = run.method, run.problem, run.args
         result = estimate_influence(problem, method, run.policy, schedule=args.schedule,
-                                    memory_budget_gb=args.memory_budget_gb, shard=run.shard, progress=run.progress)
+                                    memory_budget_gb=args.memory_budget_gb, shard=run.shard, progress=run.progress,
+                                    resume=run.resume)
         if not run.shard.is_main:
             return None
         curvature = problem.curvature
@@ -112,7 +119,8 @@ class ForwardForm:
                                         run.labels, args.score_kind, rule=method)
         embeddings = {name: value.contiguous() for name, value in curvature.unflatten(result.embeddings).items()} \
             if method.parameter_space else {artifacts.PROJECTED_NAME: result.embeddings.contiguous()}
-        return FormOutput(scores, result, embeddings, _power_iteration(run, result.embeddings))
+        return FormOutput(scores, result, embeddings, _power_iteration(run, result.embeddings),
+                          run.shard.partition_range(problem.num_samples))
 
 
 FORMS: dict[str, type] = {form.name: form for form in (DirectForm, AdjointForm, ForwardForm)}
