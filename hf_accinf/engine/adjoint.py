@@ -124,7 +124,7 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     if tracker is not None:
         block = torch.cat([block, tracker.states])
     scores = torch.zeros(problem.num_samples, dtype=dtype, device=device)
-    start, block, scores = restore_adjoint(resume, trajectory.num_steps, block, scores, tracker)
+    start, block, scores = restore_adjoint(resume, trajectory.num_steps, block, scores, tracker, shard)
     for step in tqdm(reversed(range(prefix, start)), total=start - prefix,
                      desc="adjoint", disable=not progress, leave=False):
         ops = rule.at_step(step)
@@ -136,7 +136,7 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
         if tracker is not None:
             block = torch.cat([block[:1], tracker.carried(step, block[1:])])
         if resume is not None and step > prefix and resume.due(trajectory.num_steps - step, step):
-            save_adjoint(resume, step, block, scores, tracker)
+            save_adjoint(resume, step, block, scores, tracker, shard)
     adjoint = block[0]
     if prefix:
         head = _prefix_plan(plan, prefix)

@@ -75,32 +75,42 @@ class ResumeStore:
             parent.rmdir()
 
 
-def save_adjoint(store: ResumeStore, step: int, block: torch.Tensor, scores: torch.Tensor, tracker=None) -> None:
-    """``u_step`` and the probes (``block``), the scores of the steps ``step .. T-1`` and the probes' growth so far."""
+def adjoint_name(shard=None) -> str:
+    """One resume point per process (each holds its own share of the scores when the adjoint is data-parallel)."""
+    if shard is None or shard.world_size == 1:
+        return ADJOINT
+    return f"{ADJOINT}.rank-{shard.rank:05d}-of-{shard.world_size:05d}"
+
+
+def save_adjoint(store: ResumeStore, step: int, block: torch.Tensor, scores: torch.Tensor, tracker=None,
+                 shard=None) -> None:
+    """``u_step`` and the probes (``block``), the scores of the steps ``step .. T-1`` and the probes' growth so far
+    (this process's, under ``shard``)."""
     tensors = {"block": block, "scores": scores}
     if tracker is not None:
         tensors.update(probe_product=tracker.product, probe_log_scale=tracker.log_scale,
                        probe_growth_from=torch.stack(tracker.growth_from) if tracker.growth_from
                        else torch.zeros(0, dtype=block.dtype))
-    store.save(ADJOINT, tensors, step=step)
+    store.save(adjoint_name(shard), tensors, step=step)
 
 
 def restore_adjoint(store: ResumeStore | None, stop: int, block: torch.Tensor, scores: torch.Tensor,
-                    tracker=None) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``(step to walk back from, block, scores)``: the last resume point, or ``(stop, block, scores)`` as given."""
-    saved = store.load(ADJOINT, block.device) if store is not None else None
+                    tracker=None, shard=None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(step to walk back from, block, scores)``: this process's last resume point, or ``(stop, block, scores)``."""
+    name = adjoint_name(shard)
+    saved = store.load(name, block.device) if store is not None else None
     if saved is None:
         return stop, block, scores
     tensors, metadata = saved
     if tensors["block"].shape != block.shape or tensors["scores"].shape != scores.shape:
-        logger.info("resume point %s does not fit this run's shapes: starting over", store.path(ADJOINT))
+        logger.info("resume point %s does not fit this run's shapes: starting over", store.path(name))
         return stop, block, scores
     step = int(metadata["step"])
     if tracker is not None:
         tracker.states = tensors["block"][1:]
         tracker.product, tracker.log_scale = tensors["probe_product"], tensors["probe_log_scale"]
         tracker.growth_from = list(tensors["probe_growth_from"].unbind(0))
-    logger.info("adjoint: resuming at step %d of %d from %s", step, stop, store.path(ADJOINT))
+    logger.info("adjoint: resuming at step %d of %d from %s", step, stop, store.path(name))
     return step, tensors["block"].to(block.dtype), tensors["scores"].to(scores.dtype)
 
 

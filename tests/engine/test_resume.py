@@ -8,7 +8,8 @@ import torch
 from hf_accinf.config import ScoreArguments
 from hf_accinf.engine import adjoint as adjoint_module
 from hf_accinf.engine import estimator as estimator_module
-from hf_accinf.engine.resume import RESUME_DIR, ResumeStore
+from hf_accinf.engine.resume import RESUME_DIR, ResumeStore, adjoint_name
+from hf_accinf.engine.sharding import ShardContext
 from hf_accinf.examples import digits_dataset, tiny_vit
 from hf_accinf.scoring import score_run
 from hf_accinf.trajectory import RunReader
@@ -110,3 +111,6 @@ def test_a_resume_point_of_other_arguments_is_not_used(tmp_path):
     assert torch.equal(tensors["block"], block) and metadata["step"] == "3"
     assert not ResumeStore(tmp_path, "k", every=-1).due(4, 4) and ResumeStore(tmp_path, "k", every=2).due(4, 7)
     assert ResumeStore(tmp_path, "k", boundaries=[3, 6]).due(1, 6) and not ResumeStore(tmp_path, "k", boundaries=[3]).due(3, 4)
+    # One resume point per process: a data-parallel adjoint's processes each hold their share of the scores.
+    names = {adjoint_name(ShardContext(rank, 2)) for rank in (0, 1)} | {adjoint_name(ShardContext.single())}
+    assert len(names) == 3
