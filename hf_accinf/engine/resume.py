@@ -72,7 +72,10 @@ class ResumeStore:
         shutil.rmtree(self.directory, ignore_errors=True)
         parent = self.directory.parent
         if parent.name == RESUME_DIR and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+            try:
+                parent.rmdir()
+            except OSError:  # another partition's job has just started saving there
+                pass
 
 
 def adjoint_name(shard=None) -> str:

@@ -169,8 +169,9 @@ def aggregate_partitions(output_dir: str | os.PathLike, overwrite: bool = False)
     extra["partitions"] = {"count": count, "combine": combine, "key": key,
                            "each": [{"rows": s.extra["partition"]["rows"], "seconds": s.seconds, "schedule": s.schedule}
                                     for s in summaries]}
+    arguments = {name: value for name, value in summaries[0].arguments.items() if name != "partition"}
     summary = dataclasses.replace(
-        summaries[0], schedule=",".join(schedules) or None, seconds=sum(s.seconds or 0.0 for s in summaries),
+        summaries[0], arguments=arguments, schedule=",".join(schedules) or None, seconds=sum(s.seconds or 0.0 for s in summaries),
         most_harmful=order[:10].tolist(), most_helpful=order.flip(0)[:10].tolist(), extra=extra)
     metadata = markers[first].get("metadata") or {}
     from safetensors.torch import save_file

@@ -59,3 +59,28 @@ def test_the_adjoint_form_is_refused_and_nothing_to_aggregate_is_named(recorded,
     assert "the adjoint form cannot be split" in capsys.readouterr().err
     assert main(["aggregate", "--output_dir", str(tmp_path / "adjoint")]) == 2
     assert "No finished partitions" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_partition_launched_on_two_processes_equals_the_partition_in_one(recorded, tmp_path):
+    """Under ``accelerate launch`` (2 processes, gloo) the processes split the partition's rows again by rank: the
+    shard written equals the one process's, rows, scores and embeddings."""
+    import json
+
+    from tests.launch import ROOT, launch_two_processes
+
+    run_dir, data = recorded
+    command = ["score", "--run_dir", str(run_dir), "--modules", "head", "--method", "sgd-ie",
+               "--form", "forward", "--trust_probes", "0", *data, "--num_partitions", "2", "--partition", "1"]
+    launch_two_processes(ROOT / "tests/scripts/score_launched.py", "--cli", tmp_path, *command, "--cpu", "true",
+                         "--output_dir", tmp_path / "launched")
+    assert [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)] == \
+        [{"status": 0, "world_size": 2}] * 2
+    from hf_accinf.cli import main as cli
+
+    assert cli([*command, "--output_dir", str(tmp_path / "single")]) == 0
+    name = "scores.part-00001-of-00002.safetensors"
+    launched, single = (load_file(tmp_path / d / name) for d in ("launched", "single"))
+    assert set(launched) == set(single) and torch.equal(launched["rows"], torch.arange(20, 40))
+    for key, value in single.items():
+        assert (launched[key] - value).abs().max() <= 1e-10 * value.abs().max(), key
