@@ -132,7 +132,8 @@ class ScoreArguments:
     resume_every: int = field(default=0, metadata={
         "help": "The adjoint form saves a resume point (its vector, probes and scores so far) under "
                 "<output_dir>/.resume every this many steps (0: at the run's checkpoint steps; -1: never); an "
-                "interrupted run resumes from the last one. The forward form saves each finished chunk of rows."})
+                "interrupted run resumes from the last one. The forward form saves each finished chunk of rows when its "
+                "states need several (-1: neither form saves)."})
 
     def __post_init__(self) -> None:
         if self.num_partitions < 1 or not 0 <= self.partition < self.num_partitions:

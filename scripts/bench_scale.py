@@ -127,9 +127,9 @@ def bench_head(case: str, rows: int, device: torch.device, dtype: torch.dtype, b
                                                             device), warm.optimizer, 2 * BATCH)
     estimate_influence(warm, build_method(warm, "sgd-ie"), schedule="propagator", progress=False)
     _plain_training(warm, device, dtype)
-    _, training, _ = measured(device, _plain_training, problem, device, dtype)
+    _, training, peak = measured(device, _plain_training, problem, device, dtype)
     steps = problem.trajectory.num_steps
-    record(case, f"training ({steps} steps, plain SGD)", training, _peak_gib(device), training)
+    record(case, f"training ({steps} steps, plain SGD)", training, peak, training)
     for method, policy in (("sgd-ie", None), ("acc-sgd-ie", CorrectionPolicy("all"))):
         rule = build_method(problem, method)
         result, seconds, peak = measured(device, estimate_influence, problem, rule, policy, schedule="propagator",
