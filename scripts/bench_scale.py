@@ -192,20 +192,27 @@ def bench_minilm(args, device: torch.device, root: Path) -> None:
 
 # ---- 1 against 2 processes ------------------------------------------------------------------------------------------
 
+# A small intermediate process starts the command and reports its tree's peak RSS: Linux keeps a process's peak
+# across exec, so a child forked straight from this (large) process would report this process's peak as its own.
+_SPAWN = ("import os, subprocess, sys; process = subprocess.Popen(sys.argv[2:]); _, status, usage = os.wait4(process.pid, 0); "
+          "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}')")
+
+
 def _run_tree(command: list[str], threads: int) -> tuple[float, float]:
     """Wall seconds and the peak RSS (GiB) of the largest process of ``command``'s tree."""
     paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                    "PYTHONPATH": os.pathsep.join(paths)}
-    with tempfile.TemporaryFile(mode="w+") as log:
+    with tempfile.TemporaryFile(mode="w+") as log, tempfile.NamedTemporaryFile(mode="r") as report:
         began = time.perf_counter()
-        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        subprocess.run([sys.executable, "-c", _SPAWN, report.name, *command], cwd=ROOT, env=environment, stdout=log,
+                       stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - began
-        if os.waitstatus_to_exitcode(status) != 0:
+        status, peak_kib = map(int, Path(report.name).read_text().split())
+        if status != 0:
             log.seek(0)
             raise SystemExit(f"{' '.join(command)} failed:\n{log.read()[-3000:]}")
-    return seconds, usage.ru_maxrss / 2**20
+    return seconds, peak_kib / 2**20
 
 
 def bench_processes(args, device: torch.device, root: Path) -> None:
