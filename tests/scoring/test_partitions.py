@@ -10,7 +10,7 @@ from hf_accinf.engine.sharding import ShardContext, partition_range
 from hf_accinf.examples import digits_dataset, tiny_vit
 from hf_accinf.scoring import score_run
 from hf_accinf.scoring.artifacts import load_embeddings
-from hf_accinf.scoring.partitions import aggregate_partitions
+from hf_accinf.scoring import aggregate_partitions
 from tests.conftest import record_run
 
 ROWS = 50  # three partitions of 17, 17 and 16 rows
