@@ -29,8 +29,9 @@ def runs(tmp_path_factory):
 
 
 def _score(run_dir, output_dir, train, held_out, **arguments):
+    arguments = {"trust_probes": 0, **arguments}
     args = ScoreArguments(run_dir=str(run_dir), output_dir=str(output_dir), modules=["head"], dtype="float64",
-                          trust_probes=0, **arguments)
+                          **arguments)
     return score_run(args, train, held_out, progress=False)
 
 
@@ -83,3 +84,16 @@ def test_the_adjoint_form_and_verify_are_refused_before_any_work(runs, tmp_path)
     assert not (tmp_path / "adjoint").exists() and not (tmp_path / "verify").exists()
     with pytest.raises(ValueError, match="partition must lie in"):
         ScoreArguments(num_partitions=2, partition=2)
+
+
+def test_the_first_partition_measures_the_runs_growth(runs, tmp_path):
+    """The trust figure is the run's (the power iteration), not the rows': partition 0 measures it, the others skip
+    it, and the aggregate carries it; the embedding ratio, which needs every row, is left out."""
+    run_dirs, train, held_out = runs
+    options = dict(method="sgd-ie", form="forward", trust_probes=2)
+    whole = _score(run_dirs["sgd"], tmp_path / "whole", train, held_out, **options)
+    parts = [_score(run_dirs["sgd"], tmp_path / "parts", train, held_out, num_partitions=2, partition=index, **options)
+             for index in (0, 1)]
+    assert parts[1].trust is None and parts[0].trust["embedding_ratio"] is None
+    assert parts[0].trust["growth"] == pytest.approx(whole.trust["growth"], rel=1e-12)
+    assert aggregate_partitions(tmp_path / "parts").summary.trust == parts[0].trust
