@@ -9,11 +9,11 @@ import sys
 
 from transformers import HfArgumentParser
 
-from .commands import evaluate, prune, push, report, score, summary, train
+from .commands import aggregate, evaluate, prune, push, report, score, summary, train
 from .commands.runner import run_command
 from .version import __version__
 
-COMMANDS = {command.NAME: command for command in (train, score, evaluate, summary, prune, push, report)}
+COMMANDS = {command.NAME: command for command in (train, score, aggregate, evaluate, summary, prune, push, report)}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:

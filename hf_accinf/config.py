@@ -134,8 +134,23 @@ class ScoreArguments:
         default=False,
         metadata={"help": "Write into a non-empty output_dir that hf-accinf did not write (its other files are kept)."},
     )
+    num_partitions: int = field(default=1, metadata={
+        "help": "Split the scoring into this many independent jobs (e.g. one per machine): the forward form and DVEmb "
+                "by rows, TracIn by steps; each writes its shard into --output_dir and `hf-accinf aggregate` combines "
+                "them. The adjoint form cannot be split (use --form forward, or data parallelism across nodes)."})
+    partition: int = field(default=0, metadata={"help": "Which partition of --num_partitions this job scores (0-based)."})
+    resume_every: int = field(default=0, metadata={
+        "help": "The adjoint form saves a resume point (its vector, probes and scores so far) under "
+                "<output_dir>/.resume every this many steps (0: at the run's checkpoint steps; -1: never); an "
+                "interrupted run resumes from the last one. The forward form saves each finished chunk of rows when its "
+                "states need several (-1: neither form saves)."})
 
     def __post_init__(self) -> None:
+        if self.num_partitions < 1 or not 0 <= self.partition < self.num_partitions:
+            raise ValueError(f"partition must lie in [0, num_partitions) and num_partitions >= 1, got partition "
+                             f"{self.partition} of {self.num_partitions}.")
+        if self.resume_every < -1:
+            raise ValueError(f"resume_every is -1 (never), 0 (at checkpoints) or a step count, got {self.resume_every}.")
         for name, allowed in (("removal", REMOVALS), ("correction", CORRECTION_CHOICES), ("schedule", SCHEDULE_CHOICES),
                               ("score_kind", SCORE_KINDS), ("dtype", DTYPES), ("trust", TRUST_CHOICES),
                               ("form", FORM_CHOICES)):

@@ -158,6 +158,25 @@ def shard_status(directory: str | os.PathLike, name: str, count: int) -> tuple[d
     return finished, missing
 
 
+def finished_shards(directory: str | os.PathLike, name: str) -> list[tuple[int, int, Path, dict]]:
+    """``(index, count, path, marker)`` of every finished shard of output ``name`` in ``directory``, whatever its
+    count, in name order (a marker that is not JSON reads as unfinished)."""
+    directory = Path(directory)
+    found = []
+    stem, dot, extension = name.partition(".")
+    pattern = re.compile(rf"{re.escape(stem)}\.part-(\d+)-of-(\d+){re.escape(dot + extension)}")
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        match = pattern.fullmatch(path.name)
+        marker = path.with_name(path.name + DONE_SUFFIX)
+        if match is None or not marker.is_file():
+            continue
+        try:
+            found.append((int(match[1]), int(match[2]), path, json.loads(marker.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return found
+
+
 def remove_shards(directory: str | os.PathLike, name: str) -> None:
     """Remove every shard of ``name`` (and its marker) from ``directory``."""
     directory = Path(directory)

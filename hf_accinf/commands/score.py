@@ -70,7 +70,13 @@ def main(argv: list[str] | None = None, parser=None) -> int:
                            evaluation_source=evaluation)
     finally:
         shard.close()
-    if result is not None:
+    if result is not None and args.num_partitions > 1:
+        part = result.summary.extra["partition"]
+        print(f"partition {args.partition} of {args.num_partitions} ({result.method}, {result.form} form; "
+              f"{'rows %d:%d' % tuple(part['rows']) if part['combine'] == 'rows' else 'its steps, every row'}) in "
+              f"{result.seconds:.2f} s; wrote its shard into {result.output_dir}. When every partition is written: "
+              f"hf-accinf aggregate --output_dir {result.output_dir}")
+    elif result is not None:
         if hasattr(train, "save_to_disk"):
             write_dataset_column(train, result.artifact())
         order = torch.argsort(result.scores)

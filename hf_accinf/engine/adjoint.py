@@ -31,6 +31,7 @@ from ..problem import InfluenceProblem
 from .plan import OccurrencePlan, build_plan, choose_schedule
 from .policies import CorrectionPolicy
 from .propagator import propagate
+from .resume import ResumeStore, restore_adjoint, save_adjoint
 from .sharding import ShardContext, split_rows
 from .sweep import sweep
 from .trust import EXPANSIVE_GROWTH, ProbeGrowth, TrustReport
@@ -94,7 +95,7 @@ class AdjointScores:
 def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradient: torch.Tensor,
                    shard: ShardContext | None = None, progress: bool = True,
                    policy: CorrectionPolicy | None = None, probes: int = 0, probe_seed: int = 0,
-                   threshold: float = EXPANSIVE_GROWTH) -> AdjointScores | None:
+                   threshold: float = EXPANSIVE_GROWTH, resume: ResumeStore | None = None) -> AdjointScores | None:
     """``s_j = u_T . Delta^j_T`` for every row ``j``, ``(N,)``, by one backward pass.
 
     ``objective_gradient`` ``(P,)`` is ``grad L_val(theta_T)`` in the rule's parameter layout. ``policy``:
@@ -108,7 +109,8 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     its rows' share of the batch gradient and of ``H_B v`` (summed over the processes by
     :class:`.sharding.RowShardBatch`, so every process holds the same adjoint) and its occurrences' injection
     scores; the hybrid's forward part is split by samples. The ``(N,)`` scores are summed at the end and
-    returned on the main process (``None`` on the others).
+    returned on the main process (``None`` on the others). ``resume``: where the walk saves its resume points (:mod:`.resume`) and
+    starts from the last one every process holds.
     """
     shard = shard or ShardContext.single()
     if objective_gradient.shape != (rule.param_dim,):
@@ -127,8 +129,16 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
         block = torch.cat([block, tracker.states])
     scores = torch.zeros(problem.num_samples, dtype=dtype, device=device)
     own = [shard.own_occurrences(occurrences) for occurrences in plan.steps]  # before the loop: no syncs in it
+    fresh = (block, scores, dict(vars(tracker)) if tracker is not None else None)
+    start, block, scores = restore_adjoint(resume, trajectory.num_steps, block, scores, tracker, shard)
+    if resume is not None and len(set(shard.all_gather_object(start))) > 1:
+        # a process stopped between two others' saves: start over rather than mix two steps
+        logger.info("adjoint: the processes' resume points differ; starting from the last step")
+        start, (block, scores, saved) = trajectory.num_steps, fresh
+        if tracker is not None:
+            vars(tracker).update(saved)
     with split_rows(rule, shard, trajectory):
-        for step in tqdm(reversed(range(prefix, trajectory.num_steps)), total=trajectory.num_steps - prefix,
+        for step in tqdm(reversed(range(prefix, start)), total=start - prefix,
                          desc="adjoint", disable=not (progress and shard.is_main), leave=False):
             ops = rule.at_step(step)
             occurrences = own[step]
@@ -138,6 +148,8 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
             block = ops.apply_adjoint(block)
             if tracker is not None:
                 block = torch.cat([block[:1], tracker.carried(step, block[1:])])
+            if resume is not None and step > prefix and resume.due(trajectory.num_steps - step, step):
+                save_adjoint(resume, step, block, scores, tracker, shard)
     adjoint = block[0]
     if prefix:
         start, stop = shard.sample_range(problem.num_samples)

@@ -1,8 +1,10 @@
 """The estimator entry point: one engine, a method rule plugged in, the schedule chosen by the cost model.
 
 ``estimate_influence`` computes every sample's influence embedding ``Delta^j_T`` (the parameter
-block of its final state) on this process's shard of samples (:meth:`ShardContext.sample_range`); the
-shards are gathered only when asked (the scoring forms keep them: each process writes its own rows).
+block of its final state) on this process's shard of samples (:meth:`ShardContext.sample_range`: rank ``r`` of
+this job's partition of the rows); the shards are gathered only when asked (the scoring forms keep them: each
+process writes its own rows). Rows beyond the memory budget run in chunks, each saved as a resume point when a
+:class:`.resume.ResumeStore` is given.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..problem import InfluenceProblem
 from .plan import build_plan, choose_schedule
 from .policies import CorrectionPolicy, check_policy
 from .propagator import propagate
+from .resume import ResumeStore, chunk_name
 from .sharding import ShardContext
 from .sweep import sweep
 
@@ -28,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class InfluenceResult:
-    embeddings: torch.Tensor  # (N, P) Delta^j_T gathered on every process, or this process's rows (gather=False)
+    embeddings: torch.Tensor  # (N, P) Delta^j_T of this job's partition gathered on every process, or this process's rows (gather=False)
     schedule: ScheduleRun
     seconds: float
     cost_model: dict = field(default_factory=dict)
@@ -38,12 +41,13 @@ class InfluenceResult:
 def estimate_influence(problem: InfluenceProblem, rule: UpdateRule, policy: CorrectionPolicy | None = None,
                        schedule: ScheduleChoice = "auto", memory_budget_gb: float = 4.0,
                        shard: ShardContext | None = None, progress: bool = True,
-                       gather: bool = True) -> InfluenceResult:
+                       gather: bool = True, resume: ResumeStore | None = None) -> InfluenceResult:
     """Every sample's embedding under ``rule`` (built by ``methods.registry.build_method``).
 
     ``policy``: where the accumulative correction applies, decided by the caller (``scoring.plan``); ``None``
     for a classical rule. An accumulative rule without a policy, or a classical one with a correcting policy,
-    is refused. ``gather=False``: each process keeps its own rows (no collective)."""
+    is refused. ``gather=False``: each process keeps its own rows (no collective). ``resume``: each finished chunk
+    of rows is saved there, and a chunk saved before is read back."""
     check_policy(rule, policy)
     policy = policy or CorrectionPolicy("none")
     shard = shard or ShardContext.single()
@@ -77,16 +81,23 @@ def estimate_influence(problem: InfluenceProblem, rule: UpdateRule, policy: Corr
                     memory_budget_gb, -(-plan.size // chunk), chunk)
     began = time.perf_counter()
     show = progress and shard.is_main
-    if schedule == "sweep":
-        states = sweep(rule, plan, policy, trajectory.epoch, dtype, device, chunk_size=chunk, progress=show)
-    else:
-        states = torch.cat([
-            propagate(rule, build_plan(trajectory, lo, min(stop, lo + chunk), device), policy, trajectory.epoch,
-                      dtype, device, progress=show)
-            for lo in range(start, stop, chunk)
-        ]) if chunk < plan.size else propagate(rule, plan, policy, trajectory.epoch, dtype, device, progress=show)
-    embeddings = rule.parameter_part(states).contiguous()
+    run = sweep if schedule == "sweep" else propagate
+    resume = resume if chunk < plan.size and resume is not None and resume.every >= 0 else None  # one chunk: the result
+    parts = []
+    for lo in range(start, stop, chunk):
+        hi = min(stop, lo + chunk)
+        saved = resume.load(chunk_name(lo, hi), device) if resume is not None else None
+        if saved is not None:
+            logger.info("rows %d:%d read from their resume point", lo, hi)
+            parts.append(saved[0]["embeddings"].to(dtype))
+            continue
+        chunk_plan = plan if (lo, hi) == (start, stop) else build_plan(trajectory, lo, hi, device)
+        parts.append(rule.parameter_part(run(rule, chunk_plan, policy, trajectory.epoch, dtype, device, progress=show)))
+        if resume is not None:
+            resume.save(chunk_name(lo, hi), {"embeddings": parts[-1]})
+    embeddings = (torch.cat(parts) if parts else torch.zeros(0, rule.param_dim, dtype=dtype, device=device)).contiguous()
     if not gather:
         return InfluenceResult(embeddings, schedule, time.perf_counter() - began, costs, (start, stop))
-    embeddings = shard.gather_rows(embeddings, problem.num_samples)
-    return InfluenceResult(embeddings, schedule, time.perf_counter() - began, costs, (0, problem.num_samples))
+    lo, hi = shard.partition_range(problem.num_samples)
+    embeddings = shard.gather_rows(embeddings, hi - lo)
+    return InfluenceResult(embeddings, schedule, time.perf_counter() - began, costs, (lo, hi))

@@ -11,6 +11,9 @@ collectives between processes.
   makes every other raise :class:`PeerFailure` naming it at its next collective instead of waiting for it.
   The group's timeout is ``HF_ACCINF_PROCESS_TIMEOUT_S`` seconds (default :data:`DEFAULT_TIMEOUT_S`).
 
+* A partition (``--num_partitions P --partition i``, an independent job, e.g. one per machine) owns the
+  contiguous slice ``i`` of ``P`` of the rows (:func:`partition_range`); the processes of that job split it.
+
 Every collective is a no-op at world size 1.
 """
 
@@ -53,6 +56,12 @@ def process_timeout(seconds: float | None = None) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def partition_range(count: int, index: int, parts: int) -> tuple[int, int]:
+    """``[lo, hi)``: slice ``index`` of ``parts`` nearly equal contiguous slices of ``range(count)`` (rows or steps)."""
+    per = -(-count // parts)
+    return min(count, index * per), min(count, (index + 1) * per)
+
+
 @dataclass
 class ShardContext:
     rank: int
@@ -60,6 +69,7 @@ class ShardContext:
     state: object | None = None  # accelerate.PartialState when distributed
     _collecting: bool = field(default=False, repr=False)  # inside a collective (a failure there is the group's)
     _failed: bool = field(default=False, repr=False)  # a process failed (this one, or one it heard of): no barrier
+    partition: tuple[int, int] = (0, 1)  # (index, count): this job's slice of the rows (or TracIn's steps)
 
     @classmethod
     def single(cls) -> "ShardContext":
@@ -97,6 +107,10 @@ class ShardContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def partition_range(self, count: int) -> tuple[int, int]:
+        """This job's partition of ``range(count)``."""
+        return partition_range(count, *self.partition)
+
     @property
     def device(self) -> torch.device:
         """Where this process's collectives run (gloo: the CPU; NCCL: its GPU)."""
@@ -116,8 +130,10 @@ class ShardContext:
     # -- who owns what ---------------------------------------------------------------------------------------
 
     def sample_range(self, num_samples: int) -> tuple[int, int]:
-        per = -(-num_samples // self.world_size)
-        return min(num_samples, self.rank * per), min(num_samples, (self.rank + 1) * per)
+        """This process's rows: rank ``r`` of ``W`` within this job's partition."""
+        lo, hi = self.partition_range(num_samples)
+        start, stop = partition_range(hi - lo, self.rank, self.world_size)
+        return lo + start, lo + stop
 
     def rows_of_step(self, samples: torch.Tensor) -> torch.Tensor:
         """Which of a step's rows this process owns in the adjoint's row split: ``samples`` (b,) is the sample
@@ -146,8 +162,9 @@ class ShardContext:
         return range(self.rank, num_steps, self.world_size)
 
     def items_of(self, count: int) -> tuple[int, int]:
-        """This process's contiguous block ``[lo, hi)`` of ``count`` items (e.g. ``--verify``'s rows)."""
-        return self.sample_range(count)
+        """This process's contiguous block ``[lo, hi)`` of ``count`` items (e.g. ``--verify``'s rows; partitions
+        play no part)."""
+        return partition_range(count, self.rank, self.world_size)
 
     # -- collectives -----------------------------------------------------------------------------------------
 

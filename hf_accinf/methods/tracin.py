@@ -29,16 +29,19 @@ class TracIn:
         self.problem = problem
 
     def scores(self, objective_at: Callable[[int], torch.Tensor], progress: bool = False,
-               shard: "ShardContext | None" = None) -> torch.Tensor:
+               shard: "ShardContext | None" = None, steps: range | None = None) -> torch.Tensor:
         """``(N,)`` TracIn scores of every training row (positive: removing the row raises the objective).
-        ``shard``: several processes split the steps (:meth:`ShardContext.steps_of`); every process gets the sum."""
+        ``steps``: the contributions of those steps only (a partition: the partitions' scores sum to the whole);
+        ``shard``: several processes split them round-robin (:meth:`ShardContext.steps_of`); every process gets
+        the sum."""
         from ..engine.sharding import ShardContext
 
         shard = shard or ShardContext.single()
         problem = self.problem
         trajectory, curvature = problem.trajectory, problem.curvature
         scores = torch.zeros(problem.num_samples, dtype=curvature.dtype, device=curvature.device)
-        steps = shard.steps_of(trajectory.num_steps)
+        steps = range(trajectory.num_steps) if steps is None else steps
+        steps = steps[shard.rank::shard.world_size]
         for step in tqdm(steps, desc="tracin", disable=not progress, leave=False):
             batch = curvature.at_step(step)
             direction = objective_at(step).to(scores.dtype) * problem.learning_rates(step)

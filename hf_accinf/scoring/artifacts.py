@@ -19,7 +19,8 @@ unless ``overwrite`` (:func:`check_rerun`).
 Shards: a long scoring job may write its rows in parts, one file per process or partition
 (``scores.part-00001-of-00004.safetensors`` with a ``.done`` marker, :func:`write_scores_shard`), and
 complete them later: :func:`pending_shards` says what is left, :func:`aggregate` reads the finished parts
-back in row order for :func:`write_set`, which removes the parts it supersedes.
+back in row order (or, for parts that split the steps, summed) for :func:`write_set`, which removes the parts
+it supersedes. ``.resume/`` holds an interrupted run's resume points (:mod:`hf_accinf.engine.resume`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from .. import io
+from ..engine.resume import RESUME_DIR
 from ..errors import AccInfError
 from ..trajectory.schema import MANIFEST_NAME, load_tensors
 from ..version import __version__
@@ -219,9 +221,10 @@ def _owned_names(output_dir: Path) -> set[str] | None:
 
 
 def _shards(output_dir: Path) -> set[str]:
+    """The names of work in progress: shards, their markers, and the resume points."""
     if not output_dir.is_dir():
         return set()
-    return {p.name for p in output_dir.iterdir() if io.is_shard(p.name, SCORES_NAME)}
+    return {p.name for p in output_dir.iterdir() if io.is_shard(p.name, SCORES_NAME) or p.name == RESUME_DIR}
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -315,9 +318,10 @@ def load_embeddings(output_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def write_scores_shard(output_dir: str | os.PathLike, index: int, count: int, rows: torch.Tensor, scores: torch.Tensor,
-                       embeddings: dict[str, torch.Tensor] | None = None) -> Path:
+                       embeddings: dict[str, torch.Tensor] | None = None, marker: dict | None = None) -> Path:
     """Write the scores (and embeddings) of training rows ``rows`` as shard ``index`` of ``count``, with its
-    completion marker. The shards are completed later by :func:`aggregate` and :func:`write_set`."""
+    completion marker (holding ``marker`` too). The shards are completed later by :func:`aggregate` and
+    :func:`write_set`."""
     from safetensors.torch import save_file
 
     rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
@@ -330,7 +334,7 @@ def write_scores_shard(output_dir: str | os.PathLike, index: int, count: int, ro
     tensors = {ROWS_KEY: rows.contiguous(), "scores": scores.detach().cpu().contiguous(),
                **{f"embeddings.{name}": value.detach().cpu().contiguous() for name, value in (embeddings or {}).items()}}
     return io.write_shard(output_dir, SCORES_NAME, index, count, lambda tmp: save_file(tensors, tmp),
-                          marker={"rows": len(rows)})
+                          marker={**(marker or {}), "rows": len(rows)})
 
 
 def pending_shards(output_dir: str | os.PathLike, count: int) -> list[int]:
@@ -338,9 +342,11 @@ def pending_shards(output_dir: str | os.PathLike, count: int) -> list[int]:
     return io.shard_status(output_dir, SCORES_NAME, count)[1]
 
 
-def aggregate(output_dir: str | os.PathLike, count: int, num_rows: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def aggregate(output_dir: str | os.PathLike, count: int, num_rows: int,
+              combine: str = "rows") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(scores (N,), embeddings {name: (N, ...)})`` in row order from the ``count`` finished shards, which must
-    cover the rows ``0 .. num_rows - 1`` exactly once."""
+    cover the rows ``0 .. num_rows - 1`` exactly once (``combine="rows"``), or each every row, their values
+    summed (``combine="sum"``: shards that split the steps)."""
     finished, missing = io.shard_status(output_dir, SCORES_NAME, count)
     if missing:
         raise AccInfError(f"Shards {missing} of {count} in {output_dir} are not finished: score them (resume) before "
@@ -351,6 +357,18 @@ def aggregate(output_dir: str | os.PathLike, count: int, num_rows: int) -> tuple
     if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
         raise AccInfError(f"The shards in {output_dir} hold rows outside 0..{num_rows - 1}: they belong to another run.")
     covered.index_add_(0, rows, torch.ones_like(rows))
+    if combine == "sum":
+        if not torch.all(covered == count):
+            raise AccInfError(f"The shards in {output_dir} split the steps, but not each holds every one of the "
+                              f"{num_rows} rows: score them again.")
+        totals: dict[str, torch.Tensor] = {}
+        for part in parts:
+            order = torch.argsort(part[ROWS_KEY])
+            for name, value in part.items():
+                if name != ROWS_KEY:
+                    totals[name] = totals[name] + value[order] if name in totals else value[order].clone()
+        scores = totals.pop("scores")
+        return scores, {name.removeprefix("embeddings."): value for name, value in totals.items()}
     if not torch.all(covered == 1):
         twice, never = (covered > 1).nonzero().flatten()[:5].tolist(), (covered == 0).nonzero().flatten()[:5].tolist()
         raise AccInfError(f"The shards in {output_dir} do not cover the {num_rows} rows once each (rows held twice "

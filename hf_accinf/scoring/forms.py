@@ -26,6 +26,7 @@ from ..engine import InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores
 from ..engine.sharding import split_rows
 from ..engine.policies import CorrectionPolicy
+from ..engine.resume import ResumeStore
 from ..engine.trust import trust_check
 from ..options import BACKWARD_PASS, DIRECT_SCORER, FormName
 from ..problem import InfluenceProblem
@@ -46,6 +47,7 @@ class FormInputs:
     policy: CorrectionPolicy | None
     shard: ShardContext
     progress: bool
+    resume: ResumeStore | None = None  # where long work saves its resume points (engine.resume)
 
     def objective_grad(self, parameters: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.problem.curvature.objective_grad(parameters, self.inputs, self.labels)
@@ -57,15 +59,17 @@ class FormOutput:
     result: InfluenceResult  # the schedule that ran, its seconds and cost model
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # as written to embeddings.safetensors
     trust: dict | None = None  # engine.trust.TrustReport.to_dict()
-    rows: tuple[int, int] | None = None  # the sample rows [start, stop) that scores and embeddings hold (None: all)
+    rows: tuple[int, int] | None = None  # the sample rows [lo, hi) that scores and embeddings hold (None: all)
 
 
 def _power_iteration(run: FormInputs, embeddings: torch.Tensor | None) -> dict | None:
     """The power iteration's trust figure (every process takes part: the probes' batch products are split by rows);
     ``embeddings``: this process's rows of the forward form (their norms are gathered for the embedding ratio)."""
     args, shard = run.args, run.shard
-    if args.trust_probes <= 0:
+    if args.trust_probes <= 0 or args.partition > 0:  # the growth is the run's: the first partition measures it
         return None
+    if args.num_partitions > 1:
+        embeddings = None  # the embedding ratio needs every row
     if embeddings is not None and shard.world_size > 1:
         # the ratio reads each row's norm only: the (N,) norms are gathered, never the embeddings
         embeddings = shard.gather_rows(embeddings.norm(dim=1), run.problem.num_samples)[:, None]
@@ -88,8 +92,9 @@ class DirectForm:
     def run(run: FormInputs) -> FormOutput | None:
         curvature = run.problem.curvature
         began = time.perf_counter()
+        steps = range(*run.shard.partition_range(run.problem.trajectory.num_steps))
         scores = run.method.scores(lambda step: run.objective_grad(curvature.parameters_at(step)),
-                                   run.progress and run.shard.is_main, shard=run.shard)
+                                   run.progress and run.shard.is_main, shard=run.shard, steps=steps)
         if not run.shard.is_main:
             return None
         return FormOutput(scores, InfluenceResult(None, DIRECT_SCORER, time.perf_counter() - began))
@@ -105,7 +110,7 @@ class AdjointForm:
         gradient = run.method.embed_gradient(run.objective_grad(run.final))
         probes = run.args.trust_probes if run.args.trust != "power" else 0
         backward = adjoint_scores(run.method, run.problem, gradient, run.shard, run.progress, run.policy,
-                                  probes=probes)
+                                  probes=probes, resume=run.resume)
         power = _power_iteration(run, None) if run.args.trust == "power" else None
         if backward is None:
             return None
@@ -123,7 +128,7 @@ class ForwardForm:
         _share_work(run)
         result = estimate_influence(problem, method, run.policy, schedule=args.schedule,
                                     memory_budget_gb=args.memory_budget_gb, shard=run.shard, progress=run.progress,
-                                    gather=False)
+                                    gather=False, resume=run.resume)
         curvature = problem.curvature
         scores = scores_from_embeddings(curvature, result.embeddings, run.final, run.inputs,
                                         run.labels, args.score_kind, rule=method)

@@ -142,7 +142,8 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module,
         resolved = method if method != "auto" else CLASSICAL[optimizer]
         if wants_states and get_method(resolved).output == "embeddings":
             parameters = sum(p.numel() for p in model.parameters())
-            needed = _state_bytes(resolved, parameters, run.manifest.dataset.length, args, 4)
+            rows = -(-run.manifest.dataset.length // args.num_partitions)  # one partition's rows
+            needed = _state_bytes(resolved, parameters, rows, args, 4)
             if needed > budget_gb * 2**30:
                 modules = None
                 reasons["scope"] = (f"the recorded head: per-row states of the whole model ({needed / 2**30:.1f} GiB for "

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,17 +26,19 @@ from ..devices import recorded_precision, scorer_precision
 from ..inputs.collate import eval_collator
 from ..inputs.evaluation import check_eval_labels
 from ..engine import ShardContext
+from ..engine.resume import RESUME_DIR
 from .objective import check_score_kind
 from ..methods.projection import projection_fingerprint
 from ..methods.registry import build_method
 from ..problem import deep_scope_unavailable, problem_from_run
 from ..trajectory import RunReader
 from ..trajectory.schema import content_hash
-from . import artifacts
+from . import artifacts, partitions
 from .forms import FormInputs, FormOutput, form_runner
 from .plan import plan_scoring
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ScoreResult:
@@ -78,7 +81,10 @@ def score_run(args: ScoreArguments, train_dataset, eval_dataset, shard: ShardCon
     :func:`hf_accinf.data.columns.attach_scores` or write it with :func:`~hf_accinf.data.columns.write_dataset_column`).
     A rerun into the output of another run, or with other arguments (``artifacts.RERUN_ARGUMENTS``, the
     evaluation rows), is refused unless ``args.overwrite``.
-    Returns the result on the main process (``None`` on the others).
+    ``args.num_partitions > 1``: this job scores partition ``args.partition`` only and writes its shard
+    (:mod:`.partitions`; ``hf-accinf aggregate`` combines them); a partition already written is skipped.
+    Long work saves resume points under ``<output_dir>/.resume`` (removed after success).
+    Returns the result on the main process (``None`` on the others, and for a partition already written).
     """
     own_shard = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if own_shard:
@@ -106,6 +112,11 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     if shard.is_main:
         plan.log()
     args = plan.arguments(args)
+    partitions.check_partitioned(args, plan.form)
+    shard = dataclasses.replace(shard, partition=(args.partition, args.num_partitions))
+    key = partitions.partition_key(artifacts.manifest_sha256(args.run_dir), args.to_dict(), content_hash(eval_dataset))
+    if partitions.already_written(output_dir, args, key):
+        return None
     # The training rows of each step (deep scopes, --verify) are collated as the Trainer collated them:
     # padded per micro-batch (tokenized datasets.map output is not padded), unused columns dropped.
     train_collate = eval_collator(built, tokenizer, collate_fn)
@@ -121,9 +132,10 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     check_eval_labels(labels, run.manifest.loss.num_labels)
     final = problem.final_parameters()
     identity = _check_rerun(output_dir, args, run, eval_dataset, len(labels), evaluation_source)
+    resume = partitions.resume_store(output_dir, args, key, run.manifest.checkpoints)
     with scorer_precision(plan.device, plan.dtype, plan.tf32):
         output = form_runner(plan.form)(FormInputs(method, problem, inputs, labels, final, args, plan.policy, shard,
-                                                   progress))
+                                                   progress, resume))
     output = _own_rows_written(output, shard, output_dir, problem.num_samples)
     verified = None
     if args.verify:
@@ -151,28 +163,40 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         checks["replay"] = states.report().to_dict()
     if not getattr(method, "parameter_space", True):
         checks["projection"] = projection_fingerprint(method.projection)
-    summary = _write(output_dir, args, identity, problem, result, scores, embeddings, plan.form, checks)
+    summary, metadata = _summarize(args, identity, problem, result, scores, embeddings, plan.form, checks)
+    if args.num_partitions > 1:
+        summary = partitions.write_partition(output_dir, args, key, output.rows, problem.num_samples, scores,
+                                             embeddings, summary, metadata)
+    else:
+        summary = _write(output_dir, args, summary, metadata, scores, embeddings)
+    resume.clear()
     return ScoreResult(scores, embeddings, output_dir, summary)
 
 
 def _own_rows_written(output: FormOutput | None, shard: ShardContext, output_dir: Path,
                       num_samples: int) -> FormOutput | None:
     """A form that returned this process's rows only (the forward form under several processes): each process
-    writes its rows as one shard (:func:`.artifacts.write_scores_shard`), and the main process reads the shards back
-    in row order (:func:`.artifacts.aggregate`) for the set that :func:`_write` writes (which removes the shards).
-    Other outputs pass through; the main process gets the whole output, the others ``None``."""
-    if output is None or output.rows is None or output.rows == (0, num_samples):
+    writes its rows as one shard into ``<output_dir>/.resume/processes-<partition>`` (:func:`.artifacts.write_scores_shard`),
+    and the main process reads them back in row order (:func:`.artifacts.aggregate`): the rows of this job's
+    partition, ``[lo, hi)``, then written as the set or as the partition's shard. Other outputs pass through; the main
+    process gets the whole output, the others ``None``."""
+    if output is None or output.rows is None or shard.world_size == 1:
         return output if output is None or shard.is_main else None
     start, stop = output.rows
+    lo, hi = shard.partition_range(num_samples)
+    index, count = shard.partition
+    folder = output_dir / RESUME_DIR / f"processes-{index:05d}-of-{count:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
     shard.barrier()  # every process has checked the output directory before any writes into it
-    artifacts.write_scores_shard(output_dir, shard.rank, shard.world_size, torch.arange(start, stop),
+    artifacts.write_scores_shard(folder, shard.rank, shard.world_size, torch.arange(start, stop) - lo,
                                  output.scores, output.embeddings)
     shard.barrier()
     if not shard.is_main:
         return None
-    scores, embeddings = artifacts.aggregate(output_dir, shard.world_size, num_samples)
+    scores, embeddings = artifacts.aggregate(folder, shard.world_size, hi - lo)
+    shutil.rmtree(folder, ignore_errors=True)
     dtype = output.scores.dtype
-    return dataclasses.replace(output, scores=scores.to(dtype), embeddings=embeddings, rows=None)
+    return dataclasses.replace(output, scores=scores.to(dtype), embeddings=embeddings, rows=(lo, hi))
 
 
 def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_dataset, eval_rows: int,
@@ -187,15 +211,13 @@ def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_da
     return identity, evaluation
 
 
-def _write(output_dir: Path, args: ScoreArguments, identity: tuple[artifacts.RunIdentity, artifacts.EvaluationSet],
-           problem, result, scores, embeddings, form: str, checks: dict) -> artifacts.ScoreSummary:
+def _summarize(args: ScoreArguments, identity: tuple[artifacts.RunIdentity, artifacts.EvaluationSet],
+               problem, result, scores, embeddings, form: str, checks: dict) -> tuple[artifacts.ScoreSummary, dict]:
+    """``scores.json``'s summary and the tensor files' metadata."""
     scope = list(problem.scope.parameters) if problem.scope else list(embeddings)
     backend = "model" if isinstance(problem.curvature, ModelCurvature) else "head"
     metadata = {"method": args.method, "removal": args.removal, "form": form, "schedule": result.schedule,
                 "run_dir": str(args.run_dir), "scope": json.dumps(scope), "backend": backend}
-    writers = {artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata)}
-    if embeddings:  # the adjoint form and direct scorers have none
-        writers[artifacts.EMBEDDINGS_NAME] = lambda path: save_file(embeddings, path, metadata=metadata)
     order = torch.argsort(scores)
     run, evaluation = identity
     summary = artifacts.ScoreSummary(
@@ -206,6 +228,14 @@ def _write(output_dir: Path, args: ScoreArguments, identity: tuple[artifacts.Run
         projection=checks["projection"], gauge=list(checks.get("gauge") or []), plan=checks.get("plan"),
         seconds=result.seconds, cost_model=result.cost_model, most_harmful=order[:10].tolist(),
         most_helpful=order.flip(0)[:10].tolist())
+    return summary, metadata
+
+
+def _write(output_dir: Path, args: ScoreArguments, summary: artifacts.ScoreSummary, metadata: dict, scores,
+           embeddings) -> artifacts.ScoreSummary:
+    writers = {artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata)}
+    if embeddings:  # the adjoint form and direct scorers have none
+        writers[artifacts.EMBEDDINGS_NAME] = lambda path: save_file(embeddings, path, metadata=metadata)
     summary = artifacts.write_set(output_dir, writers, summary, args.overwrite)
     logger.info("wrote %s", output_dir)
     return summary

@@ -17,7 +17,7 @@ from hf_accinf.scoring.artifacts import load_embeddings
 from tests.conftest import record_run
 from tests.engine.test_deep_scope import tiny_model
 from tests.launch import ROOT, launch_two_processes
-from tests.scripts.many_processes import SCORE_CASES, TRAIN_ROWS, engine_cases, score_cases
+from tests.scripts.many_processes import PARTITIONED, SCORE_CASES, TRAIN_ROWS, engine_cases, score_cases
 
 
 def test_shard_ranges_cover_every_sample_once():
@@ -132,7 +132,8 @@ def test_two_processes_give_the_single_process_result_for_every_form_and_method(
             else:
                 _close(launched[key], value)
         score_cases(str(tmp_path / "run"), tmp_path / "single", ShardContext.single())
-        for name in SCORE_CASES:
+        _close(load_scores(tmp_path / "single" / PARTITIONED), load_scores(tmp_path / "single" / "adam-ie-forward"))
+        for name in [*SCORE_CASES, PARTITIONED]:
             ours, theirs = tmp_path / "launched" / name, tmp_path / "single" / name
             _close(load_scores(ours), load_scores(theirs), float32="float32" in name)
             summary, reference = (json.loads((path / "scores.json").read_text()) for path in (ours, theirs))

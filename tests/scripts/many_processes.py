@@ -20,6 +20,7 @@ from hf_accinf.engine.sharding import PeerFailure  # noqa: E402
 from hf_accinf.examples import digits_dataset  # noqa: E402
 from hf_accinf.methods.registry import build_method  # noqa: E402
 from hf_accinf.problem import problem_from_run  # noqa: E402
+from hf_accinf.scoring import aggregate_partitions  # noqa: E402
 from hf_accinf.trajectory import RunReader  # noqa: E402
 from tests.engine.helpers import make_problem  # noqa: E402
 from tests.methods.helpers import make_adam_problem  # noqa: E402
@@ -34,6 +35,7 @@ SCORE_CASES = {
     "tracin": dict(method="tracin", modules=["head"]),
     "adam-ie-adjoint-all-float32": dict(method="adam-ie", form="adjoint", modules=["all"], dtype="float32"),
 }
+PARTITIONED = "adam-ie-forward-in-2-partitions"  # the adam-ie-forward case as two partitions, aggregated
 
 
 def head_problems() -> dict:
@@ -101,6 +103,13 @@ def score_cases(run_dir: str, out_dir: Path, shard: ShardContext) -> None:
         options = {"dtype": "float64", "trust_probes": 0, **options}
         score_run(ScoreArguments(run_dir=run_dir, output_dir=str(out_dir / name), **options), train, held_out,
                   shard=shard, progress=False)
+    # the forward form in two partitions (independent jobs), each split over the processes, then aggregated
+    options = {"dtype": "float64", "trust_probes": 0, **SCORE_CASES["adam-ie-forward"]}
+    for partition in range(2):
+        score_run(ScoreArguments(run_dir=run_dir, output_dir=str(out_dir / PARTITIONED), num_partitions=2,
+                                 partition=partition, **options), train, held_out, shard=shard, progress=False)
+    if shard.is_main:
+        aggregate_partitions(out_dir / PARTITIONED)
 
 
 def failure_case(shard: ShardContext) -> str:
