@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None, parser=None) -> int:
             print(f"verify on {check['k']} rows retrained out: Kendall tau {check['kendall_tau']:.3f}, Pearson r "
                   f"{check['pearson_r']:.3f}, sign agreement {check['sign_agreement']:.2f} (linearity ceiling tau "
                   f"{check['linearity_ceiling']['kendall_tau']:.3f})")
+        if result.lds is not None:
+            from ..scoring.lds import describe as describe_lds
+
+            print("\n".join(describe_lds(result.lds)))
         trust = result.trust
         if trust is not None:
             verdict = f"({'EXPANSIVE, above' if trust['expansive'] else 'below'} {trust['threshold']:g})"

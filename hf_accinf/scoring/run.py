@@ -55,6 +55,7 @@ class ScoreResult:
     seconds = property(lambda self: self.summary.seconds)
     trust = property(lambda self: self.summary.trust)  # engine.trust.TrustReport.to_dict()
     verify = property(lambda self: self.summary.verify)  # agreement with K rows retrained out by replay
+    lds = property(lambda self: self.summary.lds)  # LDS over subsets retrained out by replay (scoring.lds)
     replay = property(lambda self: self.summary.replay)  # trajectory.replay.ReplayReport.to_dict()
     gauge = property(lambda self: tuple(self.summary.gauge))  # gauge tensors left out of the scope
 
@@ -123,16 +124,11 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         return None
     scores, embeddings, trust, result = output.scores, output.embeddings, output.trust, output.result
     checks = {"trust": trust, "verify": None, "replay": None, "projection": None, "plan": plan.to_dict(),
-              "gauge": list(problem.gauge)}
-    if args.verify:
-        from .verify import describe, verify
-
-        logger.info("verify: retraining the run and %d rows out by replay (weight 0 and 0.5) together, %d steps",
-                    args.verify, run.num_steps)
-        checks["verify"] = verify(run, train_dataset, train_collate, eval_dataset, scores, args.verify,
-                                  args.verify_seed, eval_collate_fn=train_collate,
-                                  memory_budget=int(args.memory_budget_gb * 2**30), progress=progress, model=model)
-        logger.info("verify: %s", describe(checks["verify"]))
+              "gauge": list(problem.gauge), "lds": None}
+    if args.verify or args.verify_subsets:
+        checks["verify"], checks["lds"], checks["query_scores"] = _check_by_replay(
+            args, run, train_dataset, train_collate, eval_dataset, scores, plan.form, method, problem, inputs, labels,
+            final, result, model, progress)
     states = getattr(curvature, "states", None)
     if hasattr(states, "report"):
         checks["replay"] = states.report().to_dict()
@@ -140,6 +136,25 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         checks["projection"] = projection_fingerprint(method.projection)
     summary = _write(output_dir, args, identity, problem, result, scores, embeddings, plan.form, checks)
     return ScoreResult(scores, embeddings, output_dir, summary)
+
+
+def _check_by_replay(args, run, train_dataset, train_collate, eval_dataset, scores, form, method, problem, inputs,
+                     labels, final, result, model, progress):
+    """``--verify`` and ``--verify_subsets`` (:func:`.lds.check_by_replay`): one batched retraining for both."""
+    from . import lds, verify
+
+    queries = lds.choose_queries(labels, args.verify_queries, args.verify_seed) if args.verify_subsets else None
+    check = lds.check_by_replay(
+        run, train_dataset, train_collate, eval_dataset, scores, verify=args.verify, subsets=args.verify_subsets,
+        fractions=args.verify_fraction, seed=args.verify_seed, queries=queries,
+        per_query=lambda chosen: lds.query_scores(form, method, problem, final, inputs, labels, chosen,
+                                                  getattr(result, "embeddings", None), progress),
+        eval_collate_fn=train_collate, memory_budget=int(args.memory_budget_gb * 2**30), progress=progress, model=model)
+    if check[0] is not None:
+        logger.info("verify: %s", verify.describe(check[0]))
+    for line in lds.describe(check[1]) if check[1] is not None else []:
+        logger.info("%s", line)
+    return check
 
 
 def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_dataset, eval_rows: int,
@@ -163,13 +178,18 @@ def _write(output_dir: Path, args: ScoreArguments, identity: tuple[artifacts.Run
     writers = {artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata)}
     if embeddings:  # the adjoint form and direct scorers have none
         writers[artifacts.EMBEDDINGS_NAME] = lambda path: save_file(embeddings, path, metadata=metadata)
+    query_scores = checks.get("query_scores")
+    if query_scores is not None:  # --verify_subsets: each query's (Q, N) scores, for prune --check
+        queries = torch.tensor(checks["lds"]["queries"], dtype=torch.long)
+        writers[artifacts.QUERY_SCORES_NAME] = lambda path: save_file(
+            {"scores": query_scores.contiguous(), "queries": queries}, path, metadata=metadata)
     order = torch.argsort(scores)
     run, evaluation = identity
     summary = artifacts.ScoreSummary(
         run=run, method=args.method, column=artifacts.column_name(args.method), arguments=args.to_dict(),
         scope=scope, form=form, removal=args.removal, dtype=str(problem.curvature.dtype).removeprefix("torch."),
         modules=args.modules, backend=backend, schedule=result.schedule,
-        evaluation=evaluation, trust=checks["trust"], verify=checks["verify"], replay=checks["replay"],
+        evaluation=evaluation, trust=checks["trust"], verify=checks["verify"], lds=checks.get("lds"), replay=checks["replay"],
         projection=checks["projection"], gauge=list(checks.get("gauge") or []), plan=checks.get("plan"),
         seconds=result.seconds, cost_model=result.cost_model, most_harmful=order[:10].tolist(),
         most_helpful=order.flip(0)[:10].tolist())
