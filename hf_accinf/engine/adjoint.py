@@ -83,6 +83,15 @@ def _prefix_plan(plan: OccurrencePlan, stop: int) -> OccurrencePlan:
     return OccurrencePlan(plan.start, plan.size, plan.steps[:stop], windows)
 
 
+def _injection_scores(ops, adjoints: torch.Tensor, occurrences) -> torch.Tensor:
+    """``(Q, m)``: what each occurring sample adds to the score of each of the ``Q`` adjoints; one call for the
+    block where the step operators take one (``takes_adjoint_blocks``: exact removal), else one per adjoint."""
+    arguments = (occurrences.row_owner, occurrences.rows, len(occurrences.samples))
+    if len(adjoints) > 1 and getattr(ops, "takes_adjoint_blocks", False):
+        return ops.injection_scores(adjoints, *arguments).mT
+    return torch.stack([ops.injection_scores(adjoint, *arguments) for adjoint in adjoints])
+
+
 @dataclass
 class AdjointScores:
     """What one backward pass gives: every row's score and, with probes, the run's trust figure."""
@@ -132,9 +141,8 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
                      desc="adjoint", disable=not progress, leave=False):
         ops = rule.at_step(step)
         occurrences = plan.steps[step]
-        for query in range(count) if len(occurrences.samples) else ():
-            scores[query].index_add_(0, occurrences.samples, ops.injection_scores(
-                block[query], occurrences.row_owner, occurrences.rows, len(occurrences.samples)))
+        if len(occurrences.samples):
+            scores.index_add_(1, occurrences.samples, _injection_scores(ops, block[:count], occurrences))
         block = ops.apply_adjoint(block)
         if tracker is not None:
             block = torch.cat([block[:count], tracker.carried(step, block[count:])])

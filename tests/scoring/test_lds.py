@@ -5,12 +5,28 @@ subset retraining; a run whose counterfactual effect is linear in the row weight
 truth itself) for the statistic; ``Q`` single adjoint passes for the blocked one.
 """
 
+import contextlib
+import io
+import json
+
+import numpy as np
 import pytest
 import torch
+from datasets import load_from_disk
+from safetensors.torch import load_file
 
+from hf_accinf import RunReader
+from hf_accinf.cli import main
+from hf_accinf.data.hub import dataset_card, lds_rows
 from hf_accinf.engine import CorrectionPolicy
 from hf_accinf.engine.adjoint import adjoint_scores
+from hf_accinf.examples import digits_dataset, tiny_vit
 from hf_accinf.methods.registry import build_method
+from hf_accinf.scoring.lds import (check_by_replay, draw_subsets, objective_lds, per_query_lds, spearman,
+                                   subset_scales)
+from hf_accinf.scoring.verify import evaluation_effects, leave_one_out_scales
+from hf_accinf.trajectory.replay import Replay
+from tests.conftest import record_run
 from tests.engine.helpers import make_problem
 
 
@@ -20,6 +36,7 @@ def test_the_blocked_adjoint_of_q_gradients_equals_q_single_adjoints(removal, po
     problem = make_problem(num_samples=12, batch_size=4)
     method = "acc-sgd-ie" if policy is not None else "sgd-ie"
     rule = build_method(problem, method, removal=removal)
+    assert rule.at_step(0).takes_adjoint_blocks == (removal == "exact")  # one call for the block, or one per query
     gradients = torch.randn(3, rule.param_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     blocked = adjoint_scores(rule, problem, gradients, progress=False, policy=policy, probes=2)
     assert blocked.scores.shape == (3, problem.num_samples) and blocked.trust is not None
@@ -30,20 +47,6 @@ def test_the_blocked_adjoint_of_q_gradients_equals_q_single_adjoints(removal, po
 
 
 # -- the subset retraining and the statistic ---------------------------------------------------------------------
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from hf_accinf import RunReader  # noqa: E402
-from hf_accinf.cli import main  # noqa: E402
-from hf_accinf.examples import digits_dataset, tiny_vit  # noqa: E402
-from hf_accinf.scoring.lds import (check_by_replay, draw_subsets, objective_lds, per_query_lds,  # noqa: E402
-                                   spearman, subset_scales)
-from hf_accinf.scoring.verify import evaluation_effects, leave_one_out_scales  # noqa: E402
-from hf_accinf.trajectory.replay import Replay  # noqa: E402
-from tests.conftest import record_run  # noqa: E402
-
 SGD = dict(optim="sgd", optim_args="momentum=0.9", learning_rate=0.05, max_grad_norm=1.0, weight_decay=0.01,
            per_device_train_batch_size=8)
 
@@ -164,12 +167,19 @@ def saved_run(tmp_path_factory):
     return root, ["--run_dir", str(root / "run"), "--train_data", str(root / "train"), "--eval_data", str(root / "eval")]
 
 
-def test_score_with_verify_subsets_writes_lds_in_scores_json(saved_run, capsys):
+@pytest.fixture(scope="module")
+def lds_scored(saved_run):
+    """``score --verify 3 --verify_subsets 4 --verify_fraction 0.1 0.2 --verify_queries 10`` (every evaluation row)."""
     root, data = saved_run
-    out = root / "scores"
-    assert main(["score", *data, "--verify", "3", "--verify_subsets", "4", "--verify_fraction", "0.1", "0.2",
-                 "--verify_queries", "10", "--trust_probes", "0", "--output_dir", str(out)]) == 0
-    printed = capsys.readouterr().out
+    out, printed = root / "scores", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["score", *data, "--verify", "3", "--verify_subsets", "4", "--verify_fraction", "0.1", "0.2",
+                     "--verify_queries", "10", "--trust_probes", "0", "--output_dir", str(out)]) == 0
+    return root, out, printed.getvalue()
+
+
+def test_score_with_verify_subsets_writes_lds_in_scores_json(lds_scored):
+    root, out, printed = lds_scored
     assert "LDS at 0.1 (4 subsets of 5 rows" in printed and "LDS at 0.2 (4 subsets of 10 rows" in printed
     summary = json.loads((out / "scores.json").read_text())
     lds = summary["lds"]
@@ -186,3 +196,16 @@ def test_score_with_verify_subsets_writes_lds_in_scores_json(saved_run, capsys):
     assert written["queries"].tolist() == list(range(10)) == lds["queries"]
     torch.testing.assert_close(written["scores"].mean(0), scores.to(written["scores"].dtype), rtol=1e-4,
                                atol=1e-4 * scores.abs().max().item())
+
+
+def test_the_card_and_the_report_show_the_lds(lds_scored):
+    root, out, _ = lds_scored
+    scored = load_from_disk(str(out / "dataset"))
+    lds = json.loads((out / "scores.json").read_text())["lds"]
+    rows = lds_rows(lds)
+    assert [row[0] for row in rows] == ["0.1", "0.2"] and rows[0][1] == "4 x 5" and rows[0][-1] == "10"
+    card = dataset_card(scored)
+    assert "LDS over subsets retrained out (--verify_subsets)" in card and "| 0.1 | 4 x 5 |" in card
+    assert main(["report", "--dataset", str(out / "dataset"), "--output_dir", str(root / "report")]) == 0
+    report = (root / "report" / "report.md").read_text()
+    assert "LDS over subsets retrained out (--verify_subsets)" in report and "4 x 10" in report
