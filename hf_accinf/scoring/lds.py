@@ -224,3 +224,61 @@ def describe(lds: dict[str, Any]) -> list[str]:
                      f"(ceiling {figure(queries['linearity_ceiling'])})")
         lines.append(line + "; Spearman, 95% bootstrap intervals")
     return lines
+
+
+def pruning_check(run, train_dataset, collate_fn: Callable | None, eval_dataset, scores, dropped, *,
+                  query_scores: torch.Tensor | None = None, queries: torch.Tensor | None = None, seed: int = 0,
+                  eval_collate_fn: Callable | None = None, device: str = "cpu", memory_budget: int = 2**30,
+                  progress: bool = True, model=None) -> dict[str, Any]:
+    """``prune --check``: the run retrained by replay without the ``dropped`` rows (weight 0), in the one batched
+    retraining with the base run; the measured change of the mean evaluation loss against the predicted one
+    (the sum of the dropped rows' scores).
+
+    With ``query_scores`` ``(Q, N)`` of the evaluation rows ``queries`` (``query_scores.safetensors`` of
+    ``--verify_subsets``), also the QLD-style figure: each query retrained without its own most influential
+    rows, as many as were dropped (the highest per-query scores: the rows whose removal the scores say raises
+    that query's loss most), and the rise of that query's loss, averaged over queries; beside it the rise
+    predicted by the scores and the rise for as many random rows (seeded), retrained in the same batch.
+    """
+    length = len(train_dataset)
+    scores = check_scores(scores, length)
+    dropped = check_rows(dropped, length)
+    count = len(dropped)
+    parts = [subset_scales(dropped[None], length, 0.0)]
+    if query_scores is not None:
+        query_scores = torch.as_tensor(query_scores, dtype=torch.float64).cpu()
+        queries = torch.as_tensor(queries, dtype=torch.long)
+        if query_scores.shape != (len(queries), length):
+            raise AccInfError(f"query scores must be (Q, N) = ({len(queries)}, {length}), got {tuple(query_scores.shape)}.")
+        top = query_scores.topk(count, dim=1).indices  # (Q, k): each query's most influential rows
+        rng = np.random.default_rng((seed, SUBSET_STREAM))
+        random = torch.as_tensor(np.stack([rng.choice(length, count, replace=False) for _ in queries]))
+        parts += [subset_scales(top, length, 0.0), subset_scales(random, length, 0.0)]
+    found = evaluation_effects(run, train_dataset, collate_fn, eval_dataset, torch.cat(parts), eval_collate_fn, device,
+                               memory_budget, progress, model, description="prune --check")
+    report = {"dropped": count, "predicted": float(scores[dropped].sum()), "measured": float(found.mean(found.effects[:1])[0]),
+              "base_eval_loss": float(found.mean(found.base_losses)), "replay_error": found.replay_error,
+              "seconds": found.seconds}
+    if query_scores is not None:
+        own = torch.arange(len(queries))
+        rise = found.effects[1:1 + len(queries)][own, queries]
+        random_rise = found.effects[1 + len(queries):][own, queries]
+        report["qld"] = {"queries": queries.tolist(), "rows_per_query": count, "mean_rise": float(rise.mean()),
+                         "predicted_mean_rise": float(query_scores.gather(1, top).sum(1).mean()),
+                         "random_mean_rise": float(random_rise.mean()), "rise": rise.tolist(),
+                         "random_rise": random_rise.tolist()}
+    return report
+
+
+def describe_pruning_check(report: dict[str, Any]) -> list[str]:
+    """Lines for people: predicted against measured, and the QLD-style figure."""
+    lines = [f"check: retrained without the {report['dropped']} dropped rows, the mean evaluation loss changes by "
+             f"{report['measured']:+.4g} (predicted {report['predicted']:+.4g} by the sum of their scores; base loss "
+             f"{report['base_eval_loss']:.4g})"]
+    qld = report.get("qld")
+    if qld:
+        lines.append(f"QLD: retrained without its own {qld['rows_per_query']} most influential rows (highest per-query "
+                     f"scores), a query's loss rises by {qld['mean_rise']:+.4g} on average over {len(qld['queries'])} "
+                     f"queries (predicted {qld['predicted_mean_rise']:+.4g}; as many random rows: "
+                     f"{qld['random_mean_rise']:+.4g})")
+    return lines
