@@ -200,7 +200,7 @@ def check_by_replay(run, train_dataset, collate_fn: Callable | None, eval_datase
             report["measured_per_query"] = measured_per_query.tolist()
         reports.append(report)
     lds = {"subsets": subsets, "seed": seed, "queries": queries.tolist() if scored is not None else [],
-           "fractions": reports, "models": len(found.effects) + 1, "models_per_chunk": found.models_per_chunk,
+           "fractions": reports, "counterfactuals": len(found.effects), "models_per_chunk": found.models_per_chunk,
            "base_eval_loss": float(found.mean(found.base_losses)), "replay_error": found.replay_error,
            "retraining_seconds": found.seconds, "query_scores_seconds": query_seconds}
     return verified, lds, scored

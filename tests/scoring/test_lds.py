@@ -15,13 +15,14 @@ import torch
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
-from hf_accinf import RunReader
+from hf_accinf import RunReader, ScoreArguments
 from hf_accinf.cli import main
 from hf_accinf.data.hub import dataset_card, lds_rows
 from hf_accinf.engine import CorrectionPolicy
 from hf_accinf.engine.adjoint import adjoint_scores
 from hf_accinf.examples import digits_dataset, tiny_vit
 from hf_accinf.methods.registry import build_method
+from hf_accinf.scoring import score_run
 from hf_accinf.scoring.lds import (check_by_replay, draw_subsets, objective_lds, per_query_lds, spearman,
                                    subset_scales)
 from hf_accinf.scoring.verify import evaluation_effects, leave_one_out_scales
@@ -184,7 +185,7 @@ def test_score_with_verify_subsets_writes_lds_in_scores_json(lds_scored):
     summary = json.loads((out / "scores.json").read_text())
     lds = summary["lds"]
     assert [r["fraction"] for r in lds["fractions"]] == [0.1, 0.2] and lds["subsets"] == 4
-    assert summary["verify"]["k"] == 3 and lds["models"] == 2 * 3 + 2 * 2 * 4 + 1  # one retraining, one base
+    assert summary["verify"]["k"] == 3 and lds["counterfactuals"] == 2 * 3 + 2 * 2 * 4  # one retraining for both
     for report in lds["fractions"]:
         assert len(report["measured"]) == len(report["predicted"]) == 4
         for part in (report["objective"], report["per_query"]):
@@ -209,3 +210,16 @@ def test_the_card_and_the_report_show_the_lds(lds_scored):
     assert main(["report", "--dataset", str(out / "dataset"), "--output_dir", str(root / "report")]) == 0
     report = (root / "report" / "report.md").read_text()
     assert "LDS over subsets retrained out (--verify_subsets)" in report and "4 x 10" in report
+
+
+@pytest.mark.parametrize("method,form", [("tracin", "auto"), ("sgd-ie", "forward")])
+def test_the_per_query_scores_of_the_direct_and_forward_forms_average_to_the_objective_scores(saved_run, method, form):
+    root, _ = saved_run
+    train, held_out = digits_dataset(48), digits_dataset(10, offset=48)  # the saved rows
+    args = ScoreArguments(run_dir=str(root / "run"), method=method, form=form, verify_subsets=3, verify_fraction=[0.1],
+                          verify_queries=10, trust_probes=0, output_dir=str(root / f"{method}-{form}"))
+    result = score_run(args, train, held_out, progress=False)
+    assert result.form == ("direct" if method == "tracin" else "forward") and len(result.lds["queries"]) == 10
+    written = load_file(str(result.output_dir / "query_scores.safetensors"))["scores"]
+    torch.testing.assert_close(written.mean(0), result.scores.to(written.dtype), rtol=1e-4,
+                               atol=1e-4 * result.scores.abs().max().item())
