@@ -3,38 +3,24 @@ QLD-style figure. Oracle: the sequential replay (:meth:`~hf_accinf.trajectory.re
 rows removed, evaluated by the model itself."""
 
 import pytest
-import torch
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from hf_accinf import RunReader
 from hf_accinf.cli import main
 from hf_accinf.data.columns import read_provenance
-from hf_accinf.examples import digits_dataset, tiny_vit
+from hf_accinf.examples import digits_dataset
 from hf_accinf.trajectory.replay import Replay
-from tests.conftest import record_run
+from tests.scoring.lds_helpers import eval_losses, saved_digits_run
 
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune_check")
-    train, held_out = digits_dataset(40), digits_dataset(12, offset=40)
-    train.save_to_disk(str(root / "train"))
-    held_out.save_to_disk(str(root / "eval"))
-    record_run(tiny_vit(), train, root / "run", optim="sgd", optim_args="momentum=0.9", learning_rate=0.05,
-               max_grad_norm=1.0, weight_decay=0.01, per_device_train_batch_size=8)
-    data = ["--train_data", str(root / "train"), "--eval_data", str(root / "eval")]
+    data = saved_digits_run(root, 40, 12)
     assert main(["score", "--run_dir", str(root / "run"), *data, "--verify_subsets", "3", "--verify_fraction", "0.1",
                  "--verify_queries", "3", "--trust_probes", "0", "--output_dir", str(root / "scores")]) == 0
-    return root, data, train, held_out
-
-
-def _eval_losses(run, parameters, eval_data) -> torch.Tensor:
-    model = run.build_model().eval()
-    model.load_state_dict(parameters)
-    with torch.no_grad():
-        logits = model(pixel_values=eval_data[:]["pixel_values"]).logits
-    return torch.nn.functional.cross_entropy(logits.double(), eval_data[:]["labels"], reduction="none")
+    return root, data, digits_dataset(40), digits_dataset(12, offset=40)
 
 
 def test_prune_check_prints_predicted_against_measured_and_its_measure_is_an_independent_retraining(scored, capsys):
@@ -51,15 +37,15 @@ def test_prune_check_prints_predicted_against_measured_and_its_measure_is_an_ind
     assert check["predicted"] == pytest.approx(float(scores[dropped].sum()), rel=1e-6)
     run = RunReader(root / "run")
     replay = Replay(run, train)
-    recorded = _eval_losses(run, run.load_checkpoint(run.num_steps), held_out)
-    without = _eval_losses(run, replay.train({row: 0.0 for row in dropped}), held_out) - recorded
+    recorded = eval_losses(run, run.load_checkpoint(run.num_steps), held_out)
+    without = eval_losses(run, replay.train({row: 0.0 for row in dropped}), held_out) - recorded
     assert abs(without.mean().item()) > 1e-4
     assert abs(check["measured"] - without.mean().item()) < 1e-3 * abs(without.mean().item()) + 1e-6
     # QLD: the first query retrained without its own top rows by its per-query scores
     per_query = load_file(str(root / "scores" / "query_scores.safetensors"))
     query = int(per_query["queries"][0])
     top = per_query["scores"][0].topk(len(dropped)).indices.tolist()
-    rise = (_eval_losses(run, replay.train({row: 0.0 for row in top}), held_out) - recorded)[query].item()
+    rise = (eval_losses(run, replay.train({row: 0.0 for row in top}), held_out) - recorded)[query].item()
     qld = check["qld"]
     assert qld["queries"] == per_query["queries"].tolist() and abs(qld["rise"][0] - rise) < 1e-3 * abs(rise) + 1e-6
     assert qld["mean_rise"] == pytest.approx(sum(qld["rise"]) / len(qld["rise"]))

@@ -29,6 +29,7 @@ from hf_accinf.scoring.verify import evaluation_effects, leave_one_out_scales
 from hf_accinf.trajectory.replay import Replay
 from tests.conftest import record_run
 from tests.engine.helpers import make_problem
+from tests.scoring.lds_helpers import SGD, eval_losses, saved_digits_run
 
 
 @pytest.mark.parametrize("removal,policy", [("exact", None), ("first-order", None),
@@ -48,10 +49,6 @@ def test_the_blocked_adjoint_of_q_gradients_equals_q_single_adjoints(removal, po
 
 
 # -- the subset retraining and the statistic ---------------------------------------------------------------------
-SGD = dict(optim="sgd", optim_args="momentum=0.9", learning_rate=0.05, max_grad_norm=1.0, weight_decay=0.01,
-           per_device_train_batch_size=8)
-
-
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
     """SGD with momentum, decay and clipping: 40 digits, 10 steps."""
@@ -59,14 +56,6 @@ def vit_run(tmp_path_factory):
     data = digits_dataset(num_rows=40)
     record_run(tiny_vit(), data, run_dir, **SGD)
     return RunReader(run_dir), data, digits_dataset(num_rows=24, offset=40)
-
-
-def _eval_losses(run, parameters, eval_data) -> torch.Tensor:
-    model = run.build_model().eval()
-    model.load_state_dict(parameters)
-    with torch.no_grad():
-        logits = model(pixel_values=eval_data[:]["pixel_values"]).logits
-    return torch.nn.functional.cross_entropy(logits.double(), eval_data[:]["labels"], reduction="none")
 
 
 def test_the_subset_retraining_equals_the_sequential_replay_of_the_subset_removed(vit_run):
@@ -77,7 +66,7 @@ def test_the_subset_retraining_equals_the_sequential_replay_of_the_subset_remove
                                      seed=4, queries=queries, per_query=lambda q: torch.ones(len(q), len(data)),
                                      progress=False)
     assert scored.shape == (2, len(data)) and lds["queries"] == [3, 11]
-    recorded = _eval_losses(run, run.load_checkpoint(run.num_steps), eval_data)
+    recorded = eval_losses(run, run.load_checkpoint(run.num_steps), eval_data)
     assert abs(lds["base_eval_loss"] - recorded.mean().item()) < 1e-5
     replay = Replay(run, data)
     for report, chosen in zip(lds["fractions"], draw_subsets(len(data), fractions, 3, seed=4)):
@@ -85,7 +74,7 @@ def test_the_subset_retraining_equals_the_sequential_replay_of_the_subset_remove
         assert all(len(set(rows.tolist())) == len(rows) for rows in chosen)
         for index in (0, 2):
             for weight, key in ((0.0, "measured"), (0.5, "measured_half")):
-                effect = _eval_losses(run, replay.train({int(j): weight for j in chosen[index]}), eval_data) - recorded
+                effect = eval_losses(run, replay.train({int(j): weight for j in chosen[index]}), eval_data) - recorded
                 truth = effect.mean().item()
                 assert abs(truth) > 1e-4 and abs(report[key][index] - truth) < 1e-3 * abs(truth) + 1e-6
                 if weight == 0.0:  # each query's own loss change
@@ -161,11 +150,7 @@ def test_scores_built_from_the_leave_one_out_truth_reach_lds_near_one_on_a_nearl
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    train, held_out = digits_dataset(48), digits_dataset(10, offset=48)
-    train.save_to_disk(str(root / "train"))
-    held_out.save_to_disk(str(root / "eval"))
-    record_run(tiny_vit(), train, root / "run", **SGD)
-    return root, ["--run_dir", str(root / "run"), "--train_data", str(root / "train"), "--eval_data", str(root / "eval")]
+    return root, ["--run_dir", str(root / "run"), *saved_digits_run(root, 48, 10)]
 
 
 @pytest.fixture(scope="module")
