@@ -160,6 +160,8 @@ def check_by_replay(run, train_dataset, collate_fn: Callable | None, eval_datase
     """
     length = len(train_dataset)
     scores = check_scores(scores, length)
+    if not verify and not subsets:
+        raise AccInfError("Nothing to check: pass verify (rows) or subsets (with fractions).")
     if subsets and subsets < 3:
         raise AccInfError(f"--verify_subsets needs at least 3 subsets for a rank correlation, got {subsets}.")
     drawn = draw_subsets(length, list(fractions), subsets, seed) if subsets else []
