@@ -53,6 +53,14 @@ def subset_size(length: int, fraction: float) -> int:
     return size
 
 
+def check_sizes(length: int, verify: int, subsets: int, fractions: list[float]) -> None:
+    """Refuse, before any work, a ``--verify`` or ``--verify_subsets`` that ``length`` training rows cannot hold."""
+    if verify and not 2 <= verify <= length:
+        raise AccInfError(f"verify needs 2 <= k <= {length} rows, got k={verify}.")
+    for fraction in fractions if subsets else ():
+        subset_size(length, fraction)
+
+
 def draw_subsets(length: int, fractions: list[float], count: int, seed: int) -> list[torch.Tensor]:
     """Per fraction, ``(count, round(f N))`` rows: ``count`` random subsets of distinct rows (seeded)."""
     sizes = [subset_size(length, f) for f in fractions]

@@ -97,6 +97,10 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     artifacts.check_output_dir(output_dir, args.overwrite)
     run = RunReader(args.run_dir)
     run.check_dataset(train_dataset)
+    if args.verify or args.verify_subsets:
+        from .lds import check_sizes
+
+        check_sizes(len(train_dataset), args.verify, args.verify_subsets, args.verify_fraction)
     run.trajectory().check_finite(clipped=run.manifest.training.max_grad_norm > 0)
     built = run.build_model(model=model)
     plan = plan_scoring(args, run, built, deep_scope_unavailable(run, "cpu", built))

@@ -208,3 +208,11 @@ def test_the_per_query_scores_of_the_direct_and_forward_forms_average_to_the_obj
     written = load_file(str(result.output_dir / "query_scores.safetensors"))["scores"]
     torch.testing.assert_close(written.mean(0), result.scores.to(written.dtype), rtol=1e-4,
                                atol=1e-4 * result.scores.abs().max().item())
+
+
+def test_a_fraction_too_small_for_the_rows_is_refused_before_any_work(saved_run, capsys):
+    root, data = saved_run
+    assert main(["score", *data, "--verify_subsets", "4", "--verify_fraction", "0.001", "--output_dir",
+                 str(root / "refused")]) == 2
+    assert "--verify_fraction 0.001 of 48 rows gives subsets of 0 rows" in capsys.readouterr().err
+    assert not (root / "refused").exists()
