@@ -112,7 +112,17 @@ class ScoreArguments:
                                      "a bootstrap interval, against the linearity ceiling (0: skip; more rows, a "
                                      "narrower interval)."}
     )
-    verify_seed: int = field(default=0, metadata={"help": "Seed of the rows --verify retrains."})
+    verify_seed: int = field(default=0, metadata={"help": "Seed of the rows --verify retrains (and of the subsets and "
+                                                          "queries of --verify_subsets)."})
+    verify_subsets: int = field(default=0, metadata={
+        "help": "LDS by replay: retrain this many random subsets per --verify_fraction out (weight 0, and 0.5 for the "
+                "subset linearity ceiling) with the base run in the one batched retraining, and report Spearman's rho "
+                "between the measured and the predicted (summed scores) change of the mean evaluation loss, and per "
+                "query over --verify_queries evaluation rows, with bootstrap intervals (0: skip; at least 3)."})
+    verify_fraction: list[float] = field(default_factory=lambda: [0.01, 0.05], metadata={
+        "help": "Fractions of the training rows in each --verify_subsets subset (several at once)."})
+    verify_queries: int = field(default=16, metadata={
+        "help": "Evaluation rows of the per-query LDS of --verify_subsets (one blocked adjoint pass; 0: objective only)."})
     device: str = field(default="auto", metadata={"help": (
         "auto, cpu, cuda or cuda:<index>: where the problem, replay, curvature, every form, the trust check, "
         "--verify and the projection compute. auto: the accelerate process's device when launched (each process "
@@ -170,6 +180,12 @@ class ScoreArguments:
                 raise ValueError(f"Stage windows are start:stop integers, got '{value}'.")
         if self.verify < 0 or self.verify == 1:
             raise ValueError(f"verify needs at least 2 rows (or 0 to skip), got {self.verify}.")
+        if self.verify_subsets < 0 or self.verify_subsets in (1, 2):
+            raise ValueError(f"verify_subsets needs at least 3 subsets (or 0 to skip), got {self.verify_subsets}.")
+        if self.verify_subsets and (not self.verify_fraction or not all(0 < f < 1 for f in self.verify_fraction)):
+            raise ValueError(f"verify_fraction must be fractions in (0, 1), got {self.verify_fraction}.")
+        if self.verify_queries < 0:
+            raise ValueError(f"verify_queries must be >= 0, got {self.verify_queries}.")
         if self.trust_probes < 0 or self.trust_iterations < 0:
             raise ValueError("trust_probes and trust_iterations must be >= 0.")
         if (self.stage_steps or self.stage_epochs) and self.correction != "stage":

@@ -40,7 +40,6 @@ def main(argv: list[str] | None = None, parser=None) -> int:
     from ..data.columns import write_dataset_column
     from ..engine import ShardContext
     from ..scoring import score_run
-    from ..trajectory.schema import load_manifest
 
     args, data, launch = parse(parser or make_parser(), argv)[:3]
     if launch.cpu:
@@ -48,21 +47,7 @@ def main(argv: list[str] | None = None, parser=None) -> int:
             raise AccInfError(f"--cpu is an alias of --device cpu; it contradicts --device {args.device}: pass one.")
         args.device = "cpu"
     resolve_device(args.device)  # --device cuda without a GPU is refused before any data is read
-    manifest = load_manifest(args.run_dir)  # a wrong run directory is named before any data is read
-    collate = None
-    if data.train_data or data.eval_data:
-        if not (data.train_data and data.eval_data):
-            raise AccInfError("Pass both --train_data and --eval_data (or neither, for a run recorded by "
-                              "`hf-accinf train`, whose data source the manifest records).")
-        tokenizer = load_tokenizer(data.tokenizer)
-        train, held_out = load_training_data(data), load_eval_data(data, tokenizer)
-        evaluation = f"--eval_data {data.eval_data}" + (f" (split {data.eval_split})" if data.eval_split else "")
-    else:
-        tokenizer = load_tokenizer(data.tokenizer)
-        train, held_out, collate = load_recorded_data(args.run_dir)
-        if held_out is None:
-            raise AccInfError(f"{args.run_dir} records no evaluation split: pass --train_data and --eval_data.")
-        evaluation = _recorded_evaluation(manifest, args.run_dir)
+    train, held_out, collate, tokenizer, evaluation = load_scoring_data(data, args.run_dir)
     model = load_model_factory(data.model)
     shard = ShardContext.from_accelerate(cpu=args.device == "cpu" or not torch.cuda.is_available())
     try:
@@ -87,6 +72,10 @@ def main(argv: list[str] | None = None, parser=None) -> int:
             print(f"verify on {check['k']} rows retrained out: Kendall tau {check['kendall_tau']:.3f}, Pearson r "
                   f"{check['pearson_r']:.3f}, sign agreement {check['sign_agreement']:.2f} (linearity ceiling tau "
                   f"{check['linearity_ceiling']['kendall_tau']:.3f})")
+        if result.lds is not None:
+            from ..scoring.lds import describe as describe_lds
+
+            print("\n".join(describe_lds(result.lds)))
         trust = result.trust
         if trust is not None:
             verdict = f"({'EXPANSIVE, above' if trust['expansive'] else 'below'} {trust['threshold']:g})"
@@ -100,6 +89,29 @@ def main(argv: list[str] | None = None, parser=None) -> int:
         print(f"most helpful rows: {order.flip(0)[:5].tolist()} "
               f"scores {[f'{v:.2e}' for v in result.scores[order.flip(0)[:5]].tolist()]}")
     return 0
+
+
+def load_scoring_data(data: DataArguments, run_dir: str):
+    """``(train, held_out, collate_fn, tokenizer, evaluation source)`` of a run: ``--train_data``/``--eval_data``,
+    or the data source ``hf-accinf train`` recorded in the run's manifest."""
+    from ..trajectory.schema import load_manifest
+
+    manifest = load_manifest(run_dir)  # a wrong run directory is named before any data is read
+    collate = None
+    if data.train_data or data.eval_data:
+        if not (data.train_data and data.eval_data):
+            raise AccInfError("Pass both --train_data and --eval_data (or neither, for a run recorded by "
+                              "`hf-accinf train`, whose data source the manifest records).")
+        tokenizer = load_tokenizer(data.tokenizer)
+        train, held_out = load_training_data(data), load_eval_data(data, tokenizer)
+        evaluation = f"--eval_data {data.eval_data}" + (f" (split {data.eval_split})" if data.eval_split else "")
+    else:
+        tokenizer = load_tokenizer(data.tokenizer)
+        train, held_out, collate = load_recorded_data(run_dir)
+        if held_out is None:
+            raise AccInfError(f"{run_dir} records no evaluation split: pass --train_data and --eval_data.")
+        evaluation = _recorded_evaluation(manifest, run_dir)
+    return train, held_out, collate, tokenizer, evaluation
 
 
 def _recorded_evaluation(manifest, run_dir: str) -> str:

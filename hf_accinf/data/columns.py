@@ -55,6 +55,7 @@ def column_provenance(artifact: ScoreArtifact) -> dict:
         "arguments": arguments,
         "trust": summary.trust,
         "verify": summary.verify,
+        "lds": summary.lds,
         "replay_max_rel_error": (summary.replay or {}).get("max_rel"),
         "gauge": summary.gauge,
         "scores_dir": str(artifact.path) if artifact.path else None,

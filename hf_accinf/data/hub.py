@@ -2,9 +2,9 @@
 
 The card (``README.md`` with a YAML header) explains each score column, its sign convention, its
 provenance (:mod:`hf_accinf.data.columns`: the run, the evaluation set, the arguments) and the checks
-its scoring run recorded, as tables: the agreement with rows retrained out (``--verify``) and the
-trust figures; the report (:mod:`hf_accinf.report`) shows the same tables (:func:`verify_cells`,
-:func:`trust_rows`). :func:`write_scored_dataset` writes ``dataset/``, ``data.parquet`` and the card
+its scoring run recorded, as tables: the agreement with rows retrained out (``--verify``), the LDS over
+subsets retrained out (``--verify_subsets``) and the trust figures; the report (:mod:`hf_accinf.report`)
+shows the same tables (:func:`verify_cells`, :func:`lds_rows`, :func:`trust_rows`). :func:`write_scored_dataset` writes ``dataset/``, ``data.parquet`` and the card
 as a whole; :func:`push_scored_dataset` uploads the card first, then calls the datasets library's own
 ``Dataset.push_to_hub``, which keeps the card's text and adds its ``configs``/``dataset_info`` to the
 YAML header. The endpoint is the Hub client's: ``HF_ENDPOINT``, read when ``huggingface_hub`` and
@@ -27,6 +27,14 @@ from .columns import CARD_FILE, PARQUET_FILE, PROVENANCE_KEY, SIGN_CONVENTION, r
 CARD_TAGS = ["hf-accinf", "data-attribution", "training-data-influence"]
 VERIFY_HEADER = ["k", "Kendall tau", "Pearson r", "sign agreement", "linearity ceiling: Kendall tau",
                  "linearity ceiling: Pearson r"]
+LDS_HEADER = ["fraction", "subsets x rows", "objective LDS [95%]", "objective ceiling", "per-query LDS [95%]",
+              "per-query ceiling", "queries"]
+LDS_EXPLANATION = ("Linear datamodeling score: random subsets of the training rows retrained out by replay; Spearman's rho "
+                   "across the subsets between the measured change of the evaluation loss and the sum of the subset's "
+                   "scores, for the mean evaluation loss (objective) and averaged over single evaluation rows (per "
+                   "query, each with its own scores). The ceiling is the same rho for twice the change at half weight: "
+                   "the best an estimate linear in the weights can reach on this run. 95% bootstrap intervals over "
+                   "subsets (objective) and queries (per query).")
 _TRUST_LABELS = {  # in the order tables show them, then embedding_ratio (two rows), then figures not named here
     "growth": "tangent growth over the run (2-norm of M_T-1 ... M_0, a lower bound)",
     "expansive": "expansive (the linearization is not to be trusted)",
@@ -63,6 +71,23 @@ def verify_cells(verify: dict) -> list[str]:
     ceiling = verify.get("linearity_ceiling") or {}
     return [text(verify.get("k")), tau, text(verify.get("pearson_r")), text(verify.get("sign_agreement")),
             text(ceiling.get("kendall_tau")), text(ceiling.get("pearson_r"))]
+
+
+def lds_rows(lds: dict) -> list[list[str]]:
+    """Rows of :data:`LDS_HEADER` from a ``scores.json`` ``lds`` entry, one per fraction."""
+    def rho(part: dict | None) -> str:
+        if not part:
+            return ""
+        interval = part.get("spearman_interval")
+        return text(part.get("spearman")) + (f" [{text(interval[0])}, {text(interval[1])}]" if interval else "")
+
+    rows = []
+    for report in lds.get("fractions") or []:
+        objective, per_query = report.get("objective") or {}, report.get("per_query")
+        rows.append([text(report.get("fraction")), f"{lds.get('subsets')} x {report.get('size')}", rho(objective),
+                     rho(objective.get("linearity_ceiling")), rho(per_query),
+                     rho((per_query or {}).get("linearity_ceiling")), text(len(lds.get("queries") or []))])
+    return rows
 
 
 def trust_rows(trust: dict) -> list[tuple[str, str]]:
@@ -120,12 +145,20 @@ def dataset_card(dataset: Dataset, title: str | None = None) -> str:
                       "Scores of k random rows against the exact change of the evaluation loss when each is retrained "
                       "out by replay; the linearity ceiling is the best agreement a first-order estimate can reach.", ""]
             lines += _table(VERIFY_HEADER, [verify_cells(entry["verify"])])
+        if entry.get("lds"):
+            lines += ["", f"### `{name}`: LDS over subsets retrained out (--verify_subsets)", "", LDS_EXPLANATION, ""]
+            lines += _table(LDS_HEADER, lds_rows(entry["lds"]))
         if entry.get("trust"):
             lines += ["", f"### `{name}`: trust figures", ""] + _table(["figure", "value"], trust_rows(entry["trust"]))
     if "prune" in provenance:
         prune = provenance["prune"]
         lines += ["", "## Pruning", "", f"{prune['num_dropped']} of {prune['num_rows_before']} rows were dropped: "
                   f"{prune['rule']}. Their original row indices and scores are in the provenance below."]
+        if prune.get("check"):
+            from ..scoring.lds import describe_pruning_check
+
+            lines += ["", "Checked by retraining the run by replay without them (`prune --check`):", ""]
+            lines += [f"- {line}" for line in describe_pruning_check(prune["check"])]
     lines += ["", "## Provenance", "", "```json", json.dumps(provenance, indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
 

@@ -27,6 +27,13 @@ class PruneArguments:
     weights: list[float] | None = field(default=None, metadata={"help": "One weight per column for a rank-normalized mix (default: equal)."})
     drop_fraction: float | None = field(default=None, metadata={"help": "Drop this fraction of rows, most harmful first (0 <= f < 1)."})
     keep_top: int | None = field(default=None, metadata={"help": "Keep only the k most helpful rows."})
+    check: bool = field(default=False, metadata={
+        "help": "Retrain the scored run by replay without the dropped rows (their weight 0, everything else as "
+                "recorded) and print the measured change of the mean evaluation loss against the predicted one (the "
+                "sum of their scores), and the QLD-style figure when the scores have per-query scores "
+                "(score --verify_subsets). Needs the run and the data the scores were made from (the scores' "
+                "scores.json names the run; --train_data/--eval_data as given to score); about one training run's time "
+                "per retrained model batch."})
 
     def __post_init__(self) -> None:
         if (self.drop_fraction is None) == (self.keep_top is None):

@@ -84,11 +84,20 @@ def _prefix_plan(plan: OccurrencePlan, stop: int) -> OccurrencePlan:
     return OccurrencePlan(plan.start, plan.size, plan.steps[:stop], windows)
 
 
+def _injection_scores(ops, adjoints: torch.Tensor, occurrences) -> torch.Tensor:
+    """``(Q, m)``: what each occurring sample adds to the score of each of the ``Q`` adjoints; one call for the
+    block where the step operators take one (``takes_adjoint_blocks``: exact removal), else one per adjoint."""
+    arguments = (occurrences.row_owner, occurrences.rows, len(occurrences.samples))
+    if len(adjoints) > 1 and getattr(ops, "takes_adjoint_blocks", False):
+        return ops.injection_scores(adjoints, *arguments).mT
+    return torch.stack([ops.injection_scores(adjoint, *arguments) for adjoint in adjoints])
+
+
 @dataclass
 class AdjointScores:
     """What one backward pass gives: every row's score and, with probes, the run's trust figure."""
 
-    scores: torch.Tensor  # (N,)
+    scores: torch.Tensor  # (N,), or (Q, N) for a block of Q objectives
     trust: TrustReport | None = None  # kind "adjoint-probes"; None without probes
 
 
@@ -98,7 +107,9 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
                    threshold: float = EXPANSIVE_GROWTH, resume: ResumeStore | None = None) -> AdjointScores | None:
     """``s_j = u_T . Delta^j_T`` for every row ``j``, ``(N,)``, by one backward pass.
 
-    ``objective_gradient`` ``(P,)`` is ``grad L_val(theta_T)`` in the rule's parameter layout. ``policy``:
+    ``objective_gradient`` ``(P,)`` is ``grad L_val(theta_T)`` in the rule's parameter layout; a block ``(Q, P)``
+    of ``Q`` objectives (e.g. one evaluation row each, for per-query LDS) is carried backward together and
+    gives ``(Q, N)`` scores. ``policy``:
     the correction coefficients (``None``: classical); a stage-limited policy runs the hybrid, whose forward
     part on the corrected prefix holds ``N x S`` states. ``probes > 0`` carries that many random probes with
     the adjoint (:class:`.trust.ProbeGrowth`, extra rows of each ``apply_adjoint``) and returns their trust
@@ -113,7 +124,9 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     starts from the last one every process holds.
     """
     shard = shard or ShardContext.single()
-    if objective_gradient.shape != (rule.param_dim,):
+    blocked = objective_gradient.dim() == 2
+    gradients = objective_gradient if blocked else objective_gradient[None]
+    if gradients.shape[1:] != (rule.param_dim,) or not len(gradients):
         raise AccInfError(
             f"The objective gradient has shape {tuple(objective_gradient.shape)}; the rule's parameters have "
             f"{rule.param_dim} entries."
@@ -124,10 +137,11 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
     began = time.perf_counter()
     prefix = corrected_prefix(policy, trajectory.epoch)
     tracker = ProbeGrowth(rule, probes, trajectory.epoch.tolist(), probe_seed, dtype, device) if probes > 0 else None
-    block = rule.final_objective_state(objective_gradient)[None]  # (1, S): the adjoint, then the probes
+    count = len(gradients)
+    block = torch.stack([rule.final_objective_state(g) for g in gradients])  # (Q, S): the adjoints, then the probes
     if tracker is not None:
         block = torch.cat([block, tracker.states])
-    scores = torch.zeros(problem.num_samples, dtype=dtype, device=device)
+    scores = torch.zeros(count, problem.num_samples, dtype=dtype, device=device)
     own = [shard.own_occurrences(occurrences) for occurrences in plan.steps]  # before the loop: no syncs in it
     fresh = (block, scores, dict(vars(tracker)) if tracker is not None else None)
     start, block, scores = restore_adjoint(resume, trajectory.num_steps, block, scores, tracker, shard)
@@ -143,14 +157,13 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
             ops = rule.at_step(step)
             occurrences = own[step]
             if len(occurrences.samples):
-                scores.index_add_(0, occurrences.samples, ops.injection_scores(
-                    block[0], occurrences.row_owner, occurrences.rows, len(occurrences.samples)))
+                scores.index_add_(1, occurrences.samples, _injection_scores(ops, block[:count], occurrences))
             block = ops.apply_adjoint(block)
             if tracker is not None:
-                block = torch.cat([block[:1], tracker.carried(step, block[1:])])
+                block = torch.cat([block[:count], tracker.carried(step, block[count:])])
             if resume is not None and step > prefix and resume.due(trajectory.num_steps - step, step):
                 save_adjoint(resume, step, block, scores, tracker, shard)
-    adjoint = block[0]
+    adjoints = block[:count]
     if prefix:
         start, stop = shard.sample_range(problem.num_samples)
         head = _prefix_plan(build_plan(trajectory, start, stop, device), prefix)
@@ -159,14 +172,15 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
         logger.info("hybrid: forward form (%s) on the corrected steps [0, %d), %s", schedule, prefix, costs)
         run = sweep if schedule == "sweep" else propagate
         states = run(rule, head, policy, trajectory.epoch, dtype, device, progress=progress and shard.is_main)
-        scores[start:stop] += states @ adjoint
+        scores[:, start:stop] += adjoints @ states.T
     scores = shard.all_reduce_sum(scores)
     logger.info("adjoint form: %d steps backward in %.2f s", trajectory.num_steps, time.perf_counter() - began)
     if not shard.is_main:
         return None
     trust = None
     if tracker is not None:
-        start = objective_gradient.norm()
-        objective_growth = float(rule.parameter_part(adjoint).norm() / start) if bool(start > 0) else None
+        start = gradients.norm(dim=1)
+        growth = rule.parameter_part(adjoints).norm(dim=1) / start
+        objective_growth = float(growth[start > 0].max()) if bool((start > 0).any()) else None
         trust = tracker.report(objective_growth, threshold)
-    return AdjointScores(scores, trust)
+    return AdjointScores(scores if blocked else scores[0], trust)

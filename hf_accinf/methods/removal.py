@@ -182,6 +182,11 @@ class RemovalStepOps(StepOps):
             return self.step_output(gradient - removed) - self.step_output(gradient)
         return jvp(self.step_output, (gradient.expand_as(removed).contiguous(),), (-removed,))[1]
 
+    @property
+    def takes_adjoint_blocks(self) -> bool:
+        """Exact removal scores a block of adjoints ``(Q, S)`` at once (``(m, Q)``; engine.adjoint)."""
+        return self.removal == "exact"
+
     def injection_scores(self, adjoint: torch.Tensor, row_owner: torch.Tensor, rows: torch.Tensor,
                          count: int | None = None) -> torch.Tensor:
         if self.removal == "exact":  # (f(G_j) - f(G)) . u, a block of samples at a time: never (m, S) at once
@@ -189,6 +194,7 @@ class RemovalStepOps(StepOps):
             removed = removed_gradients(self.batch, row_owner, rows, count)
             gradient = self.batch.batch_grad[None]
             block = max(1, INJECTION_BLOCK_BYTES // (STEP_TEMPORARIES * adjoint.numel() * adjoint.element_size()))
+            adjoint = adjoint.mT if adjoint.dim() == 2 else adjoint  # (S,) or (S, Q)
             moved = torch.cat([self.step_output(gradient - removed[start:start + block]) @ adjoint
                                for start in range(0, count, block)])
             return moved - self.step_output(gradient)[0] @ adjoint

@@ -3,7 +3,8 @@
 Sections: the score columns (provenance, summary statistics) and their distributions; the most helpful
 and most harmful rows of each column (text snippets or image thumbnails, with labels); agreement
 between columns (Kendall's tau, scatter); the agreement of each column with the rows its scoring run
-retrained out (``--verify``: a table and an estimate-against-truth scatter); the trust figures the
+retrained out (``--verify``: a table and an estimate-against-truth scatter) and over subsets retrained out
+(``--verify_subsets``: the LDS table); the trust figures the
 scoring run recorded (a table); and, given ground truth (e.g. leave-one-out retraining), estimate
 against truth (DESIGN.md section 7's metrics). The report is written as a whole (:mod:`hf_accinf.io`).
 """
@@ -17,7 +18,8 @@ import numpy as np
 from datasets import Dataset
 
 from ..data.columns import SIGN_CONVENTION, read_provenance, score_columns
-from ..data.hub import VERIFY_HEADER, describe_evaluation, text, trust_rows, verify_cells
+from ..data.hub import (LDS_EXPLANATION, LDS_HEADER, VERIFY_HEADER, describe_evaluation, lds_rows, text, trust_rows,
+                        verify_cells)
 from ..errors import AccInfError
 from ..io import refuse_foreign, write_directory
 from . import plots
@@ -102,6 +104,7 @@ def _blocks(dataset: Dataset, columns: dict[str, np.ndarray], truth, args: Repor
     if len(columns) > 1:
         blocks += _agreement(columns, out)
     blocks += _verify(known, columns, out)
+    blocks += _lds(known, columns)
     blocks += _trust(known, columns)
     if truth is not None:
         blocks += _versus_truth(columns, truth, args.truth, out)
@@ -129,6 +132,15 @@ def _verify(known: dict, columns: dict[str, np.ndarray], out: Path) -> list[Bloc
         blocks.append(Image("verify.png", "Estimated score of each retrained row against the exact change of the "
                                           "evaluation loss without it (truth at weight 0); the diagonal is agreement."))
     return blocks
+
+
+def _lds(known: dict, columns: dict[str, np.ndarray]) -> list[Block]:
+    checks = {name: known[name]["lds"] for name in columns if (known.get(name) or {}).get("lds")}
+    if not checks:
+        return []
+    return [Heading("LDS over subsets retrained out (--verify_subsets)"), Paragraph(LDS_EXPLANATION),
+            Table(["column"] + LDS_HEADER, [[f"`{name}`"] + row for name, check in checks.items()
+                                            for row in lds_rows(check)])]
 
 
 def _trust(known: dict, columns: dict[str, np.ndarray]) -> list[Block]:

@@ -6,7 +6,9 @@
     scores.safetensors       "scores": (N,) predicted change of mean eval loss without row j
     scores.json              the :class:`ScoreSummary`: library version, run identity (with the sha256 of the
                              run's manifest at scoring time), method, scope, form, arguments, evaluation set,
-                             trust, verify, replay, projection, files
+                             trust, verify, lds, replay, projection, files
+    query_scores.safetensors "scores": (Q, N) each query row's own scores, "queries": (Q,) evaluation rows
+                             (``--verify_subsets`` with queries only)
     dataset/                 the training dataset with the score column, written by the ``score`` command
                              (:func:`hf_accinf.data.columns.write_dataset_column`), not by :func:`score_run`
 
@@ -46,7 +48,8 @@ SCORES_NAME = "scores.safetensors"
 SUMMARY_NAME = "scores.json"
 PROJECTED_NAME = "projected"  # the one embeddings tensor of projected methods (DVEmb), (N, projection_dim)
 DATASET_DIR = "dataset"
-ARTIFACT_NAMES = (EMBEDDINGS_NAME, SCORES_NAME, SUMMARY_NAME, DATASET_DIR)
+QUERY_SCORES_NAME = "query_scores.safetensors"  # --verify_subsets: "scores" (Q, N) per query row, "queries" (Q,)
+ARTIFACT_NAMES = (EMBEDDINGS_NAME, SCORES_NAME, SUMMARY_NAME, DATASET_DIR, QUERY_SCORES_NAME)
 FORMAT = "hf_accinf.scores"
 FORMAT_VERSION = 2  # 2: run.manifest_sha256, evaluation {rows, content_hash, source}, gauge. 1 is still read.
 ROWS_KEY = "rows"  # the training row indices a shard holds
@@ -117,6 +120,7 @@ class ScoreSummary:
     evaluation: EvaluationSet | None = None
     trust: dict | None = None  # engine.trust.TrustReport.to_dict()
     verify: dict | None = None  # --verify: agreement with rows retrained out by replay
+    lds: dict | None = None  # --verify_subsets: LDS over random subsets retrained out by replay (scoring.lds)
     replay: dict | None = None  # trajectory.replay.ReplayReport.to_dict()
     projection: dict | None = None  # methods.projection.projection_fingerprint() of projected methods
     gauge: list = field(default_factory=list)  # gauge tensors left out of the scope (DESIGN.md section 6b)

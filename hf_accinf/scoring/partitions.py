@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Arguments that do not change the scores (beyond round-off) or that name where a job runs: partitions may differ there.
 PARTITION_FREE = ("partition", "output_dir", "overwrite", "memory_budget_gb", "schedule", "run_dir", "resume_every",
-                  "device", "verify", "verify_seed")
+                  "device", "verify", "verify_seed", "verify_subsets", "verify_fraction", "verify_queries")
 SUMMED = "sum"  # shards that split the steps (TracIn)
 ROWS = "rows"  # shards that split the rows (the forward form)
 
@@ -54,9 +54,9 @@ def check_partitioned(args: ScoreArguments, form: str) -> None:
             "adjoint depends on every later step). Use --form forward (rows split across partitions), or run the "
             "adjoint as one job, data-parallel across processes and nodes under `accelerate launch`; an interrupted "
             "adjoint resumes from its last resume point (--resume_every).")
-    if args.verify:
-        raise AccInfError(f"--verify needs every row's score: run it on the aggregated scores' run with "
-                          f"--num_partitions 1, or drop --verify from the {args.num_partitions} partitions.")
+    if args.verify or args.verify_subsets:
+        raise AccInfError(f"--verify and --verify_subsets need every row's score: score the run with "
+                          f"--num_partitions 1, or drop them from the {args.num_partitions} partitions.")
 
 
 def partition_key(manifest_sha256: str | None, arguments: dict[str, Any], evaluation_sha256: str | None) -> dict:

@@ -60,6 +60,7 @@ class ScoreResult:
     seconds = property(lambda self: self.summary.seconds)
     trust = property(lambda self: self.summary.trust)  # engine.trust.TrustReport.to_dict()
     verify = property(lambda self: self.summary.verify)  # agreement with K rows retrained out by replay
+    lds = property(lambda self: self.summary.lds)  # LDS over subsets retrained out by replay (scoring.lds)
     replay = property(lambda self: self.summary.replay)  # trajectory.replay.ReplayReport.to_dict()
     gauge = property(lambda self: tuple(self.summary.gauge))  # gauge tensors left out of the scope
 
@@ -105,6 +106,10 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     artifacts.check_output_dir(output_dir, args.overwrite)
     run = RunReader(args.run_dir)
     run.check_dataset(train_dataset)
+    if args.verify or args.verify_subsets:
+        from .lds import check_sizes
+
+        check_sizes(len(train_dataset), args.verify, args.verify_subsets, args.verify_fraction)
     run.trajectory().check_finite(clipped=run.manifest.training.max_grad_norm > 0)
     built = run.build_model(model=model)
     plan = plan_scoring(args, run, built, lambda device: deep_scope_unavailable(run, device, built),
@@ -136,28 +141,20 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     with scorer_precision(plan.device, plan.dtype, plan.tf32):
         output = form_runner(plan.form)(FormInputs(method, problem, inputs, labels, final, args, plan.policy, shard,
                                                    progress, resume))
+    own_embeddings = output.result.embeddings if output is not None else None  # the forward form: this process's rows
     output = _own_rows_written(output, shard, output_dir, problem.num_samples)
-    verified = None
-    if args.verify:
-        from .verify import describe, verify
-
-        if shard.is_main:
-            logger.info("verify: retraining the run and %d rows out by replay (weight 0 and 0.5) together, %d steps",
-                        args.verify, run.num_steps)
+    checks = {"verify": None, "lds": None, "query_scores": None}
+    if args.verify or args.verify_subsets:
         with recorded_precision(run.manifest.numerics):  # retraining replays the run: its own TF32 flags
-            verified = verify(run, train_dataset, train_collate, eval_dataset,
-                              output.scores.cpu() if output is not None else None, args.verify, args.verify_seed,
-                              eval_collate_fn=train_collate, device=plan.device, memory_budget=plan.memory_budget,
-                              progress=progress, model=model, shard=shard)
-        if verified is not None:
-            logger.info("verify: %s", describe(verified))
+            checks["verify"], checks["lds"], checks["query_scores"] = _check_by_replay(
+                args, run, train_dataset, train_collate, eval_dataset, output.scores if output is not None else None,
+                plan, method, problem, inputs, labels, final, own_embeddings, model, progress, shard)
     if output is None:  # not the main process
         return None
     # Results leave the device here: the writers, --verify's statistics and the dataset column read them on the host.
     scores, trust, result = output.scores.cpu(), output.trust, output.result
     embeddings = {name: value.cpu() for name, value in output.embeddings.items()}
-    checks = {"trust": trust, "verify": verified, "replay": None, "projection": None, "plan": plan.to_dict(),
-              "gauge": list(problem.gauge)}
+    checks.update(trust=trust, replay=None, projection=None, plan=plan.to_dict(), gauge=list(problem.gauge))
     states = getattr(curvature, "states", None)
     if hasattr(states, "report"):
         checks["replay"] = states.report().to_dict()
@@ -168,7 +165,7 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
         summary = partitions.write_partition(output_dir, args, key, output.rows, problem.num_samples, scores,
                                              embeddings, summary, metadata)
     else:
-        summary = _write(output_dir, args, summary, metadata, scores, embeddings)
+        summary = _write(output_dir, args, summary, metadata, scores, embeddings, checks)
     resume.clear()
     return ScoreResult(scores, embeddings, output_dir, summary)
 
@@ -199,6 +196,27 @@ def _own_rows_written(output: FormOutput | None, shard: ShardContext, output_dir
     return dataclasses.replace(output, scores=scores.to(dtype), embeddings=embeddings, rows=(lo, hi))
 
 
+def _check_by_replay(args, run, train_dataset, train_collate, eval_dataset, scores, plan, method, problem, inputs,
+                     labels, final, own_embeddings, model, progress, shard):
+    """``--verify`` and ``--verify_subsets`` (:func:`.lds.check_by_replay`): one batched retraining for both, on the
+    plan's device, its counterfactuals (and the per-query scores) split over the processes."""
+    from . import lds, verify
+
+    queries = lds.choose_queries(labels, args.verify_queries, args.verify_seed) if args.verify_subsets else None
+    check = lds.check_by_replay(
+        run, train_dataset, train_collate, eval_dataset, scores, verify=args.verify, subsets=args.verify_subsets,
+        fractions=args.verify_fraction, seed=args.verify_seed, queries=queries,
+        per_query=lambda chosen: lds.query_scores(plan.form, method, problem, final, inputs, labels, chosen,
+                                                  own_embeddings, progress, shard=shard),
+        eval_collate_fn=train_collate, device=plan.device, memory_budget=plan.memory_budget, progress=progress,
+        model=model, shard=shard)
+    if check[0] is not None:
+        logger.info("verify: %s", verify.describe(check[0]))
+    for line in lds.describe(check[1]) if check[1] is not None else []:
+        logger.info("%s", line)
+    return check
+
+
 def _check_rerun(output_dir: Path, args: ScoreArguments, run: RunReader, eval_dataset, eval_rows: int,
                  evaluation_source: str | None) -> tuple[artifacts.RunIdentity, artifacts.EvaluationSet]:
     """The scored run and evaluation set, identified; a rerun into another run's or other arguments' output is
@@ -224,7 +242,7 @@ def _summarize(args: ScoreArguments, identity: tuple[artifacts.RunIdentity, arti
         run=run, method=args.method, column=artifacts.column_name(args.method), arguments=args.to_dict(),
         scope=scope, form=form, removal=args.removal, dtype=str(problem.curvature.dtype).removeprefix("torch."),
         modules=args.modules, backend=backend, schedule=result.schedule,
-        evaluation=evaluation, trust=checks["trust"], verify=checks["verify"], replay=checks["replay"],
+        evaluation=evaluation, trust=checks["trust"], verify=checks["verify"], lds=checks.get("lds"), replay=checks["replay"],
         projection=checks["projection"], gauge=list(checks.get("gauge") or []), plan=checks.get("plan"),
         seconds=result.seconds, cost_model=result.cost_model, most_harmful=order[:10].tolist(),
         most_helpful=order.flip(0)[:10].tolist())
@@ -232,10 +250,15 @@ def _summarize(args: ScoreArguments, identity: tuple[artifacts.RunIdentity, arti
 
 
 def _write(output_dir: Path, args: ScoreArguments, summary: artifacts.ScoreSummary, metadata: dict, scores,
-           embeddings) -> artifacts.ScoreSummary:
+           embeddings, checks: dict) -> artifacts.ScoreSummary:
     writers = {artifacts.SCORES_NAME: lambda path: save_file({"scores": scores.contiguous()}, path, metadata=metadata)}
     if embeddings:  # the adjoint form and direct scorers have none
         writers[artifacts.EMBEDDINGS_NAME] = lambda path: save_file(embeddings, path, metadata=metadata)
+    query_scores = checks.get("query_scores")
+    if query_scores is not None:  # --verify_subsets: each query's (Q, N) scores, for prune --check
+        queries = torch.tensor(checks["lds"]["queries"], dtype=torch.long)
+        writers[artifacts.QUERY_SCORES_NAME] = lambda path: save_file(
+            {"scores": query_scores.contiguous(), "queries": queries}, path, metadata=metadata)
     summary = artifacts.write_set(output_dir, writers, summary, args.overwrite)
     logger.info("wrote %s", output_dir)
     return summary

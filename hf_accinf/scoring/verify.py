@@ -39,12 +39,13 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def bootstrap_interval(a: np.ndarray, b: np.ndarray, seed: int, resamples: int = BOOTSTRAP_RESAMPLES,
-                       confidence: float = CONFIDENCE) -> list[float] | None:
-    """Percentile bootstrap interval of Kendall tau between ``a`` and ``b`` over rows resampled in pairs (seeded).
-    Resamples where tau is undefined (one side constant) are left out; ``None`` when most of them are."""
+                       confidence: float = CONFIDENCE,
+                       statistic: Callable[[np.ndarray, np.ndarray], float] = kendall_tau) -> list[float] | None:
+    """Percentile bootstrap interval of ``statistic`` (Kendall tau) between ``a`` and ``b`` over rows resampled in
+    pairs (seeded). Resamples where it is undefined (one side constant) are left out; ``None`` when most of them are."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(a), size=(resamples, len(a)))
-    taus = np.array([kendall_tau(a[pick], b[pick]) for pick in picks])
+    taus = np.array([statistic(a[pick], b[pick]) for pick in picks])
     taus = taus[np.isfinite(taus)]
     if len(taus) < resamples / 2:
         return None
@@ -65,35 +66,93 @@ class LeaveOneOutEffects:
     models_per_chunk: int
 
 
+@dataclass
+class EvaluationEffects:
+    """Exact changes of every evaluation row's loss (``effects``, ``(M, E)``, 0 on rows labelled ``-100``) for
+    each row of the weight scales retrained, each against the base run of its own chunk."""
+
+    effects: torch.Tensor
+    valid: torch.Tensor  # (E,) float64: 1 where the evaluation row counts in the mean loss
+    base_losses: torch.Tensor  # (E,) the retrained base run's loss on every evaluation row (first chunk)
+    replay_error: float | None
+    loss_error: float | None
+    models_per_chunk: int
+    seconds: float
+
+    def mean(self, effects: torch.Tensor | None = None) -> torch.Tensor:
+        """The change of the mean evaluation loss of each row of ``effects`` (default: all)."""
+        return (self.effects if effects is None else effects) @ self.valid / self.valid.sum()
+
+
+def evaluation_effects(run: RunReader, train_dataset, collate_fn: Callable | None, eval_dataset,
+                       weight_scales: torch.Tensor, eval_collate_fn: Callable | None = None, device: str = "cpu",
+                       memory_budget: int = 2**30, progress: bool = True, model=None,
+                       description: str = "verify", shard=None) -> EvaluationEffects:
+    """Retrain the base run and one counterfactual per row of ``weight_scales`` ``(M, N)`` in one batched
+    retraining and return the exact change of each evaluation row's cross-entropy (eval mode, float64, on the host).
+
+    ``shard`` (several processes): each retrains its block of the ``M`` rows with a base run of its own, and every
+    process gets all ``M`` effects (gathered; only ``(M, E)`` numbers travel)."""
+    from ..engine.sharding import ShardContext
+
+    shard = shard or ShardContext.single()
+    lo, hi = shard.items_of(len(weight_scales))
+    part = None
+    if hi > lo:
+        retraining = BatchedRetraining(run, train_dataset, collate_fn, device, memory_budget, model)
+        batches = evaluation_batches(retraining.model, eval_dataset, eval_collate_fn, device=device)
+        valid = torch.cat([labels.cpu() >= 0 for _, labels in batches]).double()
+        if not valid.any():
+            raise AccInfError("Every evaluation row is ignored (label -100): the evaluation loss is undefined.")
+        result = retraining.retrain(weight_scales[lo:hi], lambda parameters: retraining.losses(parameters, batches),
+                                    with_base=True, progress=progress and shard.is_main, description=description)
+        part = EvaluationEffects(result.effect().double().cpu(), valid, result.base[0].double().cpu(),
+                                 result.replay_error, result.loss_error, result.models_per_chunk, result.seconds)
+    if shard.world_size == 1:
+        return part
+    found = [found for found in shard.all_gather_object(part) if found is not None]
+    first = found[0]
+    return EvaluationEffects(torch.cat([found.effects for found in found]), first.valid, first.base_losses,
+                             first.replay_error, first.loss_error, first.models_per_chunk,
+                             max(found.seconds for found in found))
+
+
+def check_rows(rows, length: int) -> torch.Tensor:
+    """``rows`` as distinct training row indices in ``[0, length)`` (refused otherwise)."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if rows.dim() != 1 or len(rows) == 0 or len(rows.unique()) != len(rows) or not (0 <= rows).all() \
+            or not (rows < length).all():
+        raise AccInfError(f"rows must be distinct training row indices in [0, {length}), got {rows.tolist()}.")
+    return rows
+
+
+def leave_one_out_scales(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """``(2K, N)``: each of ``rows`` at weight 0, then each at weight 0.5."""
+    count = len(rows)
+    scales = torch.ones(2 * count, length, dtype=torch.float64)
+    scales[torch.arange(count), rows] = 0.0
+    scales[torch.arange(count, 2 * count), rows] = 0.5
+    return scales
+
+
 def leave_one_out_effects(run: RunReader, train_dataset, collate_fn: Callable | None, eval_dataset, rows,
                           eval_collate_fn: Callable | None = None, device: str = "cpu", memory_budget: int = 2**30,
                           progress: bool = True, model=None) -> LeaveOneOutEffects:
     """Retrain the base run and each of ``rows`` at weight 0 and at weight 0.5 in one batched retraining and
     return the exact changes of the mean evaluation cross-entropy (eval mode, float64), each against the base
     run retrained in the same chunk."""
-    rows = torch.as_tensor(rows, dtype=torch.long)
-    length = len(train_dataset)
-    if rows.dim() != 1 or len(rows) == 0 or len(rows.unique()) != len(rows) or not (0 <= rows).all() \
-            or not (rows < length).all():
-        raise AccInfError(f"rows must be distinct training row indices in [0, {length}), got {rows.tolist()}.")
-    retraining = BatchedRetraining(run, train_dataset, collate_fn, device, memory_budget, model)
-    batches = evaluation_batches(retraining.model, eval_dataset, eval_collate_fn, device=device)
-    valid = torch.cat([labels.cpu() >= 0 for _, labels in batches]).double()
-    if not valid.any():
-        raise AccInfError("Every evaluation row is ignored (label -100): the evaluation loss is undefined.")
+    rows = check_rows(rows, len(train_dataset))
+    found = evaluation_effects(run, train_dataset, collate_fn, eval_dataset, leave_one_out_scales(rows, len(train_dataset)),
+                               eval_collate_fn, device, memory_budget, progress, model)
+    return found_leave_one_out(rows, found)
 
-    def mean_loss(parameters) -> torch.Tensor:
-        losses = retraining.losses(parameters, batches)
-        return losses @ valid.to(losses.device) / valid.sum()
 
+def found_leave_one_out(rows: torch.Tensor, found: EvaluationEffects, offset: int = 0) -> LeaveOneOutEffects:
+    """The leave-one-out part of ``found``: rows ``offset + [0, 2K)`` of its effects (:func:`leave_one_out_scales`)."""
     count = len(rows)
-    scales = torch.ones(2 * count, retraining.length, dtype=torch.float64)
-    scales[torch.arange(count), rows] = 0.0
-    scales[torch.arange(count, 2 * count), rows] = 0.5
-    result = retraining.retrain(scales, mean_loss, with_base=True, progress=progress, description="verify")
-    effect = result.effect()
-    return LeaveOneOutEffects(rows, effect[:count], effect[count:], float(result.base[0]), result.replay_error,
-                              result.loss_error, result.models_per_chunk)
+    effect = found.mean(found.effects[offset:offset + 2 * count])
+    return LeaveOneOutEffects(rows, effect[:count], effect[count:], float(found.mean(found.base_losses)),
+                              found.replay_error, found.loss_error, found.models_per_chunk)
 
 
 def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_dataset, scores, k: int, seed: int = 0,
@@ -116,25 +175,35 @@ def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_data
     shard = shard or ShardContext.single()
     length = len(train_dataset)
     if shard.is_main:
-        scores = torch.as_tensor(np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores),
-                                 dtype=torch.float64)
-        if scores.shape != (length,):
-            raise AccInfError(f"scores must hold one value per training row ({length}), got shape "
-                              f"{tuple(scores.shape)}.")
+        scores = check_scores(scores, length)
+    started = time.perf_counter()
+    rows = verify_rows(length, k, seed)
+    found = evaluation_effects(run, train_dataset, collate_fn, eval_dataset, leave_one_out_scales(rows, length),
+                               eval_collate_fn, device, memory_budget, progress, model, shard=shard)
+    if not shard.is_main:
+        return None
+    return verify_report(scores, found_leave_one_out(rows, found), seed, time.perf_counter() - started)
+
+
+def check_scores(scores, length: int) -> torch.Tensor:
+    """``scores`` as a float64 ``(N,)`` tensor on the CPU (refused otherwise)."""
+    scores = torch.as_tensor(np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores),
+                             dtype=torch.float64)
+    if scores.shape != (length,):
+        raise AccInfError(f"scores must hold one value per training row ({length}), got shape {tuple(scores.shape)}.")
+    return scores
+
+
+def verify_rows(length: int, k: int, seed: int) -> torch.Tensor:
+    """The ``k`` random rows ``--verify`` retrains (seeded), sorted."""
     if not 2 <= k <= length:
         raise AccInfError(f"verify needs 2 <= k <= {length} rows, got k={k}.")
-    started = time.perf_counter()
-    rows = torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-    lo, hi = shard.items_of(k)
-    effects = leave_one_out_effects(run, train_dataset, collate_fn, eval_dataset, rows[lo:hi], eval_collate_fn,
-                                    device, memory_budget, progress and shard.is_main, model) if hi > lo else None
-    if shard.world_size > 1:
-        parts = [part for part in shard.all_gather_object(effects) if part is not None]
-        if not shard.is_main:
-            return None
-        effects = LeaveOneOutEffects(rows, torch.cat([part.zero for part in parts]),
-                                     torch.cat([part.half for part in parts]), parts[0].base_loss,
-                                     parts[0].replay_error, parts[0].loss_error, parts[0].models_per_chunk)
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def verify_report(scores: torch.Tensor, effects: LeaveOneOutEffects, seed: int, seconds: float) -> dict[str, Any]:
+    """:func:`verify`'s result from the scores and the exact effects of its rows."""
+    rows, k = effects.rows, len(effects.rows)
     estimate, zero, half = scores[rows].numpy(), effects.zero.numpy(), effects.half.numpy()
     return {
         "k": k,
@@ -154,7 +223,7 @@ def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_data
         "replay_error": effects.replay_error,
         "replay_loss_error": effects.loss_error,
         "models_per_chunk": effects.models_per_chunk,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
 
 

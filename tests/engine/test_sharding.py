@@ -145,6 +145,10 @@ def test_two_processes_give_the_single_process_result_for_every_form_and_method(
                 assert summary["verify"]["rows"] == reference["verify"]["rows"]
                 for key in ("truth", "truth_half", "estimate"):
                     _close(torch.tensor(summary["verify"][key]), torch.tensor(reference["verify"][key]))
+            if reference.get("lds"):  # LDS by replay: the subsets' counterfactuals split over the processes
+                for ours_fraction, theirs_fraction in zip(summary["lds"]["fractions"], reference["lds"]["fractions"]):
+                    for key in ("predicted", "measured", "measured_half", "predicted_per_query"):
+                        _close(torch.tensor(ours_fraction[key]), torch.tensor(theirs_fraction[key]))
             if reference["trust"]:  # the power iteration, its probes' products split by rows (the head here)
                 assert summary["trust"]["growth"] == pytest.approx(reference["trust"]["growth"], rel=1e-6)
                 assert summary["trust"]["embedding_ratio"] == pytest.approx(reference["trust"]["embedding_ratio"])

@@ -78,9 +78,12 @@ def test_the_adjoint_form_and_verify_are_refused_before_any_work(runs, tmp_path)
                num_partitions=2, partition=1)
     with pytest.raises(AccInfError, match="adjoint form cannot be split"):  # auto picks the adjoint here
         _score(run_dirs["sgd"], tmp_path / "adjoint", train, held_out, method="sgd-ie", num_partitions=2)
-    with pytest.raises(AccInfError, match="--verify needs every row"):
+    with pytest.raises(AccInfError, match="--verify and --verify_subsets need every row"):
         _score(run_dirs["sgd"], tmp_path / "verify", train, held_out, method="sgd-ie", form="forward", verify=4,
                num_partitions=2)
+    with pytest.raises(AccInfError, match="--verify and --verify_subsets need every row"):
+        _score(run_dirs["sgd"], tmp_path / "verify", train, held_out, method="sgd-ie", form="forward",
+               verify_subsets=3, verify_fraction=[0.1], num_partitions=2)
     assert not (tmp_path / "adjoint").exists() and not (tmp_path / "verify").exists()
     with pytest.raises(ValueError, match="partition must lie in"):
         ScoreArguments(num_partitions=2, partition=2)

@@ -29,7 +29,9 @@ TRAIN_ROWS, EVAL_ROWS = 24, 12
 # score_run cases on the recorded AdamW run: name -> arguments (float64, no trust figure, unless they say otherwise)
 SCORE_CASES = {
     "acc-adam-ie-forward-verify": dict(method="acc-adam-ie", form="forward", modules=["head"], verify=4, trust="power",
-                                       trust_probes=2),
+                                       trust_probes=2, verify_subsets=3, verify_fraction=[0.25], verify_queries=2),
+    "adam-ie-adjoint-lds": dict(method="adam-ie", form="adjoint", modules=["head"], verify_subsets=3,
+                                verify_fraction=[0.25], verify_queries=2),
     "adam-ie-forward": dict(method="adam-ie", form="forward", modules=["head"], removal="first-order"),
     "dvemb-forward-all": dict(method="dvemb", form="forward", modules=["all"], projection_dim=6),
     "tracin": dict(method="tracin", modules=["head"]),
