@@ -22,6 +22,7 @@ import torch
 from ..config import ScoreArguments
 from ..engine import InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores
+from ..engine.sketch import reference_check_for
 from ..engine.policies import CorrectionPolicy
 from ..engine.trust import trust_check
 from ..options import BACKWARD_PASS, DIRECT_SCORER, FormName
@@ -60,7 +61,8 @@ def _power_iteration(run: FormInputs, embeddings: torch.Tensor | None) -> dict |
     args = run.args
     if args.trust_probes <= 0:
         return None
-    return trust_check(run.method, run.problem, embeddings, args.trust_probes, args.trust_iterations,
+    rule = getattr(run.method, "exact", run.method)  # a sketch's growth is its exact method's
+    return trust_check(rule, run.problem, embeddings, args.trust_probes, args.trust_iterations,
                        progress=run.progress).to_dict()
 
 
@@ -119,5 +121,13 @@ FORMS: dict[str, type] = {form.name: form for form in (DirectForm, AdjointForm, 
 
 
 def form_runner(name: FormName) -> Callable[[FormInputs], FormOutput | None]:
-    """The ``run`` of the form the plan chose."""
-    return FORMS[name].run
+    """The ``run`` of the form the plan chose, then the reference check of projected methods (trust.reference)."""
+    return lambda run: _with_reference_check(run, FORMS[name].run(run))
+
+
+def _with_reference_check(run: FormInputs, output: FormOutput | None) -> FormOutput | None:
+    check = output and reference_check_for(run.method, run.problem, run.args, lambda: run.objective_grad(run.final),
+                                           output.scores, run.progress)
+    if check:
+        output.trust = {**(output.trust or {}), "reference": check}
+    return output

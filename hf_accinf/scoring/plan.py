@@ -87,7 +87,7 @@ def _is_head(run: RunReader, model: nn.Module, modules: list[str] | None) -> boo
 def _state_bytes(method: str, parameters: int, rows: int, args: ScoreArguments, itemsize: int) -> int:
     """Bytes of the forward form's per-row states: ``N x S`` (``S = 3P`` for Adam, ``2P`` with a buffer, ``k``
     for the projected methods)."""
-    if method in ("dvemb", "acc-dvemb"):
+    if get_method(method).projected:
         width = args.projection_dim or parameters
     else:
         width = parameters * (3 if "adam" in method else 2)
@@ -147,6 +147,8 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_
             raise AccInfError(f"{method} scores one objective directly: its scores are linear; score_kind "
                               f"'{args.score_kind}' needs a method with embeddings.")
         form, reasons["form"] = "direct", "the method scores one objective directly"
+    elif spec.tracks and args.form == "auto":
+        form, reasons["form"] = "forward", "a sketch's product is its k-dimensional embeddings (forward form)"
     else:
         form, why = choose_form(args.form, spec.accumulative, args.score_kind, policy)
         reasons["form"] = why
