@@ -65,7 +65,7 @@ def _check_classical(rule: UpdateRule, projection) -> None:
         raise AccInfError(f"The projection maps {projection.input_dim} parameters; the scope has {rule.param_dim}.")
 
 
-def sketched_injections(rule: UpdateRule, problem, projection, chunk: int | None = None, progress: bool = True
+def sketched_injections(rule: UpdateRule, problem, projection, chunk: int | None = None, progress: bool | None = True
                         ) -> Iterator[tuple[int, StepOccurrences, torch.Tensor]]:
     """``(step, occurrences, U_{t+1} inj)`` for ``t = T-1, ..., 0``: every occurring row's injection under the
     classical ``rule`` seen through the sketch pulled back to after the step, ``(m, k)``; the ``k`` adjoint vectors
@@ -78,7 +78,7 @@ def sketched_injections(rule: UpdateRule, problem, projection, chunk: int | None
     adjoints = [torch.stack([rule.final_objective_state(row) for row in matrix[start:start + chunk]])
                 for start in range(0, len(matrix), chunk)]
     for step in tqdm(reversed(range(trajectory.num_steps)), total=trajectory.num_steps, desc="sketched adjoint",
-                     disable=not progress, leave=False):
+                     disable=None if progress is None else not progress, leave=False):
         ops = rule.at_step(step)
         occurrences = plan.steps[step]
         if len(occurrences.samples):
@@ -123,12 +123,13 @@ class SketchRule(UpdateRule):
 
     The backward pass runs on the first :meth:`at_step` and keeps ``k`` numbers per recorded batch row; the
     ``k x S`` adjoint block is carried in chunks of at most a quarter of ``memory_budget_gb``. Refused before any
-    work when the cached injections exceed half of it."""
+    work when the cached injections exceed half of it. ``progress``: the backward pass's bar (``None``: on a
+    terminal only)."""
 
     parameter_space = False
 
     def __init__(self, exact: UpdateRule, problem, projection_dim: int = 512, projection_seed: int = 0,
-                 memory_budget_gb: float = 4.0, progress: bool = True):
+                 memory_budget_gb: float = 4.0, progress: bool | None = None):
         if not getattr(exact, "parameter_space", True):
             raise AccInfError("A sketch tracks a classical parameter-space method (adam-ie, sgd-ie).")
         curvature = problem.curvature

@@ -147,7 +147,10 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module, replay_
             raise AccInfError(f"{method} scores one objective directly: its scores are linear; score_kind "
                               f"'{args.score_kind}' needs a method with embeddings.")
         form, reasons["form"] = "direct", "the method scores one objective directly"
-    elif spec.tracks and args.form == "auto":
+    elif spec.tracks:
+        if args.form == "adjoint":
+            raise AccInfError(f"{method}'s product is its k-dimensional embeddings (--form forward or auto); for one "
+                              f"objective's scores {spec.tracks} --form adjoint is exact and k times cheaper.")
         form, reasons["form"] = "forward", "a sketch's product is its k-dimensional embeddings (forward form)"
     else:
         form, why = choose_form(args.form, spec.accumulative, args.score_kind, policy)

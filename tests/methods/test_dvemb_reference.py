@@ -67,6 +67,13 @@ def test_the_sketch_below_p_is_a_random_projection_of_the_exact_embeddings(adamw
     assert check["kendall_tau"] == pytest.approx(stats.kendalltau(result.scores, exact_scores).statistic, abs=1e-12)
 
 
+def test_the_sketch_refuses_the_adjoint_form_before_any_work(adamw_run, tmp_path):
+    from hf_accinf import AccInfError
+
+    with pytest.raises(AccInfError, match="adam-ie --form adjoint is exact"):
+        _score(adamw_run, tmp_path / "adjoint", method="adam-ie-sketch", form="adjoint")
+
+
 def test_the_cli_warns_of_deep_dvemb_and_prints_its_reference_check(adamw_run, tmp_path, caplog, capsys):
     """``hf-accinf score --method dvemb --modules all``: the plan's deep-scope WARNING (methods.dvemb.deep_scope_warning)
     is logged, and the reference check is printed and saved; ``--reference_check off`` skips it."""
