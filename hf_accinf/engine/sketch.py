@@ -124,18 +124,20 @@ class SketchRule(UpdateRule):
     The backward pass runs on the first :meth:`at_step` and keeps ``k`` numbers per recorded batch row; the
     ``k x S`` adjoint block is carried in chunks of at most a quarter of ``memory_budget_gb``. Refused before any
     work when the cached injections exceed half of it. ``progress``: the backward pass's bar (``None``: on a
-    terminal only)."""
+    terminal only). ``projection``: another ``(k, P)`` map than the seeded Gaussian one (Python only; e.g. a
+    :class:`~hf_accinf.methods.projection.BasisProjection` onto the training gradients' leading singular subspace,
+    rung g of docs/FIDELITY.md: biased for objectives outside it, not rebuilt from a seed by ``attribution_matrix``)."""
 
     parameter_space = False
 
     def __init__(self, exact: UpdateRule, problem, projection_dim: int = 512, projection_seed: int = 0,
-                 memory_budget_gb: float = 4.0, progress: bool | None = None):
+                 memory_budget_gb: float = 4.0, progress: bool | None = None, projection=None):
         if not getattr(exact, "parameter_space", True):
             raise AccInfError("A sketch tracks a classical parameter-space method (adam-ie, sgd-ie).")
         curvature = problem.curvature
         self.exact, self.problem, self.progress = exact, problem, progress
-        self.projection = GradientProjection(exact.param_dim, projection_dim, projection_seed, curvature.dtype,
-                                             curvature.device, memory_gb=memory_budget_gb / 4)
+        self.projection = projection or GradientProjection(exact.param_dim, projection_dim, projection_seed,
+                                                           curvature.dtype, curvature.device, memory_gb=memory_budget_gb / 4)
         self.param_dim = self.state_dim = self.projection.dim
         itemsize = torch.finfo(curvature.dtype).bits / 8
         rows = int(problem.trajectory.row_offsets[-1])

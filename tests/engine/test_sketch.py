@@ -126,3 +126,17 @@ def test_sketched_scores_are_unbiased_with_the_gaussian_variance():
         assert bool(((samples.mean(0) - exact).abs() <= 4 * (variance / seeds).sqrt()).all())
         ratio = samples.var(0) / variance
         assert bool(((ratio > 0.6) & (ratio < 1.6)).all()), ratio
+
+
+def test_the_sketch_method_takes_a_given_basis():
+    """With a basis ``Q`` (orthonormal rows), the method's states end at ``Q Delta^j_T``."""
+    from hf_accinf.engine.sketch import SketchRule
+
+    problem = _problem("adamw")
+    exact = build_method(problem, "adam-ie")
+    forward = estimate_influence(problem, exact, progress=False).embeddings
+    basis = torch.linalg.qr(torch.randn(exact.param_dim, 3, dtype=torch.float64,
+                                        generator=torch.Generator().manual_seed(5))).Q.T
+    rule = SketchRule(exact, problem, projection=BasisProjection(basis))
+    result = estimate_influence(problem, rule, progress=False).embeddings
+    torch.testing.assert_close(result, forward @ basis.T, rtol=1e-9, atol=1e-12 * float(forward.abs().max()))

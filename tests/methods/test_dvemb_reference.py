@@ -17,8 +17,8 @@ from tests.scoring.test_numerics import EVAL, TRAIN, adamw_run  # noqa: F401 (a 
 
 
 def _score(run_dir, out, **options):
-    options = {"modules": ["all"], **options}
-    args = ScoreArguments(run_dir=str(run_dir), output_dir=str(out), trust_probes=0, dtype="float64", **options)
+    options = {"modules": ["all"], "trust_probes": 0, **options}
+    args = ScoreArguments(run_dir=str(run_dir), output_dir=str(out), dtype="float64", **options)
     return score_run(args, digits_dataset(**TRAIN), digits_dataset(**EVAL), progress=False)
 
 
@@ -65,6 +65,16 @@ def test_the_sketch_below_p_is_a_random_projection_of_the_exact_embeddings(adamw
     assert result.summary.projection["dim"] == 32 and not result.summary.projection["identity"]
     check = result.trust["reference"]
     assert check["kendall_tau"] == pytest.approx(stats.kendalltau(result.scores, exact_scores).statistic, abs=1e-12)
+
+
+def test_the_sketch_reports_the_tangent_growth_of_the_method_it_tracks(adamw_run, tmp_path):
+    """The sketch's own transition is the identity: its trust figure is the exact method's power iteration."""
+    exact = _score(adamw_run, tmp_path / "exact", method="adam-ie", form="forward", modules=["classifier"],
+                   trust_probes=2).trust
+    sketch = _score(adamw_run, tmp_path / "sketch", method="adam-ie-sketch", projection_dim=4, modules=["classifier"],
+                    trust_probes=2).trust
+    assert sketch["growth"] == pytest.approx(exact["growth"], rel=1e-9) and exact["growth"] != pytest.approx(1.0)
+    assert sketch["epoch_growth"] == pytest.approx(exact["epoch_growth"], rel=1e-9)
 
 
 def test_the_sketch_refuses_the_adjoint_form_before_any_work(adamw_run, tmp_path):
