@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .options import (CORRECTION_CHOICES, DTYPES, FORM_CHOICES, REMOVALS, SCHEDULE_CHOICES, SCORE_KINDS,
-                      TRUST_CHOICES, REFERENCE_CHECKS, check_choice)
+                      TRUST_CHOICES, REFERENCE_CHECKS, SKETCH_BASES, check_choice)
 
 def resolve_dtype(dtype: str, deep_scope: bool) -> torch.dtype:
     """The propagation dtype of ``ScoreArguments.dtype``: ``auto`` is float32 for a scope outside the head (the
@@ -71,6 +71,12 @@ class ScoreArguments:
         "help": "dvemb/acc-dvemb/*-sketch: dimension k of the random projection (of per-row gradients; of the exact "
                 "embeddings for *-sketch) (0: none, k = P). Memory per row is k numbers whatever the scope."})
     projection_seed: int = field(default=0, metadata={"help": "dvemb/acc-dvemb/*-sketch: seed of the Gaussian projection."})
+    sketch_basis: str = field(default="random", metadata={
+        "help": "*-sketch: the k-dimensional space. random: a seeded Gaussian R (scores unbiased, error ~ 1/sqrt(k); "
+                "whole-model rankings need k far beyond 256); gradients: the leading singular subspace of the "
+                "training rows' gradients over the last epoch (two more passes over it; exact for objectives in it, "
+                "measured within 0.03 Kendall tau of the exact adjoint at k = 256 whole-model: docs/FIDELITY.md). "
+                "The gradients basis is not rebuilt by attribution_matrix."})
     reference_check: str = field(default="auto", metadata={
         "help": "auto or off. auto: the scores of a projected method (dvemb, acc-dvemb, *-sketch) are compared with the "
                 "exact classical adjoint's (adam-ie / sgd-ie, one more backward pass) on every row; Kendall tau and "
@@ -134,7 +140,7 @@ class ScoreArguments:
     def __post_init__(self) -> None:
         for name, allowed in (("removal", REMOVALS), ("correction", CORRECTION_CHOICES), ("schedule", SCHEDULE_CHOICES),
                               ("score_kind", SCORE_KINDS), ("dtype", DTYPES), ("trust", TRUST_CHOICES),
-                              ("reference_check", REFERENCE_CHECKS),
+                              ("reference_check", REFERENCE_CHECKS), ("sketch_basis", SKETCH_BASES),
                               ("form", FORM_CHOICES)):
             check_choice(name, getattr(self, name), allowed)
         if self.projection_dim < 0:

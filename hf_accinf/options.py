@@ -18,6 +18,7 @@ CorrectionChoice = Literal["all", "random", "stage"]  # what a user may ask for 
 CorrectionKind = Literal["none", "all", "random", "stage"]  # "none": the classical estimators
 DtypeChoice = Literal["auto", "float32", "float64"]
 TrustChoice = Literal["auto", "power"]
+SketchBasis = Literal["random", "gradients"]  # the k-dimensional space of the *-sketch methods (engine.sketch)
 ReferenceCheckChoice = Literal["auto", "off"]  # projected methods' scores against the exact adjoint (engine.sketch)
 
 FORM_CHOICES: tuple[str, ...] = get_args(FormChoice)
@@ -29,6 +30,7 @@ CORRECTION_CHOICES: tuple[str, ...] = get_args(CorrectionChoice)
 CORRECTION_KINDS: tuple[str, ...] = get_args(CorrectionKind)
 DTYPES: tuple[str, ...] = get_args(DtypeChoice)
 TRUST_CHOICES: tuple[str, ...] = get_args(TrustChoice)
+SKETCH_BASES: tuple[str, ...] = get_args(SketchBasis)
 REFERENCE_CHECKS: tuple[str, ...] = get_args(ReferenceCheckChoice)
 
 BACKWARD_PASS: ScheduleRun = "backward"  # the adjoint form: one shared adjoint carried backward over the run

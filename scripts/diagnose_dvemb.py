@@ -19,8 +19,9 @@ enough to learn, this script
    * exact Adam-IE embeddings projected, ``R Delta^j_T`` by one ``k``-vector adjoint pass
      (:mod:`hf_accinf.engine.sketch`): a random ``R`` (``--sketch_dim``, rung f) and the leading singular
      subspace of the training rows' final gradients (``--subspace_dim``, rung g);
-   * the fix, ``adam-ie-sketch`` from ``score_run`` (rung s): exact Adam-IE tracked in a random ``k``-dimensional
-     sketch, its embeddings written as a forward form's, at each ``--method_dim``;
+   * the fix, ``adam-ie-sketch`` from ``score_run``: exact Adam-IE tracked in a random ``k``-dimensional sketch
+     (rung s, each ``--method_dim``) and in the leading subspace of the last epoch's training gradients (rung sg,
+     ``--sketch_basis gradients``, each ``--basis_dim``), its embeddings written as a forward form's;
    * TracIn;
 
 3. prints one table per case: Kendall tau and Pearson r against truth(0), Kendall tau against rung a on all rows,
@@ -155,13 +156,15 @@ def kept_numbers(key: str, dim: int, parameters: int, rows: int, recorded_rows: 
     """What an estimator keeps beyond the model, per training row and in all (numbers): the exact adjoint one
     ``3P`` adjoint (Adam); DVEmb ``k`` per row and two ``k``-vectors per recorded batch row (its factors); the sketch
     ``k`` per row, ``k`` per recorded batch row (the cached injections) and the ``k x 3P`` adjoint block (its own
-    count: carried in chunks under the memory budget); Adam-IE's forward form ``3P`` per row."""
+    count: carried in chunks under the memory budget), with the gradients basis also the range finder's ``2k x P``."""
     if key in ("a", "a1"):
         return "-", 3 * parameters
     if key in ("d2", "e"):
         return str(dim), dim * rows + 2 * dim * recorded_rows
     if key == "s":
         return str(dim), dim * rows + dim * recorded_rows + dim * 3 * parameters
+    if key == "sg":  # and the range finder's 2k x P
+        return str(dim), dim * rows + dim * recorded_rows + dim * 3 * parameters + 2 * dim * parameters
     return "", 0
 
 
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
                              "final gradients")
     parser.add_argument("--method_dim", type=int, nargs="*", default=[64, 256],
                         help="k of the fix, the adam-ie-sketch method run by score_run (rung s)")
+    parser.add_argument("--basis_dim", type=int, nargs="*", default=[64, 256],
+                        help="k of adam-ie-sketch with --sketch_basis gradients (rung sg)")
     parser.add_argument("--rungs", default="all", help="comma-separated rung keys to run (default all)")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
           f"--truth_rows {options.truth_rows} --projection_dim {' '.join(map(str, options.projection_dim))} "
           f"--sketch_dim {' '.join(map(str, options.sketch_dim))} "
           f"--subspace_dim {' '.join(map(str, options.subspace_dim))} "
-          f"--method_dim {' '.join(map(str, options.method_dim))} --rungs {options.rungs}", flush=True)
+          f"--method_dim {' '.join(map(str, options.method_dim))} --basis_dim {' '.join(map(str, options.basis_dim))} "
+          f"--rungs {options.rungs}", flush=True)
     for key in options.cases.split(","):
         builder, lr, rows, epochs = CASES[key]
         rows, epochs = options.rows or rows, options.epochs or epochs
@@ -306,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
                 report("s", f"the fix: adam-ie-sketch, k = {dim} (score_run, forward form)",
                        lambda dim=dim: scored("adam-ie-sketch", form="auto", projection_dim=dim, reference_check=(
                            "auto" if dim == options.method_dim[0] else "off")), dim)
+            for dim in options.basis_dim:
+                report("sg", f"the fix: adam-ie-sketch --sketch_basis gradients, k = {dim} (score_run)",
+                       lambda dim=dim: scored("adam-ie-sketch", form="auto", projection_dim=dim, sketch_basis="gradients",
+                                              reference_check="auto" if dim == options.basis_dim[0] else "off"), dim)
             report("t", "TracIn", lambda: scored("tracin", form="auto"))
             print(f"\npeak resident memory of this process so far: "
                   f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)

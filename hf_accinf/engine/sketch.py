@@ -99,6 +99,51 @@ def sketched_embeddings(rule: UpdateRule, problem, projection, chunk: int | None
     return embeddings
 
 
+class GradientSubspace:
+    """``Q`` (k, P): orthonormal rows spanning the leading right singular subspace of the training rows' gradients
+    over the run's last epoch (each at its step's ``theta_t``), where in-distribution objectives' gradients lie
+    (rung g of docs/FIDELITY.md, "DVEmb at deep scopes"), found by a randomized range finder in two passes over
+    that epoch's batches (Halko, Martinsson and Tropp 2011, algorithm 4.1 with ``2k`` columns, then the ``k``
+    leading directions of the rows in that range): ``2k P`` numbers, no ``N x P`` matrix. The interface of
+    :class:`~hf_accinf.methods.projection.GradientProjection`; built on first use. Scores ``(Q Delta^j) . (Q g)``
+    are exact for objectives in the span and lose the part of ``g`` outside it (not unbiased)."""
+
+    identity = False
+
+    def __init__(self, problem, dim: int, seed: int = 0):
+        curvature, trajectory = problem.curvature, problem.trajectory
+        self.problem, self.seed = problem, seed
+        last = trajectory.epoch == trajectory.epoch[-1]
+        self.steps = last.nonzero().flatten().tolist()
+        rows = sum(len(trajectory.batch(step)) for step in self.steps)
+        self.input_dim, self.dtype, self.device = curvature.dim, curvature.dtype, curvature.device
+        self.dim = min(dim, curvature.dim, rows)
+        self._basis: torch.Tensor | None = None
+
+    def _gradients(self) -> Iterator[torch.Tensor]:
+        curvature = self.problem.curvature
+        for step in self.steps:
+            batch = curvature.at_step(step)
+            yield batch.row_grads(torch.arange(len(batch.row_weight), device=batch.row_weight.device))
+
+    def matrix(self) -> torch.Tensor:
+        if self._basis is None:
+            width = min(2 * self.dim, self.input_dim)
+            generator = torch.Generator().manual_seed(self.seed)
+            sketch = torch.zeros(self.input_dim, width, dtype=self.dtype, device=self.device)
+            for gradients in self._gradients():
+                mixing = torch.randn(len(gradients), width, generator=generator, dtype=torch.float64)
+                sketch += gradients.T @ mixing.to(gradients.device, gradients.dtype)
+            range_basis = torch.linalg.qr(sketch).Q  # (P, width)
+            rows = torch.cat([gradients @ range_basis for gradients in self._gradients()])  # (rows, width)
+            leading = torch.linalg.svd(rows, full_matrices=False).Vh[: self.dim]  # (k, width)
+            self._basis = leading @ range_basis.T
+        return self._basis
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors @ self.matrix().to(vectors.dtype).T
+
+
 class SketchStep(StepOps):
     """One step of :class:`SketchRule`: the identity, and at an occurrence the row's cached ``U_{t+1} inj``."""
 

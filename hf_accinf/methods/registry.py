@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from ..errors import AccInfError
 from ..optimizers import MODELLED_HF_OPTIMS, MODELLED_OPTIMIZERS
+from ..options import SKETCH_BASES, check_choice
 from .removal import check_removal
 
 
@@ -32,6 +33,8 @@ class MethodOptions:
     projection_seed: int = field(default=0, metadata={"help": "DVEmb family and sketches: seed of the Gaussian "
                                                                "projection."})
     memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory a method may keep (projection, caches)."})
+    sketch_basis: str = field(default="random", metadata={"help": "*-sketch methods: random (a Gaussian R, unbiased) "
+                                                                   "or gradients (the training gradients' leading subspace)."})
 
     @classmethod
     def of(cls, args: Any = None, **overrides) -> "MethodOptions":
@@ -74,10 +77,15 @@ def _dvemb(problem, options: MethodOptions):
 
 def _sketch(exact: str):
     def build(problem, options: MethodOptions):
-        from ..engine.sketch import SketchRule  # the sketch runs the engine's adjoint pass
+        from ..engine.sketch import GradientSubspace, SketchRule  # the sketch runs the engine's adjoint pass
 
+        check_choice("sketch basis", options.sketch_basis, SKETCH_BASES, AccInfError)
         rule = build_method(problem, exact, options)
-        return SketchRule(rule, problem, options.projection_dim, options.projection_seed, options.memory_budget_gb)
+        subspace = options.sketch_basis == "gradients" and options.projection_dim and \
+            options.projection_dim < problem.curvature.dim
+        basis = GradientSubspace(problem, options.projection_dim, options.projection_seed) if subspace else None
+        return SketchRule(rule, problem, options.projection_dim, options.projection_seed, options.memory_budget_gb,
+                          projection=basis)
 
     return build
 

@@ -140,3 +140,32 @@ def test_the_sketch_method_takes_a_given_basis():
     rule = SketchRule(exact, problem, projection=BasisProjection(basis))
     result = estimate_influence(problem, rule, progress=False).embeddings
     torch.testing.assert_close(result, forward @ basis.T, rtol=1e-9, atol=1e-12 * float(forward.abs().max()))
+
+
+def test_the_gradient_subspace_is_exact_for_objectives_in_the_span_of_the_last_epoch_gradients():
+    """sketch_basis gradients: Q has orthonormal rows inside the span of the last epoch's row gradients; with k at
+    least that span's rank (11 rows < P = 23 here) an objective made of those gradients is scored exactly, and an
+    objective orthogonal to them scores 0."""
+    from hf_accinf.engine.sketch import GradientSubspace
+
+    problem = _problem("adamw")
+    exact = build_method(problem, "adam-ie")
+    forward = estimate_influence(problem, exact, progress=False).embeddings
+    subspace = GradientSubspace(problem, 16)
+    gradients = torch.cat(list(subspace._gradients()))
+    assert subspace.dim == min(16, len(gradients)) < exact.param_dim
+    basis = subspace.matrix()
+    torch.testing.assert_close(basis @ basis.T, torch.eye(subspace.dim, dtype=torch.float64), atol=1e-10, rtol=0)
+    span = torch.linalg.svd(gradients, full_matrices=False)
+    rank = int((span.S > 1e-10 * span.S[0]).sum())
+    inside = span.Vh[:rank]
+    torch.testing.assert_close(basis - (basis @ inside.T) @ inside, torch.zeros_like(basis), atol=1e-10, rtol=0)
+    rule = build_method(problem, "adam-ie-sketch", projection_dim=16, sketch_basis="gradients")
+    embeddings = estimate_influence(problem, rule, progress=False).embeddings
+    objective = gradients[:3].sum(0) - 2 * gradients[-1]
+    scale = float((forward @ objective).abs().max())
+    torch.testing.assert_close(embeddings @ rule.embed_gradient(objective), forward @ objective, rtol=1e-8,
+                               atol=1e-10 * scale)
+    outside = torch.randn(exact.param_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    outside = outside - (outside @ inside.T) @ inside
+    assert float((embeddings @ rule.embed_gradient(outside)).abs().max()) <= 1e-10 * float(forward.abs().max())

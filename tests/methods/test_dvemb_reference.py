@@ -77,6 +77,16 @@ def test_the_sketch_reports_the_tangent_growth_of_the_method_it_tracks(adamw_run
     assert sketch["epoch_growth"] == pytest.approx(exact["epoch_growth"], rel=1e-9)
 
 
+def test_the_gradients_basis_from_score_run(adamw_run, tmp_path):
+    """--sketch_basis gradients on the whole model: k numbers per row, the basis's fingerprint saved, and the
+    reference check against the exact adjoint; an unknown basis is refused when the arguments are built."""
+    result = _score(adamw_run, tmp_path / "basis", method="adam-ie-sketch", projection_dim=16, sketch_basis="gradients")
+    assert result.embeddings[artifacts.PROJECTED_NAME].shape == (48, 16) and result.summary.projection["dim"] == 16
+    assert -1.0 <= result.trust["reference"]["kendall_tau"] <= 1.0
+    with pytest.raises(ValueError, match="sketch_basis"):
+        ScoreArguments(sketch_basis="svd")
+
+
 def test_the_sketch_refuses_the_adjoint_form_before_any_work(adamw_run, tmp_path):
     from hf_accinf import AccInfError
 
