@@ -238,9 +238,10 @@ def reference_check(method, problem, objective_gradient: torch.Tensor, scores: t
              "seconds": time.perf_counter() - began}
     if check["low"]:
         logger.warning("%s's scores agree with the exact %s adjoint's at Kendall tau %.3f (Pearson r %.3f) over %d "
-                       "rows, below %.2f: do not act on them; score with %s (its adjoint form) instead "
-                       "(docs/FIDELITY.md, 'DVEmb at deep scopes').", name, reference.spec.name, tau, pearson,
-                       len(truth), REFERENCE_TAU, reference.spec.name)
+                       "rows, below %.2f: do not act on them; score with %s (its adjoint form) instead, or for "
+                       "embeddings with %s-sketch --sketch_basis gradients (docs/FIDELITY.md, 'DVEmb at deep scopes').",
+                       name, reference.spec.name, tau, pearson, len(truth), REFERENCE_TAU, reference.spec.name,
+                       reference.spec.name)
     else:
         logger.info("reference check: Kendall tau %.3f, Pearson r %.3f against the exact %s adjoint over %d rows",
                     tau, pearson, reference.spec.name, len(truth))
