@@ -61,9 +61,9 @@ class ScoreArguments:
         "help": "auto (the run's classical method with exact removal, adam-ie for Adam/AdamW and sgd-ie for SGD, "
                 "through the adjoint on the whole model; on the head, its accumulative twin acc-adam-ie / acc-sgd-ie), "
                 "sgd-ie, acc-sgd-ie, adam-ie, acc-adam-ie, dvemb, acc-dvemb (projected, any optimizer and scope; coarse "
-                "beyond the head), adam-ie-sketch / sgd-ie-sketch (the exact classical method tracked in a random "
-                "k-dimensional sketch: test-agnostic embeddings of k numbers per row for any scope, k adjoint passes' "
-                "cost) or tracin; the list is hf_accinf.methods.registry.METHODS."})
+                "beyond the head), adam-ie-sketch / sgd-ie-sketch (the exact classical method tracked in a "
+                "k-dimensional sketch, see --sketch_basis: test-agnostic embeddings of k numbers per row for any "
+                "scope, k adjoint passes' cost) or tracin; the list is hf_accinf.methods.registry.METHODS."})
     removal: str = field(default="exact", metadata={"help": "exact or first-order removal (DESIGN.md section 4)."})
     frozen_preconditioner: bool = field(
         default=False, metadata={"help": "Adam family ablation: hold Adam's v at its recorded value (Delta_v = 0)."})

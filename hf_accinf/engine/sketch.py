@@ -23,11 +23,11 @@ scopes"). Memory: the ``k x S`` adjoint block (``S = 3P`` for Adam; carried ``ch
 does not fit), ``k`` numbers per recorded occurrence and ``k`` per row. Classical methods only: ACC's per-row
 transitions have no shared adjoint.
 
-The subspace decides the projection's error. Measured whole-model on a BERT that learnt (docs/FIDELITY.md,
-"DVEmb at deep scopes"): a random Gaussian ``R`` agrees with the exact scores at Kendall tau 0.33 (k = 256) and
-0.69 (k = 1024); the leading right singular vectors of the training rows' final gradients
-(:class:`~hf_accinf.methods.projection.BasisProjection`) at 0.92 (k = 64) and 0.996 (k = 256), and on a ViT at
-0.79 and 0.974.
+The subspace decides the projection's error. Measured whole-model on a BERT and a ViT that learnt
+(docs/FIDELITY.md, "DVEmb at deep scopes"): a random Gaussian ``R`` (unbiased) agrees with the exact scores at
+Kendall tau 0.09-0.39 at k = 256 (0.69 at k = 1024 on the BERT); the leading right singular subspace of the
+training rows' gradients (:class:`GradientSubspace`, ``--sketch_basis gradients``) at 0.89-0.99 at k = 64 and
+0.978-0.994 at k = 256.
 
 :func:`reference_check`: the scores of a projected method (DVEmb, ACC-DVEmb, the sketches) against the exact
 classical adjoint's for the same objective (one backward pass of adam-ie / sgd-ie), as Kendall tau and Pearson r

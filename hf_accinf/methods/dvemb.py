@@ -82,8 +82,8 @@ def deep_scope_warning(method: str, deep: bool) -> str | None:
         return None
     return (f"{DVEMB_METHODS[method]} on a scope beyond the head is a coarse approximation: {DEEP_SCOPE_FIDELITY}. "
             "For scores to prune or clean by, use the exact adjoint (method adam-ie / sgd-ie, form adjoint); for "
-            "test-agnostic embeddings of k numbers per row, adam-ie-sketch / sgd-ie-sketch (the exact method in a "
-            "random sketch); keep DVEmb for the head. scores.json's trust.reference gives these scores' agreement "
+            "test-agnostic embeddings of k numbers per row, adam-ie-sketch / sgd-ie-sketch --sketch_basis gradients "
+            "(the exact method in the training gradients' leading subspace); keep DVEmb for the head. scores.json's trust.reference gives these scores' agreement "
             "with the exact adjoint's; --verify K checks them against retraining.")
 
 

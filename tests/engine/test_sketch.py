@@ -105,9 +105,10 @@ def test_the_sketch_refuses_a_cache_beyond_the_memory_budget():
 
 
 def test_sketched_scores_are_unbiased_with_the_gaussian_variance():
-    """Over sketch seeds, ``(R Delta^j) . (R g)`` (the seeds' R stacked into one adjoint pass) averages to the exact ``Delta^j . g``, and its variance is the
-    Gaussian sketch's ``(|Delta^j|^2 |g|^2 + (Delta^j . g)^2) / k`` (entries of R iid N(0, 1/k)): the error of one
-    sketch shrinks as 1/sqrt(k), that of the mean over n seeds as 1/sqrt(n k)."""
+    """Over sketch seeds, ``(R Delta^j) . (R g)`` (the seeds' R stacked into one adjoint pass) averages to the exact
+    ``Delta^j . g``, and its variance is the Gaussian sketch's ``(|Delta^j|^2 |g|^2 + (Delta^j . g)^2) / k`` (entries
+    of R iid N(0, 1/k)): the error of one sketch shrinks as 1/sqrt(k), that of the mean over n seeds as
+    1/sqrt(n k)."""
     problem = _problem("adamw")
     forward = estimate_influence(problem, build_method(problem, "adam-ie"), progress=False).embeddings
     objective = torch.randn(forward.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
