@@ -54,7 +54,7 @@ from ..methods.registry import build_method, reference_method
 logger = logging.getLogger(__name__)
 
 # Below this Kendall tau against the exact adjoint a projected method's scores are warned about: DVEmb on the head
-# reaches 0.84-0.99 there, whole-model DVEmb 0.01-0.27 (docs/FIDELITY.md, "DVEmb at deep scopes").
+# reaches 0.84 and more there, whole-model DVEmb 0.006-0.60 (docs/FIDELITY.md, "DVEmb at deep scopes").
 REFERENCE_TAU = 0.8
 
 
@@ -66,27 +66,33 @@ def _check_classical(rule: UpdateRule, projection) -> None:
 
 
 def sketched_injections(rule: UpdateRule, problem, projection, chunk: int | None = None, progress: bool | None = True
-                        ) -> Iterator[tuple[int, StepOccurrences, torch.Tensor]]:
-    """``(step, occurrences, U_{t+1} inj)`` for ``t = T-1, ..., 0``: every occurring row's injection under the
-    classical ``rule`` seen through the sketch pulled back to after the step, ``(m, k)``; the ``k`` adjoint vectors
-    propagated ``chunk`` at a time (default: all)."""
+                        ) -> Iterator[tuple[int, StepOccurrences, slice, torch.Tensor]]:
+    """``(step, occurrences, columns, U_{t+1} inj)``: every occurring row's injection under the classical ``rule``
+    seen through the sketch pulled back to after step ``t`` (``t = T-1, ..., 0``), ``(m, len(columns))``, for the
+    sketch's rows ``columns``: one backward pass per ``chunk`` of them (default: all in one pass), so that only
+    ``chunk x S`` adjoint numbers are held at once."""
     _check_classical(rule, projection)
     matrix = projection.matrix()
     chunk = chunk or len(matrix)
     trajectory = problem.trajectory
     plan = build_plan(trajectory, 0, problem.num_samples, matrix.device)
-    adjoints = [torch.stack([rule.final_objective_state(row) for row in matrix[start:start + chunk]])
-                for start in range(0, len(matrix), chunk)]
-    for step in tqdm(reversed(range(trajectory.num_steps)), total=trajectory.num_steps, desc="sketched adjoint",
-                     disable=None if progress is None else not progress, leave=False):
-        ops = rule.at_step(step)
-        occurrences = plan.steps[step]
-        if len(occurrences.samples):
-            count = len(occurrences.samples)
-            zero = torch.zeros(count, rule.state_dim, dtype=matrix.dtype, device=matrix.device)
-            injected = ops.occurrence(zero, occurrences.row_owner, occurrences.rows, zero[:, 0])
-            yield step, occurrences, torch.cat([injected @ adjoint.T for adjoint in adjoints], 1)
-        adjoints = [ops.apply_adjoint(adjoint) for adjoint in adjoints]
+    passes = range(0, len(matrix), chunk)
+    bar = tqdm(total=len(passes) * trajectory.num_steps, desc="sketched adjoint",
+               disable=None if progress is None else not progress, leave=False)
+    for start in passes:
+        columns = slice(start, min(start + chunk, len(matrix)))
+        adjoint = torch.stack([rule.final_objective_state(row) for row in matrix[columns]])
+        for step in reversed(range(trajectory.num_steps)):
+            ops = rule.at_step(step)
+            occurrences = plan.steps[step]
+            if len(occurrences.samples):
+                count = len(occurrences.samples)
+                zero = torch.zeros(count, rule.state_dim, dtype=matrix.dtype, device=matrix.device)
+                injected = ops.occurrence(zero, occurrences.row_owner, occurrences.rows, zero[:, 0])
+                yield step, occurrences, columns, injected @ adjoint.T
+            adjoint = ops.apply_adjoint(adjoint)
+            bar.update()
+    bar.close()
 
 
 def sketched_embeddings(rule: UpdateRule, problem, projection, chunk: int | None = None,
@@ -94,8 +100,8 @@ def sketched_embeddings(rule: UpdateRule, problem, projection, chunk: int | None
     """``(N, k)``: ``R Delta^j_T`` for every training row ``j`` under the classical ``rule`` (a parameter-space
     rule: adam-ie, sgd-ie), the ``k`` adjoint vectors propagated ``chunk`` at a time (default: all)."""
     embeddings = torch.zeros(problem.num_samples, projection.dim, dtype=projection.dtype, device=projection.device)
-    for _, occurrences, seen in sketched_injections(rule, problem, projection, chunk, progress):
-        embeddings.index_add_(0, occurrences.samples, seen.to(embeddings.dtype))
+    for _, occurrences, columns, seen in sketched_injections(rule, problem, projection, chunk, progress):
+        embeddings[:, columns].index_add_(0, occurrences.samples, seen.to(embeddings.dtype))
     return embeddings
 
 
@@ -163,15 +169,15 @@ class SketchStep(StepOps):
 
 
 class SketchRule(UpdateRule):
-    """``adam-ie-sketch`` / ``sgd-ie-sketch``: the classical rule ``exact`` tracked in a random ``k``-dimensional
-    sketch (the module docstring). ``projection_dim`` 0 (or ``>= P``) is the identity: the exact embeddings.
+    """``adam-ie-sketch`` / ``sgd-ie-sketch``: the classical rule ``exact`` tracked in a ``k``-dimensional sketch
+    (the module docstring), random by default. ``projection_dim`` 0 (or ``>= P``) is the identity: the exact embeddings.
 
     The backward pass runs on the first :meth:`at_step` and keeps ``k`` numbers per recorded batch row; the
-    ``k x S`` adjoint block is carried in chunks of at most a quarter of ``memory_budget_gb``. Refused before any
+    ``k x S`` adjoint block is carried in chunks of at most a quarter of ``memory_budget_gb``, one backward pass each. Refused before any
     work when the cached injections exceed half of it. ``progress``: the backward pass's bar (``None``: on a
-    terminal only). ``projection``: another ``(k, P)`` map than the seeded Gaussian one (Python only; e.g. a
-    :class:`~hf_accinf.methods.projection.BasisProjection` onto the training gradients' leading singular subspace,
-    rung g of docs/FIDELITY.md: biased for objectives outside it, not rebuilt from a seed by ``attribution_matrix``)."""
+    terminal only). ``projection``: another ``(k, P)`` map than the seeded Gaussian one (:class:`GradientSubspace`,
+    ``--sketch_basis gradients``; or any :class:`~hf_accinf.methods.projection.BasisProjection`): biased for
+    objectives outside its span, and not rebuilt from a seed by ``attribution_matrix``."""
 
     parameter_space = False
 
@@ -204,15 +210,15 @@ class SketchRule(UpdateRule):
     def _backward(self) -> list[torch.Tensor | None]:
         trajectory = self.problem.trajectory
         seen: list[torch.Tensor | None] = [None] * trajectory.num_steps
-        for step, occurrences, values in sketched_injections(self.exact, self.problem, self.projection, self.chunk,
-                                                             self.progress):
+        for step, occurrences, columns, values in sketched_injections(self.exact, self.problem, self.projection,
+                                                                      self.chunk, self.progress):
             size = len(trajectory.batch(step))
+            if seen[step] is None:
+                seen[step] = values.new_zeros(size, self.state_dim)
             first = torch.full((len(occurrences.samples),), size, dtype=occurrences.rows.dtype,
                                device=occurrences.rows.device)
             first.scatter_reduce_(0, occurrences.row_owner, occurrences.rows, "amin")
-            table = values.new_zeros(size, values.shape[1])
-            table[first] = values
-            seen[step] = table
+            seen[step][first, columns] = values
         return seen
 
     def at_step(self, step: int) -> SketchStep:
