@@ -75,7 +75,7 @@ class ScoreArguments:
         "help": "*-sketch: the k-dimensional space. random: a seeded Gaussian R (scores unbiased, error ~ 1/sqrt(k); "
                 "whole-model rankings need k far beyond 256); gradients: the leading singular subspace of the "
                 "training rows' gradients over the last epoch (two more passes over it; exact for objectives in it, "
-                "measured within 0.03 Kendall tau of the exact adjoint at k = 256 whole-model: docs/FIDELITY.md). "
+                "measured within 0.04 Kendall tau of the exact adjoint at k = 256 whole-model: docs/FIDELITY.md). "
                 "The gradients basis is not rebuilt by attribution_matrix."})
     reference_check: str = field(default="auto", metadata={
         "help": "auto or off. auto: the scores of a projected method (dvemb, acc-dvemb, *-sketch) are compared with the "

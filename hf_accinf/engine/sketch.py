@@ -27,7 +27,7 @@ The subspace decides the projection's error. Measured whole-model on a BERT and 
 (docs/FIDELITY.md, "DVEmb at deep scopes"): a random Gaussian ``R`` (unbiased) agrees with the exact scores at
 Kendall tau 0.09-0.39 at k = 256 (0.69 at k = 1024 on the BERT); the leading right singular subspace of the
 training rows' gradients (:class:`GradientSubspace`, ``--sketch_basis gradients``) at 0.89-0.99 at k = 64 and
-0.978-0.994 at k = 256.
+0.962-0.994 at k = 256.
 
 :func:`reference_check`: the scores of a projected method (DVEmb, ACC-DVEmb, the sketches) against the exact
 classical adjoint's for the same objective (one backward pass of adam-ie / sgd-ie), as Kendall tau and Pearson r
