@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .options import (CORRECTION_CHOICES, DTYPES, FORM_CHOICES, REMOVALS, SCHEDULE_CHOICES, SCORE_KINDS,
-                      TRUST_CHOICES, check_choice)
+                      TRUST_CHOICES, REFERENCE_CHECKS, SKETCH_BASES, check_choice)
 from .devices import check_device_choice
 
 def resolve_dtype(dtype: str, deep_scope: bool) -> torch.dtype:
@@ -61,15 +61,27 @@ class ScoreArguments:
     method: str = field(default="auto", metadata={
         "help": "auto (the run's classical method with exact removal, adam-ie for Adam/AdamW and sgd-ie for SGD, "
                 "through the adjoint on the whole model; on the head, its accumulative twin acc-adam-ie / acc-sgd-ie), "
-                "sgd-ie, acc-sgd-ie, adam-ie, acc-adam-ie, dvemb, acc-dvemb (projected, any optimizer and scope) or tracin; "
-                "the list is hf_accinf.methods.registry.METHODS."})
+                "sgd-ie, acc-sgd-ie, adam-ie, acc-adam-ie, dvemb, acc-dvemb (projected, any optimizer and scope; coarse "
+                "beyond the head), adam-ie-sketch / sgd-ie-sketch (the exact classical method tracked in a "
+                "k-dimensional sketch, see --sketch_basis: test-agnostic embeddings of k numbers per row for any "
+                "scope, k adjoint passes' cost) or tracin; the list is hf_accinf.methods.registry.METHODS."})
     removal: str = field(default="exact", metadata={"help": "exact or first-order removal (DESIGN.md section 4)."})
     frozen_preconditioner: bool = field(
         default=False, metadata={"help": "Adam family ablation: hold Adam's v at its recorded value (Delta_v = 0)."})
     projection_dim: int = field(default=512, metadata={
-        "help": "dvemb/acc-dvemb: dimension k of the random projection of per-row gradients (0: none, k = P). "
-                "Memory per row is k numbers whatever the scope."})
-    projection_seed: int = field(default=0, metadata={"help": "dvemb/acc-dvemb: seed of the Gaussian projection."})
+        "help": "dvemb/acc-dvemb/*-sketch: dimension k of the random projection (of per-row gradients; of the exact "
+                "embeddings for *-sketch) (0: none, k = P). Memory per row is k numbers whatever the scope."})
+    projection_seed: int = field(default=0, metadata={"help": "dvemb/acc-dvemb/*-sketch: seed of the Gaussian projection."})
+    sketch_basis: str = field(default="random", metadata={
+        "help": "*-sketch: the k-dimensional space. random: a seeded Gaussian R (scores unbiased, error ~ 1/sqrt(k); "
+                "whole-model rankings need k far beyond 256); gradients: the leading singular subspace of the "
+                "training rows' gradients over the last epoch (two more passes over it; exact for objectives in it, "
+                "measured within 0.04 Kendall tau of the exact adjoint at k = 256 whole-model: docs/FIDELITY.md). "
+                "The gradients basis is not rebuilt by attribution_matrix."})
+    reference_check: str = field(default="auto", metadata={
+        "help": "auto or off. auto: the scores of a projected method (dvemb, acc-dvemb, *-sketch) are compared with the "
+                "exact classical adjoint's (adam-ie / sgd-ie, one more backward pass) on every row; Kendall tau and "
+                "Pearson r go into scores.json under trust.reference, with a warning below tau 0.8."})
     correction: str = field(default="all", metadata={"help": "ACC correction policy: all, random or stage."})
     correction_p: float = field(default=1.0, metadata={"help": "Probability of a correction (correction=random)."})
     correction_seed: int = field(default=0, metadata={"help": "Seed of the correction coins."})
@@ -163,6 +175,7 @@ class ScoreArguments:
             raise ValueError(f"resume_every is -1 (never), 0 (at checkpoints) or a step count, got {self.resume_every}.")
         for name, allowed in (("removal", REMOVALS), ("correction", CORRECTION_CHOICES), ("schedule", SCHEDULE_CHOICES),
                               ("score_kind", SCORE_KINDS), ("dtype", DTYPES), ("trust", TRUST_CHOICES),
+                              ("reference_check", REFERENCE_CHECKS), ("sketch_basis", SKETCH_BASES),
                               ("form", FORM_CHOICES)):
             check_choice(name, getattr(self, name), allowed)
         if self.projection_dim < 0:

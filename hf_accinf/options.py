@@ -1,6 +1,6 @@
 """The option vocabularies of hf_accinf, each written once: a ``Literal`` type for annotations and the tuple of
 its values that validation reads (``config.ScoreArguments``, ``engine.adjoint``, ``engine.estimator``,
-``engine.policies``, ``methods.removal``, ``scoring.objective``). A leaf: it imports nothing from hf_accinf."""
+``engine.policies``, ``methods.removal``, ``scoring.objective``, ``scoring.forms``). A leaf: it imports nothing from hf_accinf."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ CorrectionChoice = Literal["all", "random", "stage"]  # what a user may ask for 
 CorrectionKind = Literal["none", "all", "random", "stage"]  # "none": the classical estimators
 DtypeChoice = Literal["auto", "float32", "float64"]
 TrustChoice = Literal["auto", "power"]
+SketchBasis = Literal["random", "gradients"]  # the k-dimensional space of the *-sketch methods (engine.sketch)
+ReferenceCheckChoice = Literal["auto", "off"]  # projected methods' scores against the exact adjoint (engine.sketch)
 
 FORM_CHOICES: tuple[str, ...] = get_args(FormChoice)
 FORM_NAMES: tuple[str, ...] = get_args(FormName)
@@ -28,6 +30,8 @@ CORRECTION_CHOICES: tuple[str, ...] = get_args(CorrectionChoice)
 CORRECTION_KINDS: tuple[str, ...] = get_args(CorrectionKind)
 DTYPES: tuple[str, ...] = get_args(DtypeChoice)
 TRUST_CHOICES: tuple[str, ...] = get_args(TrustChoice)
+SKETCH_BASES: tuple[str, ...] = get_args(SketchBasis)
+REFERENCE_CHECKS: tuple[str, ...] = get_args(ReferenceCheckChoice)
 
 BACKWARD_PASS: ScheduleRun = "backward"  # the adjoint form: one shared adjoint carried backward over the run
 DIRECT_SCORER: ScheduleRun = "direct"  # a direct scorer (TracIn): the objective's gradient at every step

@@ -19,11 +19,17 @@ enough to learn, this script
    * exact Adam-IE embeddings projected, ``R Delta^j_T`` by one ``k``-vector adjoint pass
      (:mod:`hf_accinf.engine.sketch`): a random ``R`` (``--sketch_dim``, rung f) and the leading singular
      subspace of the training rows' final gradients (``--subspace_dim``, rung g);
+   * the fix, ``adam-ie-sketch`` from ``score_run``: exact Adam-IE tracked in a random ``k``-dimensional sketch
+     (rung s, each ``--method_dim``) and in the leading subspace of the last epoch's training gradients (rung sg,
+     ``--sketch_basis gradients``, each ``--basis_dim``), its embeddings written as a forward form's;
    * TracIn;
 
-3. prints one table per case: Kendall tau and Pearson r against truth(0), and seconds.
+3. prints one table per case: Kendall tau and Pearson r against truth(0), Kendall tau against rung a on all rows,
+   the product's own reference check where it runs one (``trust.reference`` of scores.json: DVEmb and the sketch),
+   the numbers the estimator keeps (per row, and in all), and seconds (the reference check's pass aside).
 
-    python scripts/diagnose_dvemb.py --threads 1                     # both cases (~5 min each, 1 thread)
+    python scripts/diagnose_dvemb.py --threads 1                     # both cases, every rung (~15 min each)
+    python scripts/diagnose_dvemb.py --threads 1 --rungs a,d2,e,s --projection_dim 512 --method_dim 64 256  # the fix
     python scripts/diagnose_dvemb.py --cases vit --truth_rows 12     # a quick look
 """
 
@@ -33,6 +39,7 @@ import argparse
 import contextlib
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -145,6 +152,22 @@ def sketched_scores(run_dir: Path, train, evaluation, collate, dim: int, subspac
     return (embeddings @ projection(problem.curvature.objective_grad(problem.final_parameters(), inputs, labels))).numpy()
 
 
+def kept_numbers(key: str, dim: int, parameters: int, rows: int, recorded_rows: int) -> tuple[str, int]:
+    """What an estimator keeps beyond the model, per training row and in all (numbers): the exact adjoint one
+    ``3P`` adjoint (Adam); DVEmb ``k`` per row and two ``k``-vectors per recorded batch row (its factors); the sketch
+    ``k`` per row, ``k`` per recorded batch row (the cached injections) and the ``k x 3P`` adjoint block (its own
+    count: carried in chunks under the memory budget), with the gradients basis also the range finder's ``2k x P``."""
+    if key in ("a", "a1"):
+        return "-", 3 * parameters
+    if key in ("d2", "e"):
+        return str(dim), dim * rows + 2 * dim * recorded_rows
+    if key == "s":
+        return str(dim), dim * rows + dim * recorded_rows + dim * 3 * parameters
+    if key == "sg":  # and the range finder's 2k x P
+        return str(dim), dim * rows + dim * recorded_rows + dim * 3 * parameters + 2 * dim * parameters
+    return "", 0
+
+
 def replay_states(run: RunReader, train, collate) -> Replay:
     """``theta_t`` by replay, as ``score_run`` builds it, at :data:`REPLAY_TOLERANCE`."""
     built = run.build_model()
@@ -185,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subspace_dim", type=int, nargs="*", default=[256],
                         help="k of the exact Adam-IE embeddings in the leading singular subspace of the training rows' "
                              "final gradients")
+    parser.add_argument("--method_dim", type=int, nargs="*", default=[64, 256],
+                        help="k of the fix, the adam-ie-sketch method run by score_run (rung s)")
+    parser.add_argument("--basis_dim", type=int, nargs="*", default=[64, 256],
+                        help="k of adam-ie-sketch with --sketch_basis gradients (rung sg)")
     parser.add_argument("--rungs", default="all", help="comma-separated rung keys to run (default all)")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
@@ -193,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
           f"--cases {options.cases} --rows {options.rows} --epochs {options.epochs} --batch {options.batch} "
           f"--truth_rows {options.truth_rows} --projection_dim {' '.join(map(str, options.projection_dim))} "
           f"--sketch_dim {' '.join(map(str, options.sketch_dim))} "
-          f"--subspace_dim {' '.join(map(str, options.subspace_dim))} --rungs {options.rungs}", flush=True)
+          f"--subspace_dim {' '.join(map(str, options.subspace_dim))} "
+          f"--method_dim {' '.join(map(str, options.method_dim))} --basis_dim {' '.join(map(str, options.basis_dim))} "
+          f"--rungs {options.rungs}", flush=True)
     for key in options.cases.split(","):
         builder, lr, rows, epochs = CASES[key]
         rows, epochs = options.rows or rows, options.epochs or epochs
@@ -216,32 +245,45 @@ def main(argv: list[str] | None = None) -> None:
                   f"accuracy {accuracy:.2f}, eval loss {float(base):.3f}; training {train_seconds:.1f} s, truth "
                   f"{len(rows)} rows x 2 weights {truth_seconds:.1f} s; linearity ceiling tau "
                   f"{kendall_tau(2 * half, zero):.3f}; replay error {effects.replay_error or 0.0:.2g}\n", flush=True)
-            print("| rung | estimator | Kendall tau | Pearson r | tau vs rung a (all rows) | seconds |\n"
-                  "|---|---|---|---|---|---|", flush=True)
+            print("| rung | estimator | Kendall tau | Pearson r | tau vs rung a (all rows) | reference check "
+                  "(scores.json) | k | numbers kept per row / in all | seconds |\n"
+                  "|---|---|---|---|---|---|---|---|---|", flush=True)
             reference = {}
+            recorded_rows = int(run.trajectory().row_offsets[-1])
+            checks: dict[str, dict] = {}
 
-            def report(rung, label, compute):
+            def report(rung, label, compute, dim=0):
                 if options.rungs != "all" and rung not in options.rungs.split(","):
                     return None
                 began = time.perf_counter()
+                checks.pop("last", None)
                 try:
                     scores = np.asarray(compute())
                 except Exception as error:  # noqa: BLE001 - a rung the package refuses: say so in the table
-                    print(f"| {rung} | {label} | failed: {type(error).__name__}: {str(error)[:120]} | | | |", flush=True)
+                    print(f"| {rung} | {label} | failed: {type(error).__name__}: {str(error)[:120]} | | | | | | |",
+                          flush=True)
                     return None
+                check = checks.get("last")
+                seconds = time.perf_counter() - began - (check["seconds"] if check else 0.0)  # the check aside
                 estimate = scores[rows]
                 reference.setdefault("a", scores)
+                check = f"{check['kendall_tau']:.3f}" + (" (low)" if check["low"] else "") if check else ""
+                per_row, total = kept_numbers(rung, dim or parameters, parameters, rows_count, recorded_rows)
+                kept = f"{per_row} / {total / 1e6:.2f} M" if total else ""
                 print(f"| {rung} | {label} | {kendall_tau(estimate, zero):.3f} | "
                       f"{stats.pearsonr(estimate, zero).statistic:.3f} | {kendall_tau(scores, reference['a']):.3f} | "
-                      f"{time.perf_counter() - began:.1f} |", flush=True)
+                      f"{check} | {dim or ''} | {kept} | {seconds:.1f} |", flush=True)
                 return scores
 
             def scored(method, form="adjoint", **extra):
                 arguments = ScoreArguments(run_dir=str(run_dir), method=method, modules=["all"], form=form,
                                            dtype="float64", trust_probes=0, output_dir=str(Path(tmp) / "scores"),
                                            overwrite=True, **extra)
-                return score_run(arguments, train, evaluation, collate_fn=collate, progress=False,
-                                 states=replay_states(run, train, collate)).scores.double().numpy()
+                result = score_run(arguments, train, evaluation, collate_fn=collate, progress=False,
+                                   states=replay_states(run, train, collate))
+                if result.trust and result.trust.get("reference"):
+                    checks["last"] = result.trust["reference"]
+                return result.scores.double().numpy()
 
             def swapped(kind, **extra):
                 with curvature_swapped(kind):
@@ -254,16 +296,29 @@ def main(argv: list[str] | None = None) -> None:
             report("b", "collapsed Adam (D_t), exact batch Hessian", lambda: collapsed_scores(run_dir, train, evaluation, collate, "hessian"))
             report("d", "collapsed Adam (D_t), GGN", lambda: collapsed_scores(run_dir, train, evaluation, collate, "ggn"))
             report("d1", "collapsed Adam (D_t), empirical Fisher", lambda: collapsed_scores(run_dir, train, evaluation, collate, "fisher"))
-            report("d2", "DVEmb unprojected (score_run)", lambda: scored("dvemb", projection_dim=0))
+            report("d2", "DVEmb unprojected (score_run)", lambda: scored("dvemb", projection_dim=0, reference_check="off"))
+            # The product's reference check (one more exact adjoint pass) runs on the first k of each method only.
             for dim in options.projection_dim:
-                report("e", f"DVEmb k = {dim}", lambda dim=dim: scored("dvemb", projection_dim=dim))
+                report("e", f"DVEmb k = {dim}", lambda dim=dim: scored(
+                    "dvemb", projection_dim=dim, reference_check="auto" if dim == options.projection_dim[0] else "off"),
+                    dim)
             for dim in options.sketch_dim:
                 report("f", f"exact Adam-IE sketched, k = {dim} (engine/sketch.py)",
                        lambda dim=dim: sketched_scores(run_dir, train, evaluation, collate, dim))
             for dim in options.subspace_dim:
                 report("g", f"exact Adam-IE in the span of the final training gradients, k = {dim}",
                        lambda dim=dim: sketched_scores(run_dir, train, evaluation, collate, dim, subspace=True))
+            for dim in options.method_dim:
+                report("s", f"the fix: adam-ie-sketch, k = {dim} (score_run, forward form)",
+                       lambda dim=dim: scored("adam-ie-sketch", form="auto", projection_dim=dim, reference_check=(
+                           "auto" if dim == options.method_dim[0] else "off")), dim)
+            for dim in options.basis_dim:
+                report("sg", f"the fix: adam-ie-sketch --sketch_basis gradients, k = {dim} (score_run)",
+                       lambda dim=dim: scored("adam-ie-sketch", form="auto", projection_dim=dim, sketch_basis="gradients",
+                                              reference_check="auto" if dim == options.basis_dim[0] else "off"), dim)
             report("t", "TracIn", lambda: scored("tracin", form="auto"))
+            print(f"\npeak resident memory of this process so far: "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":

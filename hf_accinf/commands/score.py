@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None, parser=None) -> int:
 
             print("\n".join(describe_lds(result.lds)))
         trust = result.trust
-        if trust is not None:
+        reference = (trust or {}).get("reference")
+        if reference is not None:
+            print(f"reference check: Kendall tau {reference['kendall_tau']:.3f}, Pearson r {reference['pearson_r']:.3f} "
+                  f"against the exact {reference['reference']} on {reference['rows']} rows"
+                  + (f" (LOW, below {reference['threshold']:g}: do not act on these scores)" if reference["low"] else ""))
+        if trust is not None and "growth" in trust:
             verdict = f"({'EXPANSIVE, above' if trust['expansive'] else 'below'} {trust['threshold']:g})"
             if trust.get("kind") == "adjoint-probes" and trust.get("objective_growth") is not None:
                 print(f"trust: the objective gradient grew {trust['objective_growth']:.3g}x backward over the run "

@@ -29,7 +29,8 @@ norms) their mean is used and this is logged.
 ``J_r^T L_r`` with ``L_r L_r^T = diag p_r - p_r p_r^T``; the injection is unchanged and the state stays ``k``.
 Measured whole-model under AdamW (docs/FIDELITY.md, "DVEmb at deep scopes", issue 22) neither form comes near the
 exact Adam-IE adjoint (Kendall tau 0.05-0.10 between their scores): the curvature approximation itself is what
-fails there, so :func:`deep_scope_warning` says so, and :mod:`.sketch` gives exact projected embeddings instead.
+fails there, so :func:`deep_scope_warning` says so, and :mod:`hf_accinf.engine.sketch` gives the exact method's
+embeddings in a random sketch instead (methods ``adam-ie-sketch`` / ``sgd-ie-sketch``).
 
 Against dattri's implementation (``dattri/algorithm/dvemb.py``, read for the comparison): the same
 recursion, run there as one backward pass with a ``k x k`` matrix (our propagator schedule does that for
@@ -80,8 +81,10 @@ def deep_scope_warning(method: str, deep: bool) -> str | None:
     if method not in DVEMB_METHODS or not deep:
         return None
     return (f"{DVEMB_METHODS[method]} on a scope beyond the head is a coarse approximation: {DEEP_SCOPE_FIDELITY}. "
-            "For scores to prune or clean by, use the exact adjoint (method adam-ie / sgd-ie, form adjoint); keep "
-            "DVEmb for test-agnostic embeddings of the head, or check it with --verify K.")
+            "For scores to prune or clean by, use the exact adjoint (method adam-ie / sgd-ie, form adjoint); for "
+            "test-agnostic embeddings of k numbers per row, adam-ie-sketch / sgd-ie-sketch --sketch_basis gradients "
+            "(the exact method in the training gradients' leading subspace); keep DVEmb for the head. scores.json's trust.reference gives these scores' agreement "
+            "with the exact adjoint's; --verify K checks them against retraining.")
 
 
 def effective_rates(lr: torch.Tensor, momentum: list[float], nesterov: bool = False) -> torch.Tensor:

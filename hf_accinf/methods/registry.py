@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from ..errors import AccInfError
 from ..optimizers import MODELLED_HF_OPTIMS, MODELLED_OPTIMIZERS
+from ..options import SKETCH_BASES, check_choice
 from .removal import check_removal
 
 
@@ -27,10 +28,13 @@ class MethodOptions:
     frozen_preconditioner: bool = field(
         default=False, metadata={"help": "Adam family: hold v at its recorded value (Delta_v = 0), an ablation."}
     )
-    projection_dim: int = field(default=512, metadata={"help": "DVEmb family: dimension k of the projected gradients "
-                                                                "(0: no projection)."})
-    projection_seed: int = field(default=0, metadata={"help": "DVEmb family: seed of the Gaussian projection."})
+    projection_dim: int = field(default=512, metadata={"help": "DVEmb family and sketches: dimension k of the "
+                                                                "projection (0: no projection)."})
+    projection_seed: int = field(default=0, metadata={"help": "DVEmb family and sketches: seed of the Gaussian "
+                                                               "projection."})
     memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory a method may keep (projection, caches)."})
+    sketch_basis: str = field(default="random", metadata={"help": "*-sketch methods: random (a Gaussian R, unbiased) "
+                                                                   "or gradients (the training gradients' leading subspace)."})
 
     @classmethod
     def of(cls, args: Any = None, **overrides) -> "MethodOptions":
@@ -50,6 +54,8 @@ class MethodSpec:
     accumulative: bool  # whether ACC correction policies apply
     output: str  # "embeddings" (test-agnostic, dotted with a gradient) or "scores" (one objective)
     build: Callable[[Any, MethodOptions], Any]
+    projected: bool = False  # embeddings of k numbers per row in a projected space (DVEmb, the sketches)
+    tracks: str | None = None  # the classical method whose exact embeddings a sketch tracks
 
 
 def _sgd(problem, options: MethodOptions):
@@ -70,6 +76,21 @@ def _dvemb(problem, options: MethodOptions):
     return DVEmbRule(problem, options.projection_dim, options.projection_seed, options.memory_budget_gb)
 
 
+def _sketch(exact: str):
+    def build(problem, options: MethodOptions):
+        from ..engine.sketch import GradientSubspace, SketchRule  # the sketch runs the engine's adjoint pass
+
+        check_choice("sketch basis", options.sketch_basis, SKETCH_BASES, AccInfError)
+        rule = build_method(problem, exact, options)
+        subspace = options.sketch_basis == "gradients" and options.projection_dim and \
+            options.projection_dim < problem.curvature.dim
+        basis = GradientSubspace(problem, options.projection_dim, options.projection_seed) if subspace else None
+        return SketchRule(rule, problem, options.projection_dim, options.projection_seed, options.memory_budget_gb,
+                          projection=basis)
+
+    return build
+
+
 def _tracin(problem, options: MethodOptions):
     from .tracin import TracIn
 
@@ -81,10 +102,26 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("acc-sgd-ie", "ACC-SGD-IE", ("SGD",), True, "embeddings", _sgd),
     MethodSpec("adam-ie", "Adam-IE", ("Adam", "AdamW"), False, "embeddings", _adam),
     MethodSpec("acc-adam-ie", "ACC-Adam-IE", ("Adam", "AdamW"), True, "embeddings", _adam),
-    MethodSpec("dvemb", "DVEmb", ("SGD", "Adam", "AdamW"), False, "embeddings", _dvemb),
-    MethodSpec("acc-dvemb", "ACC-DVEmb", ("SGD", "Adam", "AdamW"), True, "embeddings", _dvemb),
+    MethodSpec("dvemb", "DVEmb", ("SGD", "Adam", "AdamW"), False, "embeddings", _dvemb, projected=True),
+    MethodSpec("acc-dvemb", "ACC-DVEmb", ("SGD", "Adam", "AdamW"), True, "embeddings", _dvemb, projected=True),
+    MethodSpec("sgd-ie-sketch", "Sketched SGD-IE", ("SGD",), False, "embeddings", _sketch("sgd-ie"), projected=True,
+               tracks="sgd-ie"),
+    MethodSpec("adam-ie-sketch", "Sketched Adam-IE", ("Adam", "AdamW"), False, "embeddings", _sketch("adam-ie"),
+               projected=True, tracks="adam-ie"),
     MethodSpec("tracin", "TracIn", ("SGD", "Adam", "AdamW"), False, "scores", _tracin),
 )}
+
+
+CLASSICAL_METHODS = {"SGD": "sgd-ie", "Adam": "adam-ie", "AdamW": "adam-ie"}  # the exact classical method per optimizer
+
+
+def reference_method(name: str, optimizer: str) -> str | None:
+    """The exact classical method a projected method's scores are checked against (the one a sketch tracks; for
+    DVEmb, the run's optimizer's), ``None`` for methods that are not projected."""
+    spec = get_method(name)
+    if not spec.projected:
+        return None
+    return spec.tracks or CLASSICAL_METHODS.get(optimizer)
 
 
 def method_names(optimizer: str | None = None, output: str | None = None) -> list[str]:

@@ -25,6 +25,7 @@ from ..config import ScoreArguments
 from ..engine import InfluenceResult, ShardContext, estimate_influence
 from ..engine.adjoint import adjoint_scores
 from ..engine.sharding import split_rows
+from ..engine.sketch import reference_check_for
 from ..engine.policies import CorrectionPolicy
 from ..engine.resume import ResumeStore
 from ..engine.trust import trust_check
@@ -73,8 +74,9 @@ def _power_iteration(run: FormInputs, embeddings: torch.Tensor | None) -> dict |
     if embeddings is not None and shard.world_size > 1:
         # the ratio reads each row's norm only: the (N,) norms are gathered, never the embeddings
         embeddings = shard.gather_rows(embeddings.norm(dim=1), run.problem.num_samples)[:, None]
-    with split_rows(run.method, shard, run.problem.trajectory):
-        report = trust_check(run.method, run.problem, embeddings, args.trust_probes, args.trust_iterations,
+    rule = getattr(run.method, "exact", run.method)  # a sketch's growth is its exact method's
+    with split_rows(rule, shard, run.problem.trajectory):
+        report = trust_check(rule, run.problem, embeddings, args.trust_probes, args.trust_iterations,
                              progress=run.progress and shard.is_main, shard=shard)
     return report.to_dict() if shard.is_main else None
 
@@ -143,3 +145,13 @@ FORMS: dict[str, type] = {form.name: form for form in (DirectForm, AdjointForm, 
 def form_runner(name: FormName) -> Callable[[FormInputs], FormOutput | None]:
     """The ``run`` of the form the plan chose."""
     return FORMS[name].run
+
+
+def with_reference_check(run: FormInputs, output: FormOutput | None) -> FormOutput | None:
+    """``output`` (every row's scores, on the main process) with the reference check of projected methods
+    (``trust.reference``, :func:`~hf_accinf.engine.sketch.reference_check_for`: the exact adjoint, on this process)."""
+    check = output and reference_check_for(run.method, run.problem, run.args, lambda: run.objective_grad(run.final),
+                                           output.scores, run.progress)
+    if check:
+        output.trust = {**(output.trust or {}), "reference": check}
+    return output

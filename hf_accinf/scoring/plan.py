@@ -101,7 +101,7 @@ def _is_head(run: RunReader, model: nn.Module, modules: list[str] | None) -> boo
 def _state_bytes(method: str, parameters: int, rows: int, args: ScoreArguments, itemsize: int) -> int:
     """Bytes of the forward form's per-row states: ``N x S`` (``S = 3P`` for Adam, ``2P`` with a buffer, ``k``
     for the projected methods)."""
-    if method in ("dvemb", "acc-dvemb"):
+    if get_method(method).projected:
         width = args.projection_dim or parameters
     else:
         width = parameters * (3 if "adam" in method else 2)
@@ -168,6 +168,11 @@ def plan_scoring(args: ScoreArguments, run: RunReader, model: nn.Module,
             raise AccInfError(f"{method} scores one objective directly: its scores are linear; score_kind "
                               f"'{args.score_kind}' needs a method with embeddings.")
         form, reasons["form"] = "direct", "the method scores one objective directly"
+    elif spec.tracks:
+        if args.form == "adjoint":
+            raise AccInfError(f"{method}'s product is its k-dimensional embeddings (--form forward or auto); for one "
+                              f"objective's scores {spec.tracks} --form adjoint is exact and k times cheaper.")
+        form, reasons["form"] = "forward", "a sketch's product is its k-dimensional embeddings (forward form)"
     else:
         form, why = choose_form(args.form, spec.accumulative, args.score_kind, policy)
         reasons["form"] = why

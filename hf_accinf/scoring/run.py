@@ -34,7 +34,7 @@ from ..problem import deep_scope_unavailable, problem_from_run
 from ..trajectory import RunReader
 from ..trajectory.schema import content_hash
 from . import artifacts, partitions
-from .forms import FormInputs, FormOutput, form_runner
+from .forms import FormInputs, FormOutput, form_runner, with_reference_check
 from .plan import plan_scoring
 
 logger = logging.getLogger(__name__)
@@ -138,11 +138,13 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     final = problem.final_parameters()
     identity = _check_rerun(output_dir, args, run, eval_dataset, len(labels), evaluation_source)
     resume = partitions.resume_store(output_dir, args, key, run.manifest.checkpoints)
+    form_inputs = FormInputs(method, problem, inputs, labels, final, args, plan.policy, shard, progress, resume)
     with scorer_precision(plan.device, plan.dtype, plan.tf32):
-        output = form_runner(plan.form)(FormInputs(method, problem, inputs, labels, final, args, plan.policy, shard,
-                                                   progress, resume))
-    own_embeddings = output.result.embeddings if output is not None else None  # the forward form: this process's rows
-    output = _own_rows_written(output, shard, output_dir, problem.num_samples)
+        output = form_runner(plan.form)(form_inputs)
+        own_embeddings = output.result.embeddings if output is not None else None  # forward form: this process's rows
+        output = _own_rows_written(output, shard, output_dir, problem.num_samples)
+        if args.num_partitions == 1:  # a projected method's scores against the exact adjoint's (every row needed)
+            output = with_reference_check(form_inputs, output)
     checks = {"verify": None, "lds": None, "query_scores": None}
     if args.verify or args.verify_subsets:
         with recorded_precision(run.manifest.numerics):  # retraining replays the run: its own TF32 flags

@@ -36,10 +36,11 @@ def test_the_run_records_adamw_moments_and_step_counts(default_recipe):
     assert run.manifest.optimizer_class == "AdamW"
     assert torch.equal(trajectory.optimizer_step_count, torch.arange(trajectory.num_steps))  # count before each step
     assert all(trajectory.states[f"{name}.exp_avg"][0].abs().max() == 0 for name in run.manifest.head.chosen)
-    assert method_names(run.manifest.optimizer_class) == ["adam-ie", "acc-adam-ie", "dvemb", "acc-dvemb", "tracin"]
+    assert method_names(run.manifest.optimizer_class) == ["adam-ie", "acc-adam-ie", "dvemb", "acc-dvemb", "adam-ie-sketch",
+                                                          "tracin"]
 
 
-@pytest.mark.parametrize("method", ["adam-ie", "acc-adam-ie", "dvemb", "acc-dvemb", "tracin"])
+@pytest.mark.parametrize("method", ["adam-ie", "acc-adam-ie", "dvemb", "acc-dvemb", "adam-ie-sketch", "tracin"])
 def test_adam_family_and_tracin_score_the_default_recipe(default_recipe, method, tmp_path):
     run_dir, data = default_recipe
     form = "auto" if method == "tracin" else "forward"
@@ -85,7 +86,8 @@ def test_cli_scores_with_acc_adam_ie(default_recipe, tmp_path):
     assert main(["score", "--run_dir", str(run_dir), "--method", "acc-adam-ie", "--train_data", str(tmp_path / "train"),
                  "--eval_data", str(tmp_path / "train"), "--output_dir", str(tmp_path / "scores")]) == 0
     assert load_file(tmp_path / "scores" / "scores.safetensors")["scores"].shape == (24,)
-    with pytest.raises(AccInfError, match="Methods for this run: adam-ie, acc-adam-ie, dvemb, acc-dvemb, tracin"):
+    with pytest.raises(AccInfError,
+                       match="Methods for this run: adam-ie, acc-adam-ie, dvemb, acc-dvemb, adam-ie-sketch, tracin"):
         score_run(ScoreArguments(run_dir=str(run_dir), method="sgd-ie"), data, data)
 
 

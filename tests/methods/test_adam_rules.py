@@ -169,7 +169,7 @@ def test_forward_and_adjoint_forms_agree(adamw, method):
 
 
 def test_refusals_name_the_methods_that_fit(adamw):
-    with pytest.raises(AccInfError, match="adam-ie, acc-adam-ie, dvemb, acc-dvemb, tracin"):
+    with pytest.raises(AccInfError, match="adam-ie, acc-adam-ie, dvemb, acc-dvemb, adam-ie-sketch, tracin"):
         build_method(adamw, "acc-sgd-ie")
     with pytest.raises(AccInfError, match="removal"):
         build_method(adamw, "acc-adam-ie", removal="second-order")
