@@ -5,8 +5,10 @@ Mapping to hf_accinf's convention (``s_j ~= L_val(theta^{-j}) - L_val(theta)``, 
 dattri returns a ``(train, test)`` matrix whose entries are positive for a helpful training row:
 
 * ``dattri-if-cg``: ``IFAttributorCG`` gives ``g_j . H^{-1} g_q`` with ``H`` the Hessian of the mean training
-  loss at the final model (CG, ``max_iter`` iterations, damping ``regularization``). Removing row ``j`` of
-  ``N`` moves the optimum by ``H^{-1} g_j / N``: ``s_j = mean_q(score_jq) / N``.
+  loss at the final model (CG, ``max_iter`` iterations, damping ``regularization``). Its target is the mean
+  evaluation loss itself (``target_func``, one dummy query): ``g_q`` is then the gradient hf_accinf scores,
+  one inverse-Hessian product in all instead of one per evaluation row (the same value: the product is
+  linear in ``g_q``). Removing row ``j`` of ``N`` moves the optimum by ``H^{-1} g_j / N``: ``s_j = score_j / N``.
 * ``dattri-tracin``: ``TracInAttributor`` over the per-epoch checkpoints made by replay, weights the mean
   learning rate of each epoch: ``sum_e eta_e g_j(theta_e) . g_q(theta_e)``. Row ``j`` enters one step of each
   epoch with weight ``1/B`` in a mean loss over ``B`` rows: ``s_j = mean_q(score_jq) / B``.
@@ -23,9 +25,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from .problem import PeerProblem, batched
+from .trak_peer import kernel_dim
 
 DEFAULTS = {"cg_max_iter": 10, "cg_regularization": 1e-3, "proj_dim": 512}
 
@@ -65,13 +68,21 @@ def if_cg(problem: PeerProblem, max_iter: int = DEFAULTS["cg_max_iter"],
     from dattri.task import AttributionTask
 
     model = problem.model
-    task = AttributionTask(loss_func=_loss(model), model=model, checkpoints=model.state_dict())
+    *eval_inputs, eval_labels = problem.eval
+
+    def objective(params, _):
+        """The mean evaluation loss itself (dattri's ``target_func``), whatever the (dummy) query row."""
+        logits = torch.func.functional_call(model, params, tuple(eval_inputs))
+        return nn.functional.cross_entropy(logits, eval_labels)
+
+    task = AttributionTask(loss_func=_loss(model), model=model, checkpoints=model.state_dict(), target_func=objective)
     attributor = IFAttributorCG(task=task, device="cpu", max_iter=max_iter, regularization=regularization)
-    train, test = _loaders(problem, problem.num_train)
+    train, _ = _loaders(problem, problem.num_train)
     attributor.cache(train)  # the Hessian of the mean loss over every training row (one batch)
+    query = DataLoader(TensorDataset(torch.zeros(1)), batch_size=1, shuffle=False)
     with torch.no_grad():
-        scores = attributor.attribute(train, test)
-    return scores.double().mean(1) / problem.num_train
+        scores = attributor.attribute(train, query)
+    return scores.double()[:, 0] / problem.num_train
 
 
 def tracin(problem: PeerProblem) -> torch.Tensor:
@@ -99,8 +110,9 @@ def trak(problem: PeerProblem, proj_dim: int = DEFAULTS["proj_dim"]) -> torch.Te
         return torch.exp(-nn.functional.cross_entropy(torch.func.functional_call(model, params, tuple(inputs)), labels))
 
     task = AttributionTask(loss_func=_margin(model), model=model, checkpoints=model.state_dict())
+    projection = {"proj_dim": kernel_dim(proj_dim, problem.num_train), "device": "cpu"}
     attributor = TRAKAttributor(task=task, correct_probability_func=correct_probability, device="cpu",
-                                projector_kwargs={"proj_dim": proj_dim, "device": "cpu"})
+                                projector_kwargs=projection)
     train, test = _loaders(problem, 32)
     attributor.cache(train)
     with torch.no_grad():

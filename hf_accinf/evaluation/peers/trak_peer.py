@@ -1,6 +1,7 @@
 """traker (``pip install traker``, import name ``trak``): TRAK by its authors' package, ``trak.TRAKer``, on the
 final model (one checkpoint, as hf_accinf scores one trained model), CPU: the ``BasicProjector`` with normal
-projections (the CUDA projector needs the ``fast_jl`` extension), projection dimension 512, float32.
+projections (the CUDA projector needs the ``fast_jl`` extension), float32, projection dimension 512 capped at
+``N / 2`` (:func:`kernel_dim`), in two blocks (traker's one-block projector is lost after featurizing).
 
 The model output is TRAK's classification margin ``log p / (1 - p)`` of the correct class and the
 out-to-loss term ``1 - p`` (``trak.modelout_functions.AbstractModelOutput``, written for positional HF inputs).
@@ -13,6 +14,7 @@ row, so removing it raises the loss: ``s_j = mean_q(score_jq) / N``. TRAK's scal
 
 from __future__ import annotations
 
+import math
 import tempfile
 
 import numpy as np
@@ -22,6 +24,12 @@ from torch.utils.data import DataLoader
 from .problem import PeerProblem
 
 PROJ_DIM = 512
+
+
+def kernel_dim(proj_dim: int, num_train: int) -> int:
+    """TRAK's kernel ``Phi^T Phi`` is ``k x k`` of rank at most ``N``: at ``k >= N`` it is singular and its
+    unregularised inverse is noise, so ``k`` is capped at ``N / 2``."""
+    return max(1, min(proj_dim, num_train // 2))
 
 
 def _model_output():
@@ -52,11 +60,18 @@ def _model_output():
 
 def trak(problem: PeerProblem, proj_dim: int = PROJ_DIM, batch_size: int = 32) -> torch.Tensor:
     from trak import TRAKer
+    from trak.projectors import BasicProjector, ProjectionType
 
     model = problem.model
+    proj_dim = kernel_dim(proj_dim, problem.num_train)
+    # Two blocks: traker's BasicProjector frees its matrix after featurizing and, for a single block, never
+    # rebuilds it before scoring.
+    projector = BasicProjector(grad_dim=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                               proj_dim=proj_dim, seed=0, proj_type=ProjectionType.normal, device="cpu",
+                               block_size=max(1, math.ceil(proj_dim / 2)))
     with tempfile.TemporaryDirectory() as save_dir:
         traker = TRAKer(model=model, task=_model_output(), train_set_size=problem.num_train, save_dir=save_dir,
-                        device="cpu", proj_dim=proj_dim, use_half_precision=False,
+                        device="cpu", projector=projector, use_half_precision=False,
                         logging_level=40)
         traker.load_checkpoint(model.state_dict(), model_id=0)
         for batch in DataLoader(problem.train_rows(), batch_size=batch_size):
