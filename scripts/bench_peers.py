@@ -69,11 +69,16 @@ whole-model adjoint on a figure of that case. What explains the figures, on thes
   Influence functions (kronfluence EK-FAC/K-FAC, dattri's CG) assume the final model minimises the training
   loss and take the curvature there; the truth here is the recorded run retrained without the row. hf_accinf's
   default differentiates that run (its AdamW steps, schedule and clipping), so it has no such premise to
-  miss. Where the curvature-free gradient dot (kronfluence identity) beats EK-FAC, the inverse curvature of a
-  non-minimum is what costs the influence function.
+  miss. On the two cases that barely learn, the curvature-free gradient dot (kronfluence identity) does about
+  as well as or better than EK-FAC: the inverse curvature of a point that is no minimum is what costs the
+  influence function there. On image-long, a model that learns, the curvature methods (K-FAC, EK-FAC, CG)
+  move ahead of the gradient dot and of TracIn, and all stay far below the default, which follows the run.
+* **LDS intervals.** Each LDS is a Spearman correlation over the subsets; its 95% bootstrap interval over
+  them is given. A peer that beats the default by less than that spread has not beaten it.
 * **TracIn is one estimator in three packages.** dattri's TracIn and captum's TracInCP compute the same sum
-  over the same per-epoch checkpoints and agree with each other; hf_accinf's TracIn is the checkpoint form of
-  DESIGN.md section 5 on the recorded checkpoints. None models the optimizer's state (Adam's moments).
+  over the same per-epoch checkpoints and agree with each other; hf_accinf's TracIn (DESIGN.md section 5)
+  sums over every occurrence of the row, at the parameters before its step with that step's learning rate.
+  None models the optimizer's state (Adam's moments).
 * **DVEmb.** dattri's DVEmb is the SGD form (the paper's); hf_accinf's models AdamW's preconditioner, so on
   these AdamW runs the two differ by more than their projections.
 * **TRAK is run outside its regime.** TRAK's recommended use ensembles many independently trained models;
@@ -191,9 +196,15 @@ def accuracy(run: RunReader, case) -> float:
     return right / len(case.eval)
 
 
-def lds(scores: np.ndarray, masks: np.ndarray, effects: np.ndarray) -> float:
-    """Objective-level LDS: Spearman correlation over subsets of the summed scores and the measured effect."""
-    return float(stats.spearmanr(masks @ scores, effects).statistic)
+def lds(scores: np.ndarray, masks: np.ndarray, effects: np.ndarray, resamples: int = 1000,
+        seed: int = 0) -> tuple[float, float, float]:
+    """Objective-level LDS: Spearman correlation over subsets of the summed scores and the measured effect, with
+    its 95% percentile bootstrap interval over the subsets (seeded)."""
+    predicted = masks @ scores
+    picks = np.random.default_rng(seed).integers(0, len(effects), size=(resamples, len(effects)))
+    spread = [stats.spearmanr(predicted[pick], effects[pick]).statistic for pick in picks]
+    low, high = np.nanpercentile(spread, [2.5, 97.5])
+    return float(stats.spearmanr(predicted, effects).statistic), float(low), float(high)
 
 
 def figures(scores: np.ndarray, rows: list[int], zero: np.ndarray, lds_truth: dict) -> dict[str, float]:
@@ -216,8 +227,11 @@ def peers_that_win(results: dict[str, dict[str, float]], fractions: list[float])
     for label, got in results.items():
         if label in OURS:
             continue
+        def value(figures, key):
+            return figures[key][0] if key.startswith("lds") else figures[key]
+
         better = [name for key, name in columns.items()
-                  if (got[key] < default[key] if key == "seconds" else got[key] > default[key])]
+                  if (got[key] < default[key] if key == "seconds" else value(got, key) > value(default, key))]
         if better:
             wins.append(f"{label} ({', '.join(better)})")
     return ("Peers that beat the default whole-model adjoint on this case: " + "; ".join(wins) + "."
@@ -307,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
                     table.append(f"| {label} | refused: {value} |" + " |" * (4 + len(fractions)))
                 else:
                     got = results[label] = figures(value, rows, zero, lds_truth) | {"seconds": seconds}
-                    cells = " | ".join(f"{got[f'lds{f}']:.3f}" for f in fractions)
+                    cells = " | ".join("{:.3f} [{:.2f}, {:.2f}]".format(*got[f"lds{f}"]) for f in fractions)
                     table.append(f"| {label} | {got['tau']:.3f} | {got['r']:.3f} | {got['jaccard10']:.2f} | {cells} | "
                                  f"{seconds:.1f} | {peak:.0f} |")
                 print(table[-1], flush=True)
