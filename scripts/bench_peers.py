@@ -74,7 +74,8 @@ whole-model adjoint on a figure of that case. What explains the figures, on thes
   influence function there. On image-long, a model that learns, the curvature methods (K-FAC, EK-FAC, CG)
   move ahead of the gradient dot and of TracIn, and all stay far below the default, which follows the run.
 * **LDS intervals.** Each LDS is a Spearman correlation over the subsets; its 95% bootstrap interval over
-  them is given. A peer that beats the default by less than that spread has not beaten it.
+  them is given. A peer that beats the default by less than that spread has not beaten it. Jaccard@10 compares
+  the ten highest of the 64 rows with a truth: one row in or out moves it by about 0.1.
 * **TracIn is one estimator in three packages.** dattri's TracIn and captum's TracInCP compute the same sum
   over the same per-epoch checkpoints and agree with each other; hf_accinf's TracIn (DESIGN.md section 5)
   sums over every occurrence of the row, at the parameters before its step with that step's learning rate.

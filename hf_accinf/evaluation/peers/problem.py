@@ -98,6 +98,7 @@ class PeerProblem:
     collate_fn: Callable | None
     batch_size: int
     epochs: list[Epoch] = field(default_factory=list)
+    model_factory: object = None  # the run's model class or factory, when its class cannot be imported
     _replay: object = None
 
     @property
@@ -133,7 +134,7 @@ class PeerProblem:
         if self._replay is None:
             from ...trajectory.replay import Replay
 
-            self._replay = Replay(self.run, self.train_dataset, self.collate_fn)
+            self._replay = Replay(self.run, self.train_dataset, self.collate_fn, model=self.model_factory)
         return self._replay
 
 
@@ -182,7 +183,7 @@ def peer_problem(run_dir, train_dataset, eval_dataset, collate_fn: Callable | No
                           "evaluation rows with the same columns.")
     wrapped = _eager(LogitsModel(final, names)).eval()
     batch_size = len(run.trajectory().batch(0))  # rows of one optimizer step (accumulation and processes included)
-    problem = PeerProblem(wrapped, train, evaluation, run, train_dataset, collate_fn, batch_size)
+    problem = PeerProblem(wrapped, train, evaluation, run, train_dataset, collate_fn, batch_size, model_factory=model)
     if with_epochs:
         replay = problem._replay_of()
         problem.epochs = [Epoch(dict(replay.parameters_at(step)), lr) for step, lr in epoch_ends(run, problem.num_train)]
