@@ -117,10 +117,11 @@ to load its library against torch 2.13 as well. kronfluence never imports torchv
 changes with the extra.
 
 bergson imports once torchvision and torchaudio are removed, but it is not adapted: its public entry points
-(`bergson build` / `bergson score` and the `GradientCollector` behind them) build a gradient index of a
-causal language model over a `datasets` text column (`--model NAME --dataset ... --prompt_column`), loading
-the model by name from the hub; a sequence classifier trained by `Trainer` with its own collator is outside
-that API, and reproducing its collector by hand would not be bergson's recommended use. Its published
+(`bergson build` / `bergson score`, and `bergson.collect_gradients` with the `CollectorComputer` behind them)
+take a causal language model and a dataset of `input_ids`: the forward-backward pass computes
+`model(input_ids).logits[:, :-1]` against the next tokens (per-token cross-entropy, KL or log-odds). A
+sequence or image classifier (one logit vector per row, labels a class) is outside that API; rewriting its
+collector loop would no longer be bergson's method with its recommended settings. Its published
 figures (LEADERBOARD.md, GPT-2 fine-tuned on WikiText, LDS at 1% subsets): MAGIC 0.931 [0.925, 0.936],
 MAGIC across seeds 0.829, Shampoo 0.517, EK-FAC 0.454, TrackStar 0.10-0.27 (issue 20 quotes them); they are
 not comparable to the tables below (another model, task and truth).
