@@ -72,12 +72,6 @@ def batched(rows: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(tensor.unsqueeze(0) for tensor in rows) if rows[-1].dim() == 0 else rows
 
 
-def row_losses(model: nn.Module, rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-row cross-entropy of ``model`` (a :class:`LogitsModel`) on ``(*inputs, labels)``."""
-    *inputs, labels = rows
-    return nn.functional.cross_entropy(model(*inputs), labels, reduction="none")
-
-
 @dataclass
 class Epoch:
     """The model at the end of one epoch (HF ``state_dict``) and the mean learning rate of the epoch's steps."""
