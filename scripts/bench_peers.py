@@ -112,9 +112,12 @@ fails to load (`operator torchvision::nms does not exist`) and, since transforme
 is installed, `from transformers import PreTrainedModel` fails too: **installing kronfluence or bergson with
 their dependencies breaks the project's environment**. torchaudio 2.11.1 (the newest on the registry) fails
 to load its library against torch 2.13 as well. kronfluence never imports torchvision, so CI installs it with
-`--no-deps` (`.ci/run`), its other dependencies coming from the `peers` extra; added install time in CI about
-12 s (all wheels but traker's small sdist). No pinned version (torch, transformers, datasets, accelerate)
-changes with the extra.
+`--no-deps` (`.ci/run`), its other dependencies coming from the `peers` extra. kronfluence's wheel also
+ships a top-level `tests` package that shadows this project's `tests/` (every `from tests.conftest import`
+fails): `.ci/run` deletes it after the install. Measured in a fresh virtual environment with `.ci/run`'s
+lines: the project's `.[test]` install 83 s, the `peers` extra and kronfluence 19 s more; no pinned version
+(torch, transformers, datasets, accelerate) changes, torchvision is absent, `import tests` finds nothing in
+site-packages.
 
 bergson imports once torchvision and torchaudio are removed, but it is not adapted: its public entry points
 (`bergson build` / `bergson score`, and `bergson.collect_gradients` with the `CollectorComputer` behind them)
