@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer
+from transformers import HfArgumentParser, Trainer
 
 from hf_accinf import AccInfError
 
@@ -107,3 +107,11 @@ def test_the_table_generator_writes_valid_markdown_tables_end_to_end(cleanse, tm
     default = next(s for s in noisy["summary"] if s["ranking"] == "influence_default")
     assert default["seeds"] == 2 and 0.0 <= default["recall"][0] <= 1.0
     assert "2 seeds" in text and "wall time" in text and "torch threads: 1" in text
+    command = next(line.split() for line in text.splitlines() if line.startswith("    python scripts/cleanse.py"))
+    (parsed,) = HfArgumentParser(cleanse.CleanseArguments).parse_args_into_dataclasses(args=command[2:])
+    assert dataclasses.asdict(parsed) == {**result["arguments"], "rerender": False}  # the page's command reproduces it
+    page.unlink()
+    cleanse.main(["--output_dir", str(tmp_path / "out"), "--table", str(page), "--rerender"])
+    assert page.read_text() == text  # the page again from cleansing.json, no runs
+    with pytest.raises(AccInfError, match="--rerender needs"):
+        cleanse.main(["--output_dir", str(tmp_path / "missing"), "--table", str(page), "--rerender"])
