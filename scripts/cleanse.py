@@ -334,6 +334,7 @@ def discussion(result: dict) -> str:
         text += " Where another ranking beats it (mean test accuracy): " + "; ".join(beaten) + "."
     text += (" Differences smaller than the standard deviations are not significant with this few seeds; "
              "the flipped-row recall is the steadier signal.")
+    text += "\n\n" + recall_discussion(result)
     baselines = []
     for case, entry in result["cases"].items():
         clean = entry["noise"].get("0", next(iter(entry["noise"].values())))
@@ -352,6 +353,29 @@ def discussion(result: dict) -> str:
         text += (" No peer ran: `--peer NAME` calls hf_accinf.evaluation.peers.score_with_peer, a package this "
                  "checkout does not have (the hook refuses with a clear error until it is merged).")
     return text
+
+
+def recall_discussion(result: dict) -> str:
+    """Which ranking recalls the most flipped rows in each noisy (case, noise, removal) cell."""
+    best: dict[str, int] = {}
+    cells = []
+    for case, entry in result["cases"].items():
+        for noise, block in entry["noise"].items():
+            sizes: dict[int, dict[str, dict]] = {}
+            for s in block["summary"]:
+                if s["recall"] is not None:
+                    sizes.setdefault(s["removed"], {})[s["ranking"]] = s
+            for removed, rankings in sorted(sizes.items()):
+                top = max(rankings, key=lambda name: rankings[name]["recall"][0])
+                best[top] = best.get(top, 0) + 1
+                cells.append(f"{case} noise {float(noise):.0%} k={removed}: " + ", ".join(
+                    f"{name.removeprefix('influence_')} {s['recall'][0]:.2f}" for name, s in rankings.items()))
+    if not cells:
+        return ""
+    return ("Flipped-row recall (mean over seeds; a random removal of k rows out of N recalls k/N on average). "
+            "Highest recall: " + ", ".join(f"{name} in {count} of {len(cells)} cells" for name, count in
+                                           sorted(best.items(), key=lambda item: -item[1])) + ". Per cell: "
+            + "; ".join(cells) + ".")
 
 
 def command_line(arguments: dict) -> str:
