@@ -16,7 +16,7 @@ each label-noise level (0: the clean protocol; 0.1 and 0.2 of the training label
 The results over seeds (mean and standard deviation) and the flipped rows' recall among the flagged rows go
 into ``<output_dir>/cleansing.json`` and, with ``--table PAGE``, into a markdown page (docs/CLEANSING.md):
 
-    python scripts/cleanse.py --table docs/CLEANSING.md --threads 1      # the page (about 40 min, 2 shared cores)
+    python scripts/cleanse.py --table docs/CLEANSING.md --threads 1      # the page (16 min on 2 shared cores)
     python scripts/cleanse.py --cases image --seeds 0 --label_noise 0.2 --drop_fractions 0.2   # one run
     python scripts/cleanse.py --config my_train.yaml --label_noise 0.1   # your own `hf-accinf train` config
 """
@@ -313,7 +313,7 @@ def render_page(result: dict, command: str, runs: Path | None = None) -> str:
              + ("" if args["peer"] else " No peer ran (`--peer` not given)."), ""]
     for case, entry in result["cases"].items():
         recipe = entry["recipe"]
-        lines += [f"## {case}: {entry['config']}", "",
+        lines += [f"## {case}: {entry['config'].removeprefix(str(REPOSITORY) + '/')}", "",
                   f"{entry['train_rows']} training rows, {entry['validation_rows']} validation rows (the scores' "
                   f"objective), {entry['test_rows']} test rows; values replacing the config's: "
                   f"`{json.dumps(entry['replaced'])}`; recipe: `{json.dumps(recipe, default=str)}`.", ""]
