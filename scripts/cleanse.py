@@ -97,21 +97,27 @@ class CleanseArguments:
         if [r for r in self.rankings if r not in SCORINGS]:
             raise AccInfError(f"--rankings {self.rankings}: choose from {list(SCORINGS)}.")
         if self.peer:
-            peer_module()  # refuse a missing peers package before any training
+            check_peers(self.peer)  # before any training
 
 
-def peer_module():
-    """``hf_accinf.evaluation.peers`` (written for issue 20 item 3), or a clear error when this install lacks it."""
-    try:
-        from hf_accinf.evaluation import peers
-    except ImportError as error:
-        raise AccInfError("--peer needs hf_accinf.evaluation.peers (issue 20 item 3), which this checkout does not "
-                          f"have ({error}): drop --peer, or merge the peers package.") from error
-    if not hasattr(peers, "score_with_peer"):
-        raise AccInfError("hf_accinf.evaluation.peers has no score_with_peer(name, run_dir, train_dataset, "
-                          "eval_dataset, collate_fn=...) -> per-row scores (this project's sign: removing the row "
-                          "raises the evaluation loss > 0): add it, or drop --peer.")
-    return peers
+def check_peers(names: list[str]) -> None:
+    """Refuse an unknown or uninstalled peer before any training (the ``peers`` extra, docs/PEERS.md)."""
+    from hf_accinf.evaluation.peers import PEERS, installed
+
+    for name in names:
+        if name not in PEERS:
+            raise AccInfError(f"--peer {name}: choose from {', '.join(PEERS)}.")
+        if not installed(PEERS[name]):
+            raise AccInfError(f"--peer {name} needs the {PEERS[name].package} package: pip install -e \".[peers]\" "
+                              "(kronfluence: pip install --no-deps kronfluence; docs/PEERS.md).")
+
+
+def score_with_peer(name: str, run_dir: Path, rows, validation, collate_fn) -> np.ndarray:
+    """Peer ``name``'s scores of ``rows`` (hf_accinf's sign: removing the row raises the validation loss > 0)."""
+    from hf_accinf.evaluation.peers import PEERS, peer_problem, score_peer
+
+    problem = peer_problem(str(run_dir), rows, validation, collate_fn=collate_fn, with_epochs=PEERS[name].trajectory)
+    return score_peer(name, problem).numpy()
 
 
 class ConfigRecipe:
@@ -170,7 +176,7 @@ def score_rankings(recipe: ConfigRecipe, rows, run_dir: Path, rankings: list[str
         scored, seconds[ranking] = attach_scores(scored, result.artifact(), f"influence_{ranking}"), time.perf_counter() - started
     for name in peers:
         started = time.perf_counter()
-        scores = peer_module().score_with_peer(name, str(run_dir), rows, recipe.validation, collate_fn=recipe.collator)
+        scores = score_with_peer(name, run_dir, rows, recipe.validation, recipe.collator)
         scored = add_score_column(scored, np.asarray(scores, dtype=np.float64), f"influence_peer_{name}")
         seconds[f"peer_{name}"] = time.perf_counter() - started
     return scored, seconds
