@@ -72,12 +72,13 @@ class ScoreArguments:
         "help": "dvemb/acc-dvemb/*-sketch: dimension k of the random projection (of per-row gradients; of the exact "
                 "embeddings for *-sketch) (0: none, k = P). Memory per row is k numbers whatever the scope."})
     projection_seed: int = field(default=0, metadata={"help": "dvemb/acc-dvemb/*-sketch: seed of the Gaussian projection."})
-    sketch_basis: str = field(default="random", metadata={
-        "help": "*-sketch: the k-dimensional space. random: a seeded Gaussian R (scores unbiased, error ~ 1/sqrt(k); "
-                "whole-model rankings need k far beyond 256); gradients: the leading singular subspace of the "
+    sketch_basis: str = field(default="gradients", metadata={
+        "help": "*-sketch: the k-dimensional space. gradients (default): the leading singular subspace of the "
                 "training rows' gradients over the last epoch (two more passes over it; exact for objectives in it, "
-                "measured within 0.04 Kendall tau of the exact adjoint at k = 256 whole-model: docs/FIDELITY.md). "
-                "The gradients basis is not rebuilt by attribution_matrix."})
+                "measured within 0.04 Kendall tau of the exact adjoint at k = 256 whole-model: docs/FIDELITY.md; "
+                "attribution_matrix cannot rebuild it: score each new objective instead); random: a seeded Gaussian R "
+                "(scores unbiased for any objective and rebuilt by attribution_matrix, error ~ 1/sqrt(k): "
+                "whole-model rankings need k far beyond 256)."})
     reference_check: str = field(default="auto", metadata={
         "help": "auto or off. auto: the scores of a projected method (dvemb, acc-dvemb, *-sketch) are compared with the "
                 "exact classical adjoint's (adam-ie / sgd-ie, one more backward pass) on every row; Kendall tau and "

@@ -33,8 +33,8 @@ class MethodOptions:
     projection_seed: int = field(default=0, metadata={"help": "DVEmb family and sketches: seed of the Gaussian "
                                                                "projection."})
     memory_budget_gb: float = field(default=4.0, metadata={"help": "Memory a method may keep (projection, caches)."})
-    sketch_basis: str = field(default="random", metadata={"help": "*-sketch methods: random (a Gaussian R, unbiased) "
-                                                                   "or gradients (the training gradients' leading subspace)."})
+    sketch_basis: str = field(default="gradients", metadata={"help": "*-sketch methods: gradients (the training "
+                                                                      "gradients' leading subspace) or random (a Gaussian R, unbiased)."})
 
     @classmethod
     def of(cls, args: Any = None, **overrides) -> "MethodOptions":

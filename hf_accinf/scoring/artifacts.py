@@ -53,7 +53,7 @@ ARTIFACT_NAMES = (EMBEDDINGS_NAME, SCORES_NAME, SUMMARY_NAME, DATASET_DIR, QUERY
 FORMAT = "hf_accinf.scores"
 FORMAT_VERSION = 2  # 2: run.manifest_sha256, evaluation {rows, content_hash, source}, gauge. 1 is still read.
 ROWS_KEY = "rows"  # the training row indices a shard holds
-RERUN_ARGUMENTS = ("method", "modules", "removal", "dtype", "projection_dim", "projection_seed", "form")
+RERUN_ARGUMENTS = ("method", "modules", "removal", "dtype", "projection_dim", "projection_seed", "sketch_basis", "form")
 
 
 def default_output_dir(run_dir: str | os.PathLike) -> Path:

@@ -50,6 +50,11 @@ def attribution_matrix(run_dir: str, test_dataset, scores_dir: str | None = None
     gradients = curvature.example_grads(final, inputs, labels)
     if projected:  # the same seeded projection the scores used (a pure function of P, k and the seed)
         arguments = summary.arguments
+        if str(arguments.get("method", "")).endswith("-sketch") and arguments.get("sketch_basis", "random") != "random":
+            raise AccInfError(f"The embeddings at {scores_dir} are in the {arguments['sketch_basis']} basis of "
+                              f"{arguments['method']}, built from the run's gradients and not saved: score this objective "
+                              f"with `hf-accinf score --method {arguments['method'].removesuffix('-sketch')} --form adjoint`, "
+                              "or score with --sketch_basis random for embeddings that any later objective can use.")
         projection = GradientProjection(curvature.dim, int(arguments["projection_dim"]), int(arguments["projection_seed"]),
                                         gradients.dtype, gradients.device)
         if summary.projection and not same_projection(projection_fingerprint(projection), summary.projection):

@@ -67,7 +67,7 @@ def test_the_sketch_method_at_k_equal_p_is_the_exact_forward_form(which, schedul
     exact = "adam-ie" if which == "adamw" else "sgd-ie"
     expected = estimate_influence(problem, build_method(problem, exact), schedule=schedule, progress=False).embeddings
     for dim in (0, problem.curvature.dim):
-        rule = build_method(problem, f"{exact}-sketch", projection_dim=dim)
+        rule = build_method(problem, f"{exact}-sketch", projection_dim=dim, sketch_basis="random")
         assert rule.state_dim == problem.curvature.dim and rule.projection.identity
         result = estimate_influence(problem, rule, schedule=schedule, progress=False).embeddings
         torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
@@ -80,9 +80,10 @@ def test_the_sketch_method_below_p_is_the_projected_exact_embeddings_in_chunks(w
     problem = _problem(which)
     exact = build_method(problem, "adam-ie" if which == "adamw" else "sgd-ie")
     forward = estimate_influence(problem, exact, progress=False).embeddings
-    whole = build_method(problem, f"{exact.spec.name}-sketch", projection_dim=5, projection_seed=3)
+    whole = build_method(problem, f"{exact.spec.name}-sketch", projection_dim=5, projection_seed=3,
+                         sketch_basis="random")
     budget = 4 * 2 * exact.state_dim * 8 / 2**30  # a quarter of it holds two adjoint vectors
-    chunked = build_method(problem, f"{exact.spec.name}-sketch", projection_dim=5, projection_seed=3,
+    chunked = build_method(problem, f"{exact.spec.name}-sketch", projection_dim=5, projection_seed=3, sketch_basis="random",
                            memory_budget_gb=budget)
     assert chunked.chunk == 2
     expected = whole.projection(forward)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from hf_accinf import ScoreArguments, score_run
+from hf_accinf import AccInfError, ScoreArguments, attribution_matrix, score_run
 from hf_accinf.examples import digits_dataset
 from hf_accinf.scoring import artifacts
 
@@ -60,7 +60,7 @@ def test_the_sketch_at_k_equal_p_scores_the_exact_adjoint_and_writes_its_embeddi
 def test_the_sketch_below_p_is_a_random_projection_of_the_exact_embeddings(adamw_run, exact_scores, tmp_path):
     """At k = 32 its embeddings are k numbers per row, recorded with the projection's fingerprint, and the trust
     figure is the exact method's power iteration."""
-    result = _score(adamw_run, tmp_path / "k32", method="adam-ie-sketch", projection_dim=32)
+    result = _score(adamw_run, tmp_path / "k32", method="adam-ie-sketch", projection_dim=32, sketch_basis="random")
     assert result.embeddings[artifacts.PROJECTED_NAME].shape == (48, 32)
     assert result.summary.projection["dim"] == 32 and not result.summary.projection["identity"]
     check = result.trust["reference"]
@@ -78,18 +78,20 @@ def test_the_sketch_reports_the_tangent_growth_of_the_method_it_tracks(adamw_run
 
 
 def test_the_gradients_basis_from_score_run(adamw_run, tmp_path):
-    """--sketch_basis gradients on the whole model: k numbers per row, the basis's fingerprint saved, and the
-    reference check against the exact adjoint; an unknown basis is refused when the arguments are built."""
-    result = _score(adamw_run, tmp_path / "basis", method="adam-ie-sketch", projection_dim=16, sketch_basis="gradients")
+    """--sketch_basis gradients (the default) on the whole model: k numbers per row, the basis's fingerprint saved,
+    and the reference check against the exact adjoint; an unknown basis is refused when the arguments are built, and
+    attribution_matrix, which cannot rebuild the basis, refuses the embeddings with what to do instead."""
+    result = _score(adamw_run, tmp_path / "basis", method="adam-ie-sketch", projection_dim=16)
+    assert result.summary.arguments["sketch_basis"] == "gradients"
     assert result.embeddings[artifacts.PROJECTED_NAME].shape == (48, 16) and result.summary.projection["dim"] == 16
+    with pytest.raises(AccInfError, match="gradients basis of adam-ie-sketch.*--method adam-ie --form adjoint"):
+        attribution_matrix(str(adamw_run), digits_dataset(**EVAL), str(tmp_path / "basis"))
     assert -1.0 <= result.trust["reference"]["kendall_tau"] <= 1.0
     with pytest.raises(ValueError, match="sketch_basis"):
         ScoreArguments(sketch_basis="svd")
 
 
 def test_the_sketch_refuses_the_adjoint_form_before_any_work(adamw_run, tmp_path):
-    from hf_accinf import AccInfError
-
     with pytest.raises(AccInfError, match="adam-ie --form adjoint is exact"):
         _score(adamw_run, tmp_path / "adjoint", method="adam-ie-sketch", form="adjoint")
 
