@@ -18,7 +18,7 @@ Cases (each row of the printed markdown table: time, peak memory, ratio to train
   on synthetic text (``--bert_rows`` rows of 64 tokens, batch 16, 3 epochs, the HF AdamW recipe, checkpoints every
   6 steps, replayed). About 40 minutes on a CPU: run only when asked for.
 * ``processes``: ``hf-accinf score`` of the forward and the adjoint form (whole model, adam-ie, ``--proc_rows``
-  rows of a tiny BERT) in one process and under ``accelerate launch --num_processes 2`` (CPU: gloo, ``--cpu``),
+  rows of a BERT of ``--proc_layers`` x ``--proc_hidden`` built from its config, vocabulary 40, dropout off) in one process and under ``accelerate launch --num_processes 2`` (CPU: gloo, ``--cpu``),
   each its own process tree (wall time and peak RSS of the largest process from ``os.wait4``; the engine's own
   seconds from ``scores.json``), and the speed-up. Needs two GPUs on CUDA (not run with one).
 
@@ -149,11 +149,11 @@ def _warmup(ratio: float) -> dict:
     return {"warmup_ratio": ratio} if "warmup_ratio" in known else {"warmup_steps": ratio}
 
 
-def bert_model(layers: int, hidden: int, seed: int = 0):
+def bert_model(layers: int, hidden: int, seed: int = 0, vocab_size: int = 30522):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=max(1, hidden // 32), intermediate_size=4 * hidden,
                         max_position_embeddings=512, num_labels=2, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
@@ -219,7 +219,7 @@ def bench_processes(args, device: torch.device, root: Path) -> None:
     from transformers import TrainingArguments
 
     from hf_accinf import AccInfTrainer, RecordingArguments
-    from hf_accinf.examples import synthetic_text_dataset, tiny_bert
+    from hf_accinf.examples import synthetic_text_dataset
 
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         print("processes: needs 2 GPUs for 2 processes on CUDA; not run")
@@ -227,7 +227,7 @@ def bench_processes(args, device: torch.device, root: Path) -> None:
     data, held_out = synthetic_text_dataset(args.proc_rows), synthetic_text_dataset(32, seed=1)
     data.save_to_disk(str(root / "train"))
     held_out.save_to_disk(str(root / "eval"))
-    model = tiny_bert()
+    model = bert_model(args.proc_layers, args.proc_hidden, vocab_size=40)  # synthetic text's 40 token ids
     training_args = TrainingArguments(
         output_dir=str(root / "tiny-out"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-3,
         **_warmup(0.1), max_grad_norm=1.0, use_cpu=device.type == "cpu", report_to=[], save_strategy="no",
@@ -235,7 +235,8 @@ def bench_processes(args, device: torch.device, root: Path) -> None:
     trainer = AccInfTrainer(model=model, args=training_args, train_dataset=data,
                             recording=RecordingArguments(run_dir=str(root / "tiny"), checkpoint_every=8))
     _, training, peak = measured(device, trainer.train)
-    print(f"processes: tiny BERT, {args.proc_rows} rows, {trainer.state.global_step} steps, whole model, adam-ie",
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"processes: BERT {args.proc_layers} x {args.proc_hidden} ({parameters / 1e6:.2f}M parameters), {args.proc_rows} rows, {trainer.state.global_step} steps, whole model, adam-ie",
           flush=True)
     record("processes", "training (recorded)", training, peak, training)
     cpu = ["--cpu", "true"] if device.type == "cpu" else []
@@ -269,7 +270,9 @@ def main() -> None:
     parser.add_argument("--bert_hidden", type=int, default=384)
     parser.add_argument("--bert_rows", type=int, default=400)
     parser.add_argument("--bert_epochs", type=int, default=3)
-    parser.add_argument("--proc_rows", type=int, default=64, help="processes: rows of the tiny BERT run")
+    parser.add_argument("--proc_rows", type=int, default=64, help="processes: rows of the small BERT run")
+    parser.add_argument("--proc_layers", type=int, default=1, help="processes: the BERT's layers")
+    parser.add_argument("--proc_hidden", type=int, default=16, help="processes: the BERT's width")
     parser.add_argument("--keep", help="keep the runs in this directory (default: a temporary one)")
     args = parser.parse_args()
     device = torch.device(args.device)
