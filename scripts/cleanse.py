@@ -302,8 +302,7 @@ def render_page(result: dict, command: str, runs: Path | None = None) -> str:
              f"    {command}", "",
              f"Machine: {result['machine']}; torch threads: {args['threads']}; wall time: "
              f"{result['wall_seconds'] / 60:.1f} min; git {result['commit']}; seeds {args['seeds']} "
-             f"({len(args['seeds'])} seeds, not the paper's 5: what fits about 40 minutes on 2 cores shared with "
-             "seven other jobs).", "",
+             f"({len(args['seeds'])} seeds, not the paper's 5: what fits about 40 minutes on 2 cores).", "",
              "Protocol. Each seed trains the config's recipe with recording (seed = initialisation and batch order), "
              "after flipping the given fraction of training labels to another class (seeded by the seed). Each ranking "
              "scores the rows against clean validation rows and flags the rows whose removal lowers the validation "
@@ -381,8 +380,8 @@ def discussion(result: dict) -> str:
              "estimate, which is the point of this check. The scores target the validation rows; the accuracy is "
              "measured on separate test rows.")
     if not result["arguments"]["peer"]:
-        text += (" No peer ran: `--peer NAME` calls hf_accinf.evaluation.peers.score_with_peer, a package this "
-                 "checkout does not have (the hook refuses with a clear error until it is merged).")
+        text += (" No peer ran: `--peer NAME` adds one (hf_accinf.evaluation.peers, the `peers` extra; docs/PEERS.md "
+                 "names them).")
     return text
 
 
