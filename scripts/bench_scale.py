@@ -229,18 +229,18 @@ def bench_processes(args, device: torch.device, root: Path) -> None:
     held_out.save_to_disk(str(root / "eval"))
     model = bert_model(args.proc_layers, args.proc_hidden, vocab_size=40)  # synthetic text's 40 token ids
     training_args = TrainingArguments(
-        output_dir=str(root / "tiny-out"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-3,
+        output_dir=str(root / "tiny-out"), per_device_train_batch_size=args.proc_batch, num_train_epochs=2, learning_rate=1e-3,
         **_warmup(0.1), max_grad_norm=1.0, use_cpu=device.type == "cpu", report_to=[], save_strategy="no",
         disable_tqdm=True, seed=0, logging_strategy="no")
     trainer = AccInfTrainer(model=model, args=training_args, train_dataset=data,
                             recording=RecordingArguments(run_dir=str(root / "tiny"), checkpoint_every=8))
     _, training, peak = measured(device, trainer.train)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"processes: BERT {args.proc_layers} x {args.proc_hidden} ({parameters / 1e6:.2f}M parameters), {args.proc_rows} rows, {trainer.state.global_step} steps, whole model, adam-ie",
+    print(f"processes: BERT {args.proc_layers} x {args.proc_hidden} ({parameters / 1e6:.2f}M parameters), {args.proc_rows} rows, batch {args.proc_batch}, {trainer.state.global_step} steps, whole model, adam-ie",
           flush=True)
     record("processes", "training (recorded)", training, peak, training)
     cpu = ["--cpu", "true"] if device.type == "cpu" else []
-    for form in ("forward", "adjoint"):
+    for form in args.proc_forms:
         engine = {}
         for processes in (1, 2):
             out = root / f"{form}-{processes}"
@@ -273,6 +273,8 @@ def main() -> None:
     parser.add_argument("--proc_rows", type=int, default=64, help="processes: rows of the small BERT run")
     parser.add_argument("--proc_layers", type=int, default=1, help="processes: the BERT's layers")
     parser.add_argument("--proc_hidden", type=int, default=16, help="processes: the BERT's width")
+    parser.add_argument("--proc_batch", type=int, default=8, help="processes: the run's batch size")
+    parser.add_argument("--proc_forms", nargs="+", default=["forward", "adjoint"], choices=["forward", "adjoint"])
     parser.add_argument("--keep", help="keep the runs in this directory (default: a temporary one)")
     args = parser.parse_args()
     device = torch.device(args.device)

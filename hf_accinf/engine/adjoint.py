@@ -151,7 +151,7 @@ def adjoint_scores(rule: UpdateRule, problem: InfluenceProblem, objective_gradie
         start, (block, scores, saved) = trajectory.num_steps, fresh
         if tracker is not None:
             vars(tracker).update(saved)
-    with split_rows(rule, shard, problem):
+    with split_rows(rule, shard, trajectory):
         for step in tqdm(reversed(range(prefix, start)), total=start - prefix,
                          desc="adjoint", disable=not (progress and shard.is_main), leave=False):
             ops = rule.at_step(step)

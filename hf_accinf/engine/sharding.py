@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -298,23 +298,10 @@ class RowShare:
 
 
 @contextmanager
-def split_rows(rule, shard: ShardContext, problem):
-    """While inside, ``rule``'s steps split their batches by rows over the processes (:class:`RowShare`), and so
-    does the replay that gives them ``theta_t`` (:meth:`hf_accinf.trajectory.replay.Replay.split_rows`: each
-    process its rows' gradient, one all-reduce per replayed step), when the problem's states come from one.
-    Every process must walk the same steps in the same order inside (the adjoint's backward walk does)."""
-    split = shard.world_size > 1
-    rule.row_share = RowShare(shard, problem.trajectory) if split else None
-    replay = _replay_of(problem) if split else None
+def split_rows(rule, shard: ShardContext, trajectory):
+    """While inside, ``rule``'s steps split their batches by rows over the processes (:class:`RowShare`)."""
+    rule.row_share = RowShare(shard, trajectory) if shard.world_size > 1 else None
     try:
-        with replay.split_rows(shard) if replay is not None else nullcontext():
-            yield rule
+        yield rule
     finally:
         rule.row_share = None
-
-
-def _replay_of(problem):
-    """The :class:`~hf_accinf.trajectory.replay.Replay` behind the problem's model curvature, if any."""
-    states = getattr(problem.curvature, "states", None)
-    states = getattr(states, "states", states)  # problem.RecordedPrecision wraps it
-    return states if hasattr(states, "split_rows") else None

@@ -75,7 +75,7 @@ def _power_iteration(run: FormInputs, embeddings: torch.Tensor | None) -> dict |
         # the ratio reads each row's norm only: the (N,) norms are gathered, never the embeddings
         embeddings = shard.gather_rows(embeddings.norm(dim=1), run.problem.num_samples)[:, None]
     rule = getattr(run.method, "exact", run.method)  # a sketch's growth is its exact method's
-    with split_rows(rule, shard, run.problem):
+    with split_rows(rule, shard, run.problem.trajectory):
         report = trust_check(rule, run.problem, embeddings, args.trust_probes, args.trust_iterations,
                              progress=run.progress and shard.is_main, shard=shard)
     return report.to_dict() if shard.is_main else None

@@ -114,8 +114,6 @@ def _score(args, train_dataset, eval_dataset, shard, collate_fn, progress, model
     built = run.build_model(model=model)
     plan = plan_scoring(args, run, built, lambda device: deep_scope_unavailable(run, device, built),
                         process_device=getattr(shard.state, "device", None))
-    if shard.world_size > 1:  # one budget everywhere: the processes' replays must cache alike to stay in step
-        plan = dataclasses.replace(plan, memory_budget_gb=min(shard.all_gather_object(plan.memory_budget_gb)))
     if shard.is_main:
         plan.log()
     args = plan.arguments(args)

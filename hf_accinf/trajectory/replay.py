@@ -51,7 +51,7 @@ import math
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -336,9 +336,6 @@ class Replay:
         self._dense: dict[int, State] = {}
         self._gauge: tuple[str, ...] | None = None
         self._probe_model: torch.nn.Module | None = None
-        self._split = None  # a ShardContext while the steps are split by rows over the processes (split_rows)
-        self._splittable: bool | None = None
-        self.rows_replayed = 0  # rows this process has forwarded (a split replay forwards its share)
 
     def _randomness(self, run: RunReader) -> str:
         """Which recorded random states the replay restores; a GPU run replayed elsewhere is accepted only when
@@ -455,34 +452,6 @@ class Replay:
                 previous = step + 1
         return {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
 
-    @contextmanager
-    def split_rows(self, shard) -> Iterator[bool]:
-        """While inside, every replayed step is data-parallel over the processes of ``shard``, as DDP trained it:
-        each process forwards and backwards its rows of the step (the adjoint's row split,
-        :meth:`~hf_accinf.engine.sharding.ShardContext.rows_of_step`, sliced out of each collated micro-batch) and
-        one all-reduce sums the gradients (and the loss), so every process takes the same optimizer step. Every
-        process must then ask for the same states in the same order (the adjoint's backward walk does): the cache
-        starts empty, so that their replays stay in step. A run whose training forward draws random numbers
-        (dropout) is not split (the masks depend on the batch's shape): each process replays every row. Yields
-        whether the steps are split."""
-        split = shard is not None and shard.world_size > 1 and self.num_steps > 0 and self._rows_splittable()
-        if split:
-            self._interval, self._stride, self._snapshots, self._dense = None, 0, {}, {}
-            self._split = shard
-        try:
-            yield split
-        finally:
-            self._split = None
-
-    def _rows_splittable(self) -> bool:
-        if self._splittable is None:
-            self._splittable = not has_dropout({}, self.model) and \
-                not draws_random_numbers(self.model, self.batch_inputs(0)[0][0])
-            if not self._splittable:
-                logger.info("replay: the run's training forward draws random numbers (dropout): every process "
-                            "replays every row of each step")
-        return self._splittable
-
     def step(self, step: int, scale: torch.Tensor | None = None) -> None:
         """One recorded optimizer step on the replay model and optimizer (their current state is the input),
         under the recorded thread count."""
@@ -496,8 +465,6 @@ class Replay:
         if scale is not None:
             weights = weights * scale[trajectory.row_index[rows]]
         micro = trajectory.micro_batches_of(step)
-        split = self._split
-        owned = split.rows_of_step(trajectory.batch(step)) if split is not None else None
         saved_rng = torch.get_rng_state()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -507,14 +474,6 @@ class Replay:
                 labels = inputs.pop("labels")
                 if not torch.equal(labels.cpu(), trajectory.labels[rows][positions]):
                     self._refuse(step, f"the collated labels of step {step} differ from the recorded ones")
-                if owned is not None:  # this process's rows of the micro-batch, padding as collated
-                    local = owned[positions]
-                    if not bool(local.any()):
-                        continue
-                    inputs = {k: v[local.to(v.device)] if isinstance(v, torch.Tensor) and v.shape[:1] == local.shape
-                              else v for k, v in inputs.items()}
-                    labels, positions = labels[local.to(labels.device)], positions[local]
-                self.rows_replayed += len(positions)
                 torch.set_rng_state(trajectory.rng_cpu[index].clone())  # a view at an offset crashes torch
                 if self.restore_cuda_rng:
                     torch.cuda.set_rng_state(trajectory.rng_cuda[index].clone(), self.device)
@@ -528,8 +487,6 @@ class Replay:
                 total += (row_weights * losses.detach().double()).sum().cpu()
         finally:
             torch.set_rng_state(saved_rng)
-        if split is not None:
-            total = self._sum_over_processes(split, total)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         if self.max_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm))
@@ -540,20 +497,6 @@ class Replay:
         for group, lr in zip(self.optimizer.param_groups, trajectory.lr[step].tolist()):
             group["lr"] = lr
         self.optimizer.step()
-
-    def _sum_over_processes(self, shard, total: torch.Tensor) -> torch.Tensor:
-        """Each parameter's gradient summed over the processes (``None`` where no process's rows reached it, as
-        in one process), and the step's loss; one all-reduce of the gradients, one of the flags and the loss."""
-        params = list(self.params.values())
-        has_grad = torch.tensor([float(p.grad is not None) for p in params] + [float(total)], dtype=torch.float64)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        flat, has_grad = shard.all_reduce_sum(flat), shard.all_reduce_sum(has_grad)
-        offset = 0
-        for param, reached in zip(params, has_grad[:-1].tolist()):
-            size = param.numel()
-            param.grad = flat[offset:offset + size].view_as(param).clone() if reached else None
-            offset += size
-        return has_grad[-1]
 
     def autocast(self):
         """The Trainer's autocast of the model's forward (accelerate's ``native_amp``), or nothing in float32."""

@@ -67,12 +67,7 @@ def engine_cases(shard: ShardContext, run_dir: str, text_dir: str) -> dict[str, 
             rule = build_method(problem, method, removal=removal, projection_dim=5)
             rule.shard = shard
             gradient = rule.embed_gradient(objective(problem.curvature.dim))
-            replay = getattr(problem.curvature, "states", None)
-            before = getattr(replay, "rows_replayed", 0)
             backward = adjoint_scores(rule, problem, gradient, shard=shard, progress=False, probes=2)
-            if run == "model":  # the rows this process forwarded while replaying the run for the adjoint
-                replayed = torch.tensor([replay.rows_replayed - before], dtype=torch.float64)
-                results[f"replayed_rows/{removal}"] = torch.cat(shard.all_gather_object(replayed))
             if shard.is_main:
                 results[f"adjoint/{run}/{method}/{removal}"] = backward.scores
                 results[f"growth/{run}/{method}/{removal}"] = torch.tensor(backward.trust.growth, dtype=torch.float64)
