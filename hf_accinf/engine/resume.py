@@ -110,7 +110,7 @@ def restore_adjoint(store: ResumeStore | None, stop: int, block: torch.Tensor, s
         return stop, block, scores
     step = int(metadata["step"])
     if tracker is not None:
-        tracker.states = tensors["block"][1:]
+        tracker.states = tensors["block"][len(tensors["block"]) - tracker.count:]  # after the objectives' rows
         tracker.product, tracker.log_scale = tensors["probe_product"], tensors["probe_log_scale"]
         tracker.growth_from = list(tensors["probe_growth_from"].unbind(0))
     logger.info("adjoint: resuming at step %d of %d from %s", step, stop, store.path(name))

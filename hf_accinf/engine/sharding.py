@@ -190,7 +190,9 @@ class ShardContext:
     def fail(self, error: BaseException) -> None:
         """Tell the group this process failed (at the others' next collective), unless the failure is the group's
         own (raised inside a collective, or by another process's failure)."""
-        if self.world_size == 1 or self._failed or self._collecting or isinstance(error, PeerFailure):
+        if isinstance(error, PeerFailure):  # heard at a collective, perhaps by a copy of this context: no barrier
+            self._failed = True
+        if self.world_size == 1 or self._failed or self._collecting:
             return
         import torch.distributed as dist
 

@@ -268,6 +268,11 @@ class DVEmbRule(UpdateRule):
                     factors[step] = _factors_to(value, device)
         return factors
 
+    def prepare(self) -> None:
+        """Build every step's factors now (collective under several processes: every process must call it)."""
+        if self._factors is None and self.problem.trajectory.num_steps:
+            self._factors = self._build_factors()
+
     def factors(self, step: int) -> tuple:
         """``(u~ (b, k), w (b,), d, U (m, k), F (m, k), w_c (m,))``: the injections' projected update directions, the
         row weights, the decay, and the curvature's factors (``m = b`` for the Fisher, ``b C`` for the GGN)."""

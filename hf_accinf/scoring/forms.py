@@ -82,9 +82,13 @@ def _power_iteration(run: FormInputs, embeddings: torch.Tensor | None) -> dict |
 
 
 def _share_work(run: FormInputs) -> None:
-    """Let a method that splits its own work over the processes (DVEmb's step factors) know the group."""
+    """Let a method that splits its own work over the processes (DVEmb's step factors) know the group, and let it
+    do that collective work now, where every process is (a process whose rows all come back from resume points, or
+    that has none, would otherwise never reach it)."""
     if hasattr(run.method, "shard"):
         run.method.shard = run.shard
+        if hasattr(run.method, "prepare"):
+            run.method.prepare()
 
 
 class DirectForm:

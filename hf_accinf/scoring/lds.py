@@ -139,7 +139,7 @@ def query_gradients(curvature, parameters: dict[str, torch.Tensor], inputs, labe
 
 def query_scores(form: str, method, problem, final: dict[str, torch.Tensor], inputs, labels: torch.Tensor,
                  queries: torch.Tensor, embeddings: torch.Tensor | None = None, progress: bool = True,
-                 shard=None) -> torch.Tensor | None:
+                 shard=None, policy=None) -> torch.Tensor | None:
     """``(Q, N)``: every training row's linear score for each query row's own loss, by the form that ran:
     one blocked adjoint pass, the forward form's embeddings (``(N, S)``, or this process's rows under ``shard``)
     dotted with each query's gradient, or (direct scorers) one pass per query. Under several processes every
@@ -161,7 +161,7 @@ def query_scores(form: str, method, problem, final: dict[str, torch.Tensor], inp
             return own
         gathered = shard.gather_rows(own.T.contiguous(), problem.num_samples).T
         return gathered if shard.is_main else None
-    backward = adjoint_scores(method, problem, gradients, shard=shard, progress=progress)
+    backward = adjoint_scores(method, problem, gradients, shard=shard, progress=progress, policy=policy)  # the hybrid too
     return backward.scores if backward is not None else None
 
 

@@ -209,7 +209,7 @@ def _check_by_replay(args, run, train_dataset, train_collate, eval_dataset, scor
         run, train_dataset, train_collate, eval_dataset, scores, verify=args.verify, subsets=args.verify_subsets,
         fractions=args.verify_fraction, seed=args.verify_seed, queries=queries,
         per_query=lambda chosen: lds.query_scores(plan.form, method, problem, final, inputs, labels, chosen,
-                                                  own_embeddings, progress, shard=shard),
+                                                  own_embeddings, progress, shard=shard, policy=plan.policy),
         eval_collate_fn=train_collate, device=plan.device, memory_budget=plan.memory_budget, progress=progress,
         model=model, shard=shard)
     if check[0] is not None:
