@@ -51,9 +51,10 @@ from hf_accinf.problem import InfluenceProblem
 from bench_engine import BATCH, EPOCHS, linear_head_problem  # scripts/ is on sys.path when a script runs
 
 
-def head_problem(num_samples: int, width: int, classes: int, dtype: torch.dtype, seed: int = 0) -> InfluenceProblem:
-    """The engine benchmark's SGD-trained linear head (same batch, epochs and learning rate)."""
-    return linear_head_problem(num_samples, dtype, seed, "SGD", width, classes)
+def head_problem(num_samples: int, width: int, classes: int, dtype: torch.dtype, seed: int = 0,
+                 device: str = "cpu") -> InfluenceProblem:
+    """The engine benchmark's SGD-trained linear head (same batch, epochs and learning rate), scored on ``device``."""
+    return linear_head_problem(num_samples, dtype, seed, "SGD", width, classes, device)
 
 
 def main() -> None:
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="the head's sizes: cpu or cuda (cuda:i)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: the per-step time split of the whole-model adjoint on a tiny BERT run")
     parser.add_argument("--rows", type=int, default=64, help="--profile: training rows (batch 8)")
@@ -93,19 +95,20 @@ def main() -> None:
         profile(args.rows, args.epochs, dtype, args.removal, args.probes, args.max_grad_norm)
         return
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, {platform.processor() or platform.platform()}; {args.dtype}")
+          f"torch {torch.__version__}, {platform.processor() or platform.platform()}; {args.dtype} on {args.device}"
+          + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""))
     print(f"linear head {args.width} x {args.classes}, batch {BATCH}, {EPOCHS} epochs, SGD-IE, one objective")
     print("| N | steps | forward (s) | schedule | adjoint (s) | speed-up | max rel. difference | "
           "adjoint with 4 trust probes (s) | power-iteration trust check (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    warm = head_problem(2 * BATCH, args.width, args.classes, dtype)  # first calls pay one-off initialization
+    warm = head_problem(2 * BATCH, args.width, args.classes, dtype, device=args.device)  # one-off initialization
     rule = build_method(warm, "sgd-ie", removal="exact")
     estimate_influence(warm, rule, progress=False)
-    adjoint_scores(rule, warm, torch.zeros(warm.curvature.dim, dtype=dtype), progress=False)
+    adjoint_scores(rule, warm, torch.zeros(warm.curvature.dim, dtype=dtype, device=args.device), progress=False)
     trust_check(rule, warm)
     for size in args.sizes:
-        problem = head_problem(size, args.width, args.classes, dtype)
-        objective = torch.randn(problem.curvature.dim, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        problem = head_problem(size, args.width, args.classes, dtype, device=args.device)
+        objective = torch.randn(problem.curvature.dim, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(args.device)
         began = time.perf_counter()
         rule = build_method(problem, "sgd-ie", removal="exact")
         result = estimate_influence(problem, rule, progress=False)

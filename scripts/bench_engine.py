@@ -36,10 +36,10 @@ WIDTH, CLASSES, BATCH, EPOCHS, LR = 768, 2, 32, 3, 0.05
 
 
 def linear_head_problem(num_samples: int, dtype: torch.dtype, seed: int = 0, optimizer: str = "SGD",
-                        width: int = WIDTH, classes: int = CLASSES) -> InfluenceProblem:
+                        width: int = WIDTH, classes: int = CLASSES, device: str = "cpu") -> InfluenceProblem:
     """A linear head on ``width``-wide features trained with SGD, or with AdamW as the HF default recipe
     (10% warm-up then linear decay, clipping 1.0), labels from a noisy linear teacher (also used by
-    scripts/bench_adjoint.py)."""
+    scripts/bench_adjoint.py). Trained on the CPU; the problem's curvature lives on ``device``."""
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(num_samples, width, generator=generator, dtype=dtype) / width**0.5
     teacher = torch.randn(width, classes, generator=generator, dtype=dtype) * 3
@@ -54,7 +54,7 @@ def linear_head_problem(num_samples: int, dtype: torch.dtype, seed: int = 0, opt
         lrs = [1e-3 * min((t + 1) / warm, (steps - t) / (steps - warm)) for t in range(steps)]
         trajectory, spec = train_recorded(head, features, labels, batches, lrs, optimizer, weight_decay=0.01,
                                           max_grad_norm=1.0, no_decay=("bias",))
-    curvature = make_curvature(trajectory, head, ["weight", "bias"], 0.0, dtype, "cpu")
+    curvature = make_curvature(trajectory, head, ["weight", "bias"], 0.0, dtype, device)
     problem = InfluenceProblem(trajectory, curvature, spec, num_samples)
     problem.head = head
     return problem
