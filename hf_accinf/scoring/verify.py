@@ -14,7 +14,6 @@ the ceiling: with ``K = 10`` one swapped pair moves tau by 0.044.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -170,19 +169,11 @@ def verify(run: RunReader, train_dataset, collate_fn: Callable | None, eval_data
     rows (with a base run of its own), the effects are gathered, and the main process, the only one that needs
     ``scores``, returns the result (``None`` elsewhere).
     """
-    from ..engine.sharding import ShardContext
+    from .lds import check_by_replay  # the one path for --verify and --verify_subsets (lds imports this module)
 
-    shard = shard or ShardContext.single()
-    length = len(train_dataset)
-    if shard.is_main:
-        scores = check_scores(scores, length)
-    started = time.perf_counter()
-    rows = verify_rows(length, k, seed)
-    found = evaluation_effects(run, train_dataset, collate_fn, eval_dataset, leave_one_out_scales(rows, length),
-                               eval_collate_fn, device, memory_budget, progress, model, shard=shard)
-    if not shard.is_main:
-        return None
-    return verify_report(scores, found_leave_one_out(rows, found), seed, time.perf_counter() - started)
+    return check_by_replay(run, train_dataset, collate_fn, eval_dataset, scores, verify=k, seed=seed,
+                           eval_collate_fn=eval_collate_fn, device=device, memory_budget=memory_budget,
+                           progress=progress, model=model, shard=shard)[0]
 
 
 def check_scores(scores, length: int) -> torch.Tensor:
@@ -225,7 +216,6 @@ def verify_report(scores: torch.Tensor, effects: LeaveOneOutEffects, seed: int, 
         "models_per_chunk": effects.models_per_chunk,
         "seconds": seconds,
     }
-
 
 
 def describe(check: dict[str, Any]) -> str:
